@@ -221,13 +221,13 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
               f"{max_iter} iterations ({max_iter / per_epoch:.1f} epochs){f', resumed at {start}' if start else ''}; "
               f"run folder {run_dir}", flush=True)
 
-    def snapshot(it: int) -> None:
+    def snapshot(it: int, loop_state: dict[str, Any]) -> None:
         if not dist.is_main:
             return
         epoch, index = divmod(it, per_epoch)
         state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "precision": precision.state_dict(), "rng": checkpoint.rng_state(), "iteration": it,
-                 "epoch": epoch, "index": index, "recipe": resolved}
+                 "epoch": epoch, "index": index, "loop": loop_state, "recipe": resolved}
         if generator is not None:
             state["augment_rng"] = generator.get_state()
         checkpoint.save_snapshot(run_dir / "snapshots", state, it, recipe.run.keep_snapshots)
@@ -241,7 +241,8 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                 snapshot_every=r.snapshot_every, test_iter=r.test_iter, clip_grad_norm=recipe.optim.clip_grad_norm,
                 label_smoothing=recipe.optim.label_smoothing)
     try:
-        stats = train_loop(parts, plan, log, snapshot, on_test=lambda _: curves.draw(), start=start)
+        stats = train_loop(parts, plan, log, snapshot, on_test=lambda _: curves.draw(), start=start,
+                           loop_state=state.get("loop") if state else None)
     finally:
         log.close()
     test = stats.last_test

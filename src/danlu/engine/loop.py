@@ -7,6 +7,7 @@ iteration k resumes exactly like the uninterrupted run continues from k).
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from danlu.data.loader import DeviceLoader
 from danlu.engine.distributed import Dist
 from danlu.engine.metrics import Meter, RunLog
 from danlu.engine.precision import Precision
+from danlu.errors import DanluError
 
 
 @dataclass
@@ -57,11 +59,16 @@ class LoopStats:
     last_test: dict[str, float]
 
 
-def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int], None],
-               on_test: Callable[[dict[str, float]], None], start: int = 0) -> LoopStats:
+def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[str, Any]], None],
+               on_test: Callable[[dict[str, float]], None], start: int = 0,
+               loop_state: Optional[dict[str, Any]] = None) -> LoopStats:
+    """Train from iteration `start` to `plan.max_iter`. `snapshot(it, loop_state)` saves; `loop_state` (the meters
+    between display events) comes back from a snapshot so a resumed run logs exactly what the uninterrupted one did."""
     model, opt, per_epoch = p.model, p.optimizer, len(p.train_loader)
     params = [q for q in model.parameters() if q.requires_grad]
     meter, last_test = Meter(p.train_loader.device), {}
+    if loop_state:
+        meter.load_state_dict(loop_state["meter"])
     clock = _Clock(warm_from=start + min(plan.warmup_iters, max(0, plan.max_iter - start - 1)))
     it = start
     model.train()
@@ -86,6 +93,7 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int], None
             if it % plan.display == 0 or it == plan.max_iter:
                 with clock.paused():
                     loss_avg, acc_avg, _ = meter.read()
+                    _stop_if_diverged(loss_avg, it, lr)
                     log.event({"kind": "train", "iter": it, "epoch": it / per_epoch, "lr": lr, "loss": loss_avg,
                                "acc": acc_avg, "images_per_second": clock.window_rate(reset=True) * p.dist.world,
                                "time": clock.elapsed()})
@@ -99,10 +107,21 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int], None
                     on_test(last_test)
             if (plan.snapshot_every and it % plan.snapshot_every == 0) or it == plan.max_iter:
                 with clock.paused():
-                    snapshot(it)
+                    _stop_if_diverged(meter.loss_sum.item(), it, lr)  # never snapshot non-finite weights
+                    snapshot(it, {"meter": meter.state_dict()})
             if it >= plan.max_iter:
                 break
     return LoopStats(it, clock.train_seconds, clock.rate(), last_test)
+
+
+class Diverged(DanluError):
+    """The loss became NaN or infinite: the run stops (keeping its last good snapshot) instead of training on."""
+
+
+def _stop_if_diverged(loss: float, it: int, lr: float) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(f"loss is {loss} by iteration {it} (lr {lr:.3g}): training diverged; snapshots "
+                       f"before it are kept. Lower optim.lr or set optim.clip_grad_norm")
 
 
 @torch.no_grad()

@@ -27,6 +27,13 @@ class Meter:
         self.correct += (logits.argmax(1) == y).sum()
         self.n += y.shape[0]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "n": self.n}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum.copy_(state["loss_sum"]), self.correct.copy_(state["correct"])
+        self.n = int(state["n"])
+
     def read(self, reset: bool = True) -> tuple[float, float, int]:
         """(mean loss, accuracy, samples) since the last reset."""
         n, loss_sum, correct = self.n, self.loss_sum.item(), self.correct.item()

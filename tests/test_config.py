@@ -1,0 +1,70 @@
+import pytest
+import yaml
+
+from danlu.config import Recipe, list_recipes, load_recipe
+from danlu.errors import DanluError
+
+
+@pytest.mark.parametrize("name", sorted(list_recipes()))
+def test_every_shipped_recipe_validates(name):
+    recipe = load_recipe(name)
+    assert isinstance(recipe, Recipe)
+    assert recipe.run.max_iter or recipe.run.epochs
+
+
+def test_overrides_are_typed_and_layered():
+    r = load_recipe("lenet_mnist5k", ["optim.lr=0.05", "run.max_iter=100", "augment.flip=true", "data.size=[24, 20]"])
+    assert r.optim.lr == 0.05 and isinstance(r.optim.lr, float)
+    assert r.run.max_iter == 100 and r.run.epochs is None  # max_iter on the command line replaces the file's epochs
+    assert r.augment.flip is True
+    assert r.data.size == (24, 20)
+
+
+def test_augment_none_turns_everything_off():
+    r = load_recipe({"augment": "none", "run": {"max_iter": 1}})
+    assert (r.augment.shift, r.augment.flip, r.augment.crop) == (0.0, False, 0)
+
+
+def test_resolved_recipe_round_trips_through_yaml():
+    r = load_recipe("lenet_mnist5k", ["optim.lr=0.05"])
+    again = load_recipe(yaml.safe_load(r.to_yaml()))
+    assert again == r
+
+
+@pytest.mark.parametrize("override, words", [
+    ("optim.lr=-1", ["--set optim.lr=-1", "greater than 0"]),
+    ("optim.lrr=0.1", ["optim.lrr", "did you mean 'lr'"]),
+    ("run.max_iter=abc", ["run.max_iter=abc", "integer"]),
+    ("schedule.policy=cosin", ["cosin", "did you mean 'cosine'"]),
+    ("modl.name=lenet", ["modl", "did you mean 'model'"]),
+    ("augment.shift=0.9", ["augment.shift=0.9", "0.5"]),
+    ("devices.device=gpu7", ["gpu7", "cuda:N"]),
+    ("optim=3", ["optim", "section"]),
+    ("optim.lr", ["key=value"]),
+])
+def test_bad_values_name_the_key_the_value_and_what_was_expected(override, words):
+    with pytest.raises(DanluError) as e:
+        load_recipe("lenet_mnist5k", [override])
+    msg = str(e.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_bad_yaml_file_names_the_line(tmp_path):
+    p = tmp_path / "broken.yaml"
+    p.write_text("model: {name: lenet\n  data: [\n")
+    with pytest.raises(DanluError, match=r"broken.yaml line 2"):
+        load_recipe(str(p))
+
+
+def test_both_lengths_in_one_file_is_an_error(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("run: {max_iter: 10, epochs: 2}\n")
+    with pytest.raises(DanluError, match="not both"):
+        load_recipe(str(p))
+
+
+def test_missing_recipe_lists_the_shipped_ones():
+    with pytest.raises(DanluError, match="lenet_mnist5k"):
+        load_recipe("no_such_recipe.yaml")
