@@ -4,7 +4,20 @@
     precision.backward(loss)
     precision.step(optimizer, params, clip_grad_norm)
 
-so it never branches on dtype. This release trains in fp32; mixed precision plugs in here.
+so it never branches on dtype. The formats (`precision:` in a recipe):
+
+    fp32  IEEE float32 throughout. On CUDA, TF32 is switched off for matmuls and convolutions too (cuDNN would
+          otherwise use it for convolutions by default), so fp32 means fp32 and the fp32/tf32 comparison is honest.
+    tf32  float32 tensors; matmuls and convolutions on TensorFloat-32 tensor cores (CUDA only: it is a mode of
+          NVIDIA's tensor cores, Ampere and later).
+    bf16  the forward pass and the loss under torch.autocast(bfloat16), on CPU and CUDA; weights, gradients and
+          optimizer state stay float32. bfloat16 has float32's range, so no loss scaling is needed.
+    fp16  the same under autocast(float16), plus one dynamic loss scaler (torch.amp.GradScaler) for the whole run:
+          the loss is scaled before backward, gradients are unscaled before clipping, a step whose gradients hold
+          inf/NaN is skipped (the scale halves) and counted in `skipped_steps`, and the scaler's state (scale, growth
+          tracker) travels in snapshots, so a resumed run scales exactly as the uninterrupted one.
+
+The TF32 switches are process-wide torch settings; a Precision sets them when it is built on a CUDA device.
 """
 from __future__ import annotations
 
@@ -16,31 +29,92 @@ import torch
 
 from danlu.errors import DanluError
 
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+_AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 class Precision:
-    def __init__(self, name: str, device: torch.device):
+    """`Precision("bf16", torch.device("cpu"))`. `autocast_cache=False` where the model is replayed as a CUDA graph
+    (autocast's cast cache must not outlive a graph capture)."""
+
+    def __init__(self, name: str, device: torch.device | str, *, autocast_cache: bool = True):
         if name not in PRECISIONS:
             raise DanluError(f"precision: '{name}' is not supported; expected one of {', '.join(PRECISIONS)}")
+        device = torch.device(device)
+        if name == "tf32" and device.type != "cuda":
+            raise DanluError(f"precision: tf32 needs a CUDA device (TensorFloat-32 is a mode of NVIDIA tensor cores) "
+                             f"but this run is on {device}; expected fp32, bf16 or fp16 there")
+        if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DanluError(f"precision: bf16 is not supported by {torch.cuda.get_device_name(device)}; "
+                             f"expected fp16, tf32 or fp32 on this GPU")
         self.name, self.device = name, device
+        self.dtype: Optional[torch.dtype] = _AUTOCAST_DTYPE.get(name)  # the autocast dtype; None: no autocast
+        self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+        self.skipped_steps = 0  # steps the loss scaler skipped (inf/NaN gradients); always 0 without a scaler
+        self._cache = autocast_cache
+        self._scale: Optional[float] = None  # host copy of the scale the next step starts with
+        if device.type == "cuda":
+            # the legacy switches, as torch._inductor reads them (mixing them with the newer fp32_precision API
+            # raises in torch >= 2.9)
+            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+            torch.backends.cudnn.allow_tf32 = name == "tf32"
+
+    @classmethod
+    def for_inference(cls, name: str, device: torch.device | str) -> "Precision":
+        """The precision a run trained with, for evaluation or prediction on `device`: as training, except that a
+        tf32 run evaluated off CUDA computes in fp32 (TF32 exists only on NVIDIA tensor cores)."""
+        if name == "tf32" and torch.device(device).type != "cuda":
+            name = "fp32"
+        return cls(name, device)
+
+    def __repr__(self) -> str:
+        return f"Precision({self.name!r}, {self.device})"
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
+        """Where the forward pass and the loss run: autocast to the half dtype, or nothing."""
+        if self.dtype is None:
+            return _NULL
+        return torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=self._cache)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        if self.scaler is None:
+            loss.backward()
+        else:
+            self.scaler.scale(loss).backward()  # scaled so that small fp16 gradients do not flush to zero
 
     def step(self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor],
              clip_grad_norm: Optional[float] = None) -> bool:
-        """Clip (if asked) and step. Returns whether the step was taken."""
+        """Clip (if asked) and step. Returns whether the step was taken (False: the loss scaler skipped it)."""
+        if self.scaler is None:
+            if clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+            optimizer.step()
+            return True
         if clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        optimizer.step()
-        return True
+        if self._scale is None:
+            self._scale = self.scaler.get_scale()
+        self.scaler.step(optimizer)  # unscales (unless done above) and skips optimizer.step() on inf/NaN gradients
+        self.scaler.update()  # a skip halves the scale; growth_interval good steps in a row double it
+        # The scale drops exactly when the step was skipped. get_scale() is one host sync, after the one the
+        # scaler itself makes to read its inf check; the scale before the step is the one read here last time.
+        before, self._scale = self._scale, self.scaler.get_scale()
+        taken = self._scale >= before
+        self.skipped_steps += not taken
+        return taken
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        """Plain numbers only (weights_only-safe): the scaler's scale and growth tracker, and the skip count."""
+        state: dict[str, Any] = {"name": self.name, "skipped_steps": self.skipped_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Resume from `state_dict()`; a snapshot from another precision brings only its skip count."""
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+            self._scale = None
