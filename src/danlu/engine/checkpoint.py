@@ -1,17 +1,23 @@
-"""Snapshots: plain dicts written atomically (temporary file, fsync, rename) and read with weights_only=True,
-so a snapshot from a stranger can never run code.
+"""Snapshots: plain dicts written atomically (temporary file, fsync, checksum, rename) and read with
+weights_only=True, so a snapshot from a stranger can never run code and a cut-short one is never taken for whole.
 
     save_snapshot(run_dir / "snapshots", state, iteration=500, keep=3)
-    state, path = load_latest(run_dir)        # newest snapshot that loads; older ones are the fallback
+    state, path = load_latest(run_dir)        # newest snapshot that verifies and loads; older ones are the fallback
+
+Each `iter_NNNNNNNN.pt` has a sidecar `iter_NNNNNNNN.pt.sha256` in `sha256sum` format (so `sha256sum -c` checks it
+too), written before the snapshot is renamed into place: a snapshot under its final name always has its checksum.
 """
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import random
 import re
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Optional
 
 import numpy as np
 import torch
@@ -19,34 +25,120 @@ import torch
 from danlu.errors import DanluError
 
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
+_TMP = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_write's temporary files: .<name>.tmp<pid>
 FORMAT = "danlu-snapshot/1"
+# what a training snapshot holds; a file without these is not resumable (checked before anything is loaded)
+RESUME_KEYS = ("model", "optimizer", "rng", "iteration", "recipe")
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any],
+                 before_rename: Optional[Callable[[Path], None]] = None) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the whole new one, never a part."""
+    the whole new one, never a part. `before_rename(tmp)` runs on the complete, fsynced temporary file.
+    A failing disk (full, read-only, gone) raises a one-line DanluError; the old `path` is left as it was."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
+        raise DanluError(f"{path}: cannot write ({e.strerror or e}); {kept}") from e
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Atomically replace `path` with `data` (summary.json, recipe.yaml, model.safetensors)."""
+    atomic_write(Path(path), lambda f: f.write(data))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (POSIX: a rename lives in the directory's metadata)."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar(path: Path) -> Path:
+    """iter_00000500.pt -> iter_00000500.pt.sha256"""
+    return path.with_name(path.name + ".sha256")
 
 
 def save_snapshot(folder: Path, state: dict[str, Any], iteration: int, keep: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `state` as snapshots/iter_NNNNNNNN.pt (plus its .sha256) and keep the newest `keep` snapshots.
+    Order: temporary file, fsync, checksum of the temporary file, checksum file (atomic), rename. A kill at any
+    point leaves the previous snapshots whole; a full disk raises a one-line DanluError and changes nothing."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DanluError(f"{folder}: cannot create the snapshot folder ({e.strerror or e})") from e
     path = folder / f"iter_{iteration:08d}.pt"
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f))
-    for old in snapshots(folder)[:-keep]:
-        old.unlink(missing_ok=True)
+
+    def write_checksum(tmp: Path) -> None:
+        write_bytes(sidecar(path), f"{sha256(tmp)}  {path.name}\n".encode())
+
+    try:
+        atomic_write(path, lambda f: torch.save({"format": FORMAT, **state}, f), before_rename=write_checksum)
+    except DanluError as e:
+        older = [p.name for p in snapshots(folder) if p != path]
+        kept = f"snapshot {older[-1]} is intact" if older else "no earlier snapshot"
+        raise DanluError(f"cannot save snapshot at iteration {iteration}: {e}; {kept}") from e.__cause__
+    _prune(folder, keep)
     return path
 
 
+def _prune(folder: Path, keep: int) -> None:
+    """Drop snapshots beyond the newest `keep`, checksum files without their snapshot, and temporary files of
+    writers that no longer run (left by a kill between write and rename)."""
+    for old in snapshots(folder)[:-keep]:
+        old.unlink(missing_ok=True)
+        sidecar(old).unlink(missing_ok=True)
+    for p in folder.iterdir():
+        if p.name.endswith(".pt.sha256") and not p.with_name(p.name[:-len(".sha256")]).exists():
+            p.unlink(missing_ok=True)
+        elif (m := _TMP.match(p.name)) and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def snapshots(folder: Path) -> list[Path]:
-    """Snapshot files in `folder`, oldest first (by iteration; other .pt files after them by modification time)."""
+    """Snapshot files in `folder`, oldest first (by iteration; other .pt files after them by modification time).
+    Temporary files (`.iter_*.pt.tmp<pid>`) are never listed."""
     if not folder.is_dir():
         return []
     numbered = sorted((int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)))
@@ -54,19 +146,55 @@ def snapshots(folder: Path) -> list[Path]:
     return others + [p for _, p in numbered]
 
 
-def load_snapshot(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+def verify(path: Path) -> bool:
+    """Check `path` against its .sha256 file. True: it matches; False: there is no checksum file (a snapshot from
+    before checksums, or one copied without it). A mismatch raises DanluError."""
+    check = sidecar(path)
+    if not check.is_file():
+        return False
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        expected = check.read_text().split()[0].lower()
+        actual = sha256(path)
+    except (OSError, IndexError, UnicodeDecodeError) as e:
+        raise DanluError(f"{path}: cannot verify against {check.name} ({e})") from None
+    if actual != expected:
+        raise DanluError(f"{path}: checksum mismatch against {check.name} (the file changed or was cut short "
+                         f"after it was written)")
+    return True
+
+
+def load_snapshot(path: Path, map_location: Any = "cpu", require: Iterable[str] = ()) -> dict[str, Any]:
+    """Verify (checksum, where there is one) and load one snapshot with weights_only=True."""
+    path = Path(path)
+    verified = verify(path)
+    try:
+        with warnings.catch_warnings():  # torch's own notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, or holding objects that would need code to load
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DanluError(f"{path}: not a loadable danlu snapshot ({first[:160]})") from None
+        text = str(e).strip()
+        if isinstance(e, pickle.UnpicklingError) and "weights only" in text.lower():
+            # torch's message: boilerplate lines around the one that names what was refused
+            detail = next((ln.strip().rstrip(".") for ln in text.splitlines()[1:] if ln.strip() and not
+                           ln.strip().startswith(("Please file", "Check the documentation"))), "")
+            why = (f"refused by torch.load(weights_only=True){': ' + detail if detail else ''}; a snapshot may hold "
+                   f"only tensors and plain containers, since other pickled objects could run code when loaded")
+        else:
+            why = (text.splitlines()[0] if text else type(e).__name__)[:160]
+        raise DanluError(f"{path}: not a loadable danlu snapshot ({why})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DanluError(f"{path}: not a danlu snapshot (no '{FORMAT}' marker)")
+    missing = [k for k in require if k not in state]
+    if missing:
+        raise DanluError(f"{path}: not a resumable danlu snapshot (no {', '.join(missing)})")
+    if not verified:
+        warnings.warn(f"{path.name}: no checksum file ({sidecar(path).name}); loaded it unverified")
     return state
 
 
-def load_latest(run_dir: Path, map_location: Any = "cpu") -> tuple[dict[str, Any], Path]:
-    """The newest snapshot of a run that loads; a broken newest one is skipped with a warning."""
+def load_latest(run_dir: Path, map_location: Any = "cpu", require: Iterable[str] = RESUME_KEYS
+                ) -> tuple[dict[str, Any], Path]:
+    """The newest snapshot of a run that verifies and loads; a broken newer one is skipped with a warning."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise DanluError(f"--resume {run_dir}: no such run folder")
@@ -77,14 +205,34 @@ def load_latest(run_dir: Path, map_location: Any = "cpu") -> tuple[dict[str, Any
     problems = []
     for path in reversed(found):
         try:
-            state = load_snapshot(path, map_location)
+            state = load_snapshot(path, map_location, require)
         except DanluError as e:
             problems.append(str(e))
             continue
         if problems:
-            warnings.warn(f"skipped {len(problems)} unloadable snapshot(s); resuming from {path.name}")
+            warnings.warn(f"skipped {len(problems)} unloadable snapshot(s) (newest: {problems[0]}); resuming from "
+                          f"{path.name}")
         return state, path
     raise DanluError(f"--resume {run_dir}: no snapshot loads; newest: {problems[0]}")
+
+
+def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """model.load_state_dict(weights), with a one-line error naming the keys and shapes that do not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {_few(keys)}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                             ("shape mismatch", shapes)) if keys]
+        raise DanluError(f"{where}: holds weights of another model ({'; '.join(parts)})")
+    model.load_state_dict(weights)
+
+
+def _few(items: list[str], n: int = 4) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 # ---------------------------------------------------------------- random state, as tensors and plain values
