@@ -1,0 +1,58 @@
+"""The articles' recipes: each runs a 20-iteration smoke version offline (small stand-in data, same everything else)."""
+import math
+
+import pytest
+
+import danlu
+from danlu.config import list_recipes, load_recipe
+
+FAST = ["run.max_iter=20", "run.display=10", "run.tensorboard=false", "run.snapshot_every=0"]
+
+# recipe -> the stand-in data of its smoke run: the real sets need downloads or are large, and small images keep 20
+# iterations fast on a CPU. The smoke run checks that the recipe's model, optimizer, schedule, augmentation and
+# precision run together, not what they reach (docs/RESULTS.md has the full runs).
+SMOKE = {
+    "lenet_mnist": ["data.name=mnist5k"],
+    "minigooglenet_cifar10": ["data.name=synthetic", "data.size=16", "data.channels=3", "data.train_size=80",
+                              "data.test_size=16", "data.batch_size=4"],
+    "resnet18_food_amp": ["data.name=synthetic", "data.size=16", "data.channels=3", "data.num_classes=3",
+                          "data.train_size=80", "data.test_size=16", "data.batch_size=4"],
+}
+# The precision variants equal the base but for `precision` (tested below), and the base runs ResNet-18 above; their
+# smoke runs train a small model in that precision (ResNet-18's 11M parameters cost ~1 s a step on 2 CPU cores, and
+# float16 convolutions on a CPU several times more).
+SMOKE["resnet18_food_amp_fp16"] = SMOKE["resnet18_food_amp_bf16"] = SMOKE["resnet18_food_amp"] + ["model.name=lenet"]
+
+
+def test_every_article_recipe_has_a_smoke_run():
+    articles = {n for n in list_recipes() if n.startswith(("lenet_mnist", "minigooglenet", "resnet18_food"))}
+    assert articles - {"lenet_mnist5k"} == set(SMOKE)
+
+
+@pytest.mark.parametrize("name", sorted(SMOKE))
+def test_twenty_iterations(name, tmp_path):
+    r = danlu.train(name, overrides=SMOKE[name] + FAST, out=tmp_path / "run", device="cpu", quiet=True)
+    assert r.iterations == 20 and math.isfinite(r.test_loss)
+    assert r.summary["recipe"]["precision"] == load_recipe(name).precision
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_articles_values():
+    m = load_recipe("minigooglenet_cifar10")
+    assert (m.model.name, m.data.name, m.run.epochs, m.data.batch_size) == ("minigooglenet", "cifar10", 70, 64)
+    assert (m.optim.name, m.optim.lr, m.optim.momentum) == ("sgd", 0.005, 0.9)
+    assert (m.schedule.policy, m.schedule.power) == ("poly_decay", 1.0)
+    assert (m.augment.shift, m.augment.flip, m.data.normalize) == (0.1, True, "pixel")
+    f = load_recipe("resnet18_food_amp")
+    assert (f.model.name, f.data.name, f.data.size, f.data.batch_size, f.run.epochs) == ("tv:resnet18", "folder", 224,
+                                                                                       16, 5)
+    assert (f.optim.name, f.optim.lr, f.precision) == ("adam", 0.001, "fp32")
+    le = load_recipe("lenet_mnist")
+    assert (le.run.max_iter, le.data.name, le.data.batch_size, le.data.scale) == (10000, "mnist", 64, 1 / 256)
+
+
+@pytest.mark.parametrize("variant, precision", [("resnet18_food_amp_fp16", "fp16"), ("resnet18_food_amp_bf16", "bf16")])
+def test_precision_variants_differ_only_in_precision(variant, precision):
+    base, other = load_recipe("resnet18_food_amp"), load_recipe(variant)
+    assert other.precision == precision
+    assert other.model_copy(update={"precision": base.precision}) == base
