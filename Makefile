@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: install
-	$(BIN)/danlu train
+	$(BIN)/danlu train $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest

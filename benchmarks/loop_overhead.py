@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -247,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    # `timeout` sends SIGTERM: exit through the `with` below so the temporary run folders are removed
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     env = environment()
     rows = []
     with tempfile.TemporaryDirectory(prefix="danlu-bench-") as tmp:

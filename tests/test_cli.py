@@ -48,6 +48,14 @@ def test_tensorboard_events_are_written(cli, tmp_path):
     ["--set", "model.name=nosuchnet"],
     ["--set", "data.name=nosuchdata"],
     ["--device", "tpu"],
+    ["--set", "optim.lr=0"],
+    ["--set", "data.batch_size=0"],
+    ["--set", "data.batch_size=-8"],
+    ["--set", "run.max_iter=0"],
+    ["--set", "run.max_iter=-5"],
+    ["--set", "run.epochs=0"],
+    ["--set", "optim.lr=.inf"],
+    ["--set", "run.on_nan=ignore"],
 ])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(cli, tmp_path, args):
     r = cli("train", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "danlu.api", "evaluate": "danlu.api", "RunResult": "danlu.api",
+    "train": "danlu.api", "evaluate": "danlu.api", "RunResult": "danlu.api", "load_run": "danlu.api",
     "Recipe": "danlu.config", "load_recipe": "danlu.config", "list_recipes": "danlu.config",
     "ImageSet": "danlu.data.datasets", "load_dataset": "danlu.data.datasets",
     "create_model": "danlu.models", "list_models": "danlu.models", "register_model": "danlu.models",

@@ -71,29 +71,59 @@ def _recipe_name(recipe: RecipeLike) -> str:
     return "run"
 
 
-def _new_run_dir(out: Union[str, Path, None], name: str) -> Path:
+# what makes a folder a run's: any of these in --out means another run lives there
+_RUN_FILES = ("snapshots", "recipe.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "diagnosis.json",
+              "curves.png", "tensorboard", "preprocess.safetensors")
+
+
+def _new_run_dir(out: Union[str, Path, None], name: str, force: bool = False) -> Path:
+    """A folder for a new run. One that holds another run is refused; with `force` that folder is renamed to
+    `<out>.old-<time>` first, so nothing of the old run is overwritten or deleted."""
     if out is None:
         out = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
     out = Path(out)
-    if out.exists() and (out / "snapshots").exists():
-        raise DanluError(f"--out {out}: this folder already holds a run; continue it with --resume {out} or "
-                         f"choose another folder")
     if out.exists() and not out.is_dir():
         raise DanluError(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    held = [f for f in _RUN_FILES if (out / f).exists()]
+    if held and not force:
+        raise DanluError(f"--out {out}: this folder already holds a run ({', '.join(held[:3])}); continue it with "
+                         f"--resume {out}, choose another folder, or add --force to move the old run aside")
+    if held:
+        import warnings
+
+        out = out.resolve()  # absolute: renaming the current folder must not leave `out` pointing into the old run
+        aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+        n = 1
+        while aside.exists():
+            aside, n = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}-{n}"), n + 1
+        try:
+            out.rename(aside)
+        except OSError as e:
+            raise DanluError(f"--out {out} --force: cannot move the old run aside to {aside} ({e.strerror or e})") \
+                from None
+        warnings.warn(f"--force: moved the run that was in {out} to {aside}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DanluError(f"--out {out}: cannot create the run folder ({e.strerror or e})") from None
     return out
 
 
 def _build_model(recipe: Recipe, train: ImageSet) -> nn.Module:
+    return _model_for(recipe, train.shape, len(train.classes))
+
+
+def _model_for(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The recipe's model for inputs of `shape` (C, H, W) and `num_classes` outputs."""
     from danlu.models import create_model
     from danlu.models.registry import entry_point
 
-    c, h, _ = train.shape
+    c, h, _ = shape
     kw = dict(recipe.model.kwargs)
     entry = entry_point(recipe.model.name)
     if entry is not None and "input_size" in inspect.signature(entry).parameters:
         kw.setdefault("input_size", h)  # models with a fixed flatten size (LeNet) are built for the data's size
-    return create_model(recipe.model.name, num_classes=len(train.classes), in_channels=c, **kw)
+    return create_model(recipe.model.name, num_classes=num_classes, in_channels=c, **kw)
 
 
 def _build_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -112,15 +142,35 @@ def _scaled_lr(recipe: Recipe, global_batch: int) -> float:
     return o.lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[o.lr_scaling]
 
 
+def _share_global_batch(recipe: Recipe, world: int, state: Optional[dict[str, Any]]) -> Recipe:
+    """The recipe with optim.reference_batch pinned (the LR then follows the global batch, never the per-device
+    one) and, on resume, data.batch_size re-divided so the snapshot's global batch, and with it the data position,
+    the iteration count and the LR, stays the same on any number of processes: a run of 2 x 32 resumes as 1 x 64."""
+    o, d = recipe.optim, recipe.data
+    if state is None and o.reference_batch is not None:
+        return recipe
+    tree = recipe.to_dict()
+    tree["optim"]["reference_batch"] = o.reference_batch or d.batch_size
+    if state is not None:
+        saved = int(state.get("global_batch", d.batch_size * o.accumulate))  # older snapshots: one process
+        if saved % (world * o.accumulate):
+            raise DanluError(f"--resume: the run's global batch {saved} cannot be shared by {world} process(es) x "
+                             f"optim.accumulate={o.accumulate}; expected a number of processes (x accumulate) that "
+                             f"divides {saved}")
+        tree["data"]["batch_size"] = saved // (world * o.accumulate)
+    return build_recipe(tree)
+
+
 def _build_augment(recipe: Recipe, train: ImageSet):
-    from danlu.data.augment import Augment, channel_mean_std, per_pixel_mean
+    from danlu.data.augment import Augment
+    from danlu.data.datasets import channel_stats, pixel_mean  # tensors or a store's memory-mapped shards
 
     d, a = recipe.data, recipe.augment
     mean, std = d.mean, d.std
     if mean is None and d.normalize == "pixel":
-        mean = per_pixel_mean(train.images, d.scale)  # (C, H, W)
+        mean = pixel_mean(train.images, d.scale)  # (C, H, W)
     elif mean is None and d.normalize == "channel":
-        mean, std = channel_mean_std(train.images, d.scale)
+        mean, std = channel_stats(train.images, d.scale)
     return Augment(shift=a.shift, flip=a.flip, crop=a.crop, mean=mean, std=std, scale=d.scale)
 
 
@@ -128,22 +178,24 @@ def _load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
     d = recipe.data
     return load_dataset(d.name, root=d.root, size=d.size, channels=d.channels, num_classes=d.num_classes,
                         train_size=d.train_size, test_size=d.test_size, val_fraction=d.val_fraction,
-                        split_seed=d.split_seed)
+                        split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list)
 
 
 def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, out: Union[str, Path, None] = None,
           resume: Union[str, Path, None] = None, device: Optional[str] = None, model: Optional[nn.Module] = None,
           train_data: Optional[ImageSet] = None, test_data: Optional[ImageSet] = None,
-          quiet: bool = False) -> RunResult:
+          quiet: bool = False, force: bool = False) -> RunResult:
     """Train from a recipe (shipped name, YAML path, dict or Recipe) and return the result; with `resume`, continue
-    the run in that folder from its newest snapshot (overrides apply on top of the run's recipe)."""
-    from danlu.engine import checkpoint
-    from danlu.engine.distributed import current
+    the run in that folder from its newest snapshot (overrides apply on top of the run's recipe). An `out` folder
+    that holds another run is refused, or with `force` moved aside to `<out>.old-<time>` (never overwritten)."""
+    from danlu.engine import checkpoint, faults
+    from danlu.engine.distributed import setup as setup_dist
     from danlu.engine.loop import Parts, Plan, train_loop
     from danlu.engine.metrics import RunLog
     from danlu.engine.precision import Precision
     from danlu.engine.schedule import lr_at
-    from danlu.data.loader import DeviceLoader
+    from danlu.engine.speed import Speed
+    from danlu.data.loader import make_loader
 
     state = None
     if resume is not None:
@@ -157,7 +209,13 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         recipe = build_recipe({**recipe.to_dict(), "devices": {**recipe.devices.model_dump(), "device": device}},
                               source={"devices.device": f"--device {device}"})
     dev = resolve_device(recipe.devices.device)
-    dist = current()
+    # under a launcher (--procs/--gpus, torchrun, SLURM): join the process group; on CUDA, take cuda:LOCAL_RANK
+    dist = setup_dist(dev, timeout=recipe.dist.timeout, bucket_mb=recipe.dist.bucket_mb)
+    dev = dist.device
+    recipe = _share_global_batch(recipe, dist.world, state)
+    micro = recipe.optim.accumulate  # a step = `micro` micro-batches of data.batch_size on each of dist.world ranks
+    speed = Speed(dev, compile=recipe.compile, channels_last=recipe.channels_last, cuda_graphs=recipe.cuda_graphs,
+                  world=dist.world)
     torch.manual_seed(recipe.run.seed)
 
     if train_data is None:
@@ -168,17 +226,17 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         raise DanluError(f"data: found {len(train_data.classes)} class; expected at least 2")
     if model is None:
         model = _build_model(recipe, train_data)
-    model = model.to(dev)
+    model = speed.layout(model.to(dev))  # channels-last where it pays, before any DDP wrap
 
-    loader = DeviceLoader(train_data.images, train_data.labels, recipe.data.batch_size, device=dev,
-                          seed=recipe.run.seed, rank=dist.rank, world=dist.world)
+    loader = make_loader(train_data.images, train_data.labels, recipe.data.batch_size * micro, device=dev,
+                         cache=recipe.data.device_cache, seed=recipe.run.seed, rank=dist.rank, world=dist.world)
     if len(loader) == 0:
-        raise DanluError(f"data.batch_size={recipe.data.batch_size}: larger than the training set "
-                         f"({len(train_data)} images x {dist.world} process(es)); expected at most "
-                         f"{len(train_data) // dist.world}")
-    test_loader = DeviceLoader(test_data.images, test_data.labels, recipe.data.test_batch_size or
-                               4 * recipe.data.batch_size, device=dev, shuffle=False, drop_last=False,
-                               rank=dist.rank, world=dist.world)
+        raise DanluError(f"data.batch_size={recipe.data.batch_size}: x {dist.world} process(es) x optim.accumulate="
+                         f"{micro} is more than the training set ({len(train_data)} images); expected at most "
+                         f"{len(train_data) // (dist.world * micro)}")
+    test_loader = make_loader(test_data.images, test_data.labels, recipe.data.test_batch_size or
+                              4 * recipe.data.batch_size, device=dev, cache=recipe.data.device_cache, shuffle=False,
+                              drop_last=False, rank=dist.rank, world=dist.world)
     per_epoch = iters_per_epoch(len(train_data), loader.global_batch)
     max_iter = total_iters(recipe.run, per_epoch)
     base_lr = _scaled_lr(recipe, loader.global_batch)
@@ -191,33 +249,51 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                              pct_start=s.pct_start, div_factor=s.div_factor, final_div_factor=s.final_div_factor)
     lr_fn(0)  # fail now, not at the first step, on a bad schedule
     optimizer = _build_optimizer(recipe, model, base_lr)
-    precision = Precision(recipe.precision, dev)
-    augment = _build_augment(recipe, train_data)
+    precision = Precision(recipe.precision, dev, autocast_cache=not recipe.cuda_graphs)
+    augment = _build_augment(recipe, train_data).for_rank(dist.rank, dist.world)  # draws for the global batch
+    augment.memory_format = speed.memory_format  # batches reach the model in its weights' layout
     generator = None if augment.is_identity else torch.Generator(dev).manual_seed(recipe.run.seed + 1)
+    fits = None  # run.find_batch_size: the largest batch that fits, named by an out-of-memory error
+    if recipe.run.find_batch_size:
+        fits = faults.probe_batch_size(model, train_data.images, dev, augment, precision.autocast,
+                                       recipe.data.batch_size, len(train_data) // dist.world,
+                                       say=lambda m: None if quiet or not dist.is_main else print(m, flush=True))
 
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        where = f"--resume {run_dir}: {snap_path.name}"
+        checkpoint.load_model_state(_unwrap(model), state["model"], where)
+        if state["recipe"]["optim"]["name"] != recipe.optim.name:
+            raise DanluError(f"{where}: holds {state['recipe']['optim']['name']} optimizer state; optim.name="
+                             f"{recipe.optim.name} cannot continue it (expected {state['recipe']['optim']['name']})")
         optimizer.load_state_dict(state["optimizer"])
         precision.load_state_dict(state.get("precision", {}))
         if generator is not None and "augment_rng" in state:
             generator.set_state(state["augment_rng"].to("cpu"))
         checkpoint.set_rng_state(state["rng"])
         start = int(state["iteration"])
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        if dist.is_main:
+            _truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
-        run_dir = _new_run_dir(out, name) if dist.is_main else Path(out or ".")
+        run_dir = _new_run_dir(out, name, force) if dist.is_main else None
+        run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))  # the folder rank 0 named
 
     resolved = recipe.to_dict()
     if dist.is_main:
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        checkpoint.write_bytes(run_dir / "recipe.yaml", recipe.to_yaml().encode())
+        if getattr(train_data, "report", None) is not None:  # folder/list sources: what was read, what skipped
+            from danlu.data.folder import write_report
+
+            write_report(run_dir, train_data.report)
         if augment.mean is not None or augment.std is not None:
             _save_preprocess(run_dir, augment)
     log = RunLog(run_dir, total=max_iter, start=start, tensorboard=recipe.run.tensorboard, quiet=quiet,
                  enabled=dist.is_main)
     if not quiet and dist.is_main:
         print(f"danlu: {recipe.model.name} on {recipe.data.name} ({len(train_data)} train / {len(test_data)} test, "
-              f"{len(train_data.classes)} classes), {dev}, global batch {loader.global_batch}, "
+              f"{len(train_data.classes)} classes), {dev}, global batch {loader.global_batch} "
+              f"({recipe.data.batch_size} x {dist.world} process(es){f' x {micro} micro-batches' if micro > 1 else ''}"
+              f"), "
               f"{max_iter} iterations ({max_iter / per_epoch:.1f} epochs){f', resumed at {start}' if start else ''}; "
               f"run folder {run_dir}", flush=True)
 
@@ -227,44 +303,60 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         epoch, index = divmod(it, per_epoch)
         state = {"model": _unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                  "precision": precision.state_dict(), "rng": checkpoint.rng_state(), "iteration": it,
-                 "epoch": epoch, "index": index, "loop": loop_state, "recipe": resolved}
+                 "epoch": epoch, "index": index, "loop": loop_state, "recipe": resolved,
+                 "global_batch": loader.global_batch, "world": dist.world}  # iteration counts global batches
         if generator is not None:
             state["augment_rng"] = generator.get_state()
+        state["guard"] = guard.state_dict()
         checkpoint.save_snapshot(run_dir / "snapshots", state, it, recipe.run.keep_snapshots)
 
     curves = _CurveDrawer(run_dir, enabled=dist.is_main)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
-    parts = Parts(dist.wrap(model), optimizer, criterion, augment, generator, loader, test_loader, precision, dist,
-                  lr_fn)
+    guard = faults.Guard(recipe.run.on_nan, _unwrap(model).named_parameters(), run_dir if dist.is_main else None,
+                         dist.all_reduce_sum, dist.any_rank, world=dist.world)
+    if state is not None:
+        guard.load_state_dict(state.get("guard", {}))
+    step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn),  # DDP, then compiled?
+                            (recipe.data.batch_size, *train_data.shape), precision)
+    parts = Parts(step_model, optimizer, criterion, augment, generator, loader, test_loader, precision, dist,
+                  lr_fn, guard)
     r = recipe.run
     plan = Plan(max_iter=max_iter, test_interval=r.test_interval or per_epoch, display=r.display,
                 snapshot_every=r.snapshot_every, test_iter=r.test_iter, clip_grad_norm=recipe.optim.clip_grad_norm,
-                label_smoothing=recipe.optim.label_smoothing)
+                label_smoothing=recipe.optim.label_smoothing, accumulate=micro)
     try:
-        stats = train_loop(parts, plan, log, snapshot, on_test=lambda _: curves.draw(), start=start,
-                           loop_state=state.get("loop") if state else None)
+        with guard.signals():  # SIGTERM / SIGINT: finish the step, snapshot, raise faults.Stopped
+            stats = train_loop(parts, plan, log, guard.after(snapshot, max_iter, run_dir),
+                               on_test=lambda _: curves.draw(), start=start,
+                               loop_state=state.get("loop") if state else None)
+    except torch.OutOfMemoryError:
+        raise faults.out_of_memory(recipe.data.batch_size, dev, fits) from None
     finally:
         log.close()
     test = stats.last_test
     summary = {
         "test_accuracy": test.get("acc"), "test_loss": test.get("loss"), "test_top5": test.get("top5"),
         "iterations": stats.iterations, "epochs": round(stats.iterations / per_epoch, 4),
-        "train_seconds": round(stats.train_seconds, 3), "images_per_second": round(stats.images_per_second, 1),
+        "train_seconds": round(stats.train_seconds, 3),
+        "images_per_second": round(stats.images_per_second * dist.world, 1),  # all ranks together
         "global_batch": loader.global_batch, "world_size": dist.world, "device": _device_name(dev),
-        "classes": train_data.classes, "run_dir": str(run_dir), "recipe": resolved,
+        "classes": train_data.classes, "input_shape": list(train_data.shape), "run_dir": str(run_dir),
+        "recipe": resolved, **guard.counts(), "skipped_steps": precision.skipped_steps,
+        **({"largest_batch_that_fits": fits} if fits else {}),
         "versions": {"danlu": _version(), "torch": torch.__version__, "python": platform.python_version()},
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
     if dist.is_main:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
-        save_file({k: v.contiguous() for k, v in _unwrap(model).state_dict().items()}, str(run_dir / "model.safetensors"))
+        checkpoint.write_bytes(run_dir / "model.safetensors",
+                               save({k: v.contiguous() for k, v in _unwrap(model).state_dict().items()}))
         curves.draw(force=True)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        checkpoint.write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
         if not quiet:
             print(f"done: test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f}"
                   f" after {stats.iterations} iterations ({stats.train_seconds:.1f} s training, "
-                  f"{stats.images_per_second:.0f} img/s); run folder {run_dir}", flush=True)
+                  f"{stats.images_per_second * dist.world:.0f} img/s); run folder {run_dir}", flush=True)
     return RunResult(run_dir, test.get("acc", float("nan")), test.get("loss", float("nan")), stats.iterations,
                      stats.train_seconds, stats.images_per_second, _unwrap(model), summary)
 
@@ -272,35 +364,94 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
 def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides: Optional[list[str]] = None,
              device: Optional[str] = None, test_data: Optional[ImageSet] = None) -> dict[str, Any]:
     """Evaluate a run's final weights (or newest snapshot) on its test set, or on another dataset (`data`)."""
-    from danlu.data.loader import DeviceLoader
+    from danlu.data.loader import make_loader
     from danlu.engine.distributed import Dist
     from danlu.engine.loop import evaluate as _evaluate
     from danlu.engine.precision import Precision
 
-    run_dir = Path(run_dir)
-    recipe, model_state = _load_run(run_dir)
     extra = list(overrides or []) + ([f"data.name={data}"] if data else [])
-    if extra:
-        recipe = load_recipe(recipe.to_dict(), extra)
-    dev = resolve_device(device or recipe.devices.device)
-    train_data, default_test = _load_data(recipe)
-    test_data = test_data or default_test
-    model = _build_model(recipe, train_data)
-    try:
-        model.load_state_dict(model_state)
-    except RuntimeError as e:
-        raise DanluError(f"{run_dir}: weights do not fit model '{recipe.model.name}' for this data "
-                         f"({str(e).splitlines()[0]})") from None
-    augment = _build_augment(recipe, train_data)
-    _load_preprocess(run_dir, augment)
-    loader = DeviceLoader(test_data.images, test_data.labels, recipe.data.test_batch_size or
-                          4 * recipe.data.batch_size, device=dev, shuffle=False, drop_last=False)
-    result = _evaluate(model.to(dev), loader, augment, Precision(recipe.precision, dev), Dist(),
+    run = load_run(run_dir, overrides=extra, device=device, load_data=test_data is None or bool(extra))
+    recipe, dev = run.recipe, run.device
+    test_data = test_data or run.test_data
+    loader = make_loader(test_data.images, test_data.labels, recipe.data.test_batch_size or
+                         4 * recipe.data.batch_size, device=dev, cache=recipe.data.device_cache, shuffle=False,
+                         drop_last=False)
+    result = _evaluate(run.model, loader, run.augment, Precision.for_inference(recipe.precision, dev), Dist(),
                        label_smoothing=recipe.optim.label_smoothing)
-    return {"run_dir": str(run_dir), "data": recipe.data.name, **result}
+    return {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
 
 
-def _load_run(run_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor]]:
+@dataclass
+class LoadedRun:
+    """A finished (or snapshotted) run, ready for inference: what `evaluate`, `predict` and `export` start from."""
+    run_dir: Path
+    recipe: Recipe  # the resolved recipe the run trained with (plus any overrides)
+    model: nn.Module  # eval mode, on `device`, the run's final weights (or its newest snapshot's)
+    augment: Any  # danlu.data.augment.Augment: the run's preprocessing (scale, mean, std); call with train=False
+    classes: list[str]
+    shape: tuple[int, int, int]  # (C, H, W) of the images the model takes
+    device: torch.device
+    weights: Path  # the file the weights came from
+    train_data: Optional[ImageSet] = None  # only with load_data=True
+    test_data: Optional[ImageSet] = None
+
+
+def load_run(run_dir: Union[str, Path], *, overrides: Optional[list[str]] = None, device: Optional[str] = None,
+             load_data: bool = False) -> LoadedRun:
+    """Load a run folder: its recipe, model with the final weights, and preprocessing (the statistics it trained
+    with, from preprocess.safetensors). Classes and input shape come from summary.json, so the data set is only
+    loaded when `load_data` is set or the run folder does not say them (a run stopped before its end).
+
+        run = load_run("runs/lenet")                    # run.model(run.augment(x_uint8, train=False))
+    """
+    run_dir = Path(run_dir)
+    recipe, model_state, weights = _load_run(run_dir)
+    if overrides:
+        recipe = load_recipe(recipe.to_dict(), overrides)
+    dev = resolve_device(device or recipe.devices.device)
+    summary_path = run_dir / "summary.json"
+    info = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    d = recipe.data
+    needs_stats = d.mean is None and d.normalize != "none" and not (run_dir / "preprocess.safetensors").is_file()
+    train_data = test_data = None
+    if load_data or needs_stats or not {"classes", "input_shape"} <= info.keys():
+        train_data, test_data = _load_data(recipe)
+    shape = train_data.shape if train_data is not None else tuple(info["input_shape"])
+    classes = train_data.classes if train_data is not None else list(info["classes"])
+    model = _model_for(recipe, shape, len(classes))
+    _check_weights(model, model_state, weights, recipe.model.name)
+    model.load_state_dict(model_state)
+    if train_data is not None:
+        augment = _build_augment(recipe, train_data)
+    else:
+        from danlu.data.augment import Augment
+
+        augment = Augment(scale=d.scale, mean=d.mean, std=d.std)
+    _load_preprocess(run_dir, augment)
+    return LoadedRun(run_dir, recipe, model.to(dev).eval(), augment, classes, shape, dev, weights, train_data,
+                     test_data)
+
+
+def _check_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, name: str) -> None:
+    """Refuse weights that are not the recipe's model, naming the keys that differ (one line)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in state.items()}
+
+    def few(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    problems = []
+    if missing := sorted(want.keys() - have.keys()):
+        problems.append(f"missing {few(missing)}")
+    if unexpected := sorted(have.keys() - want.keys()):
+        problems.append(f"unexpected {few(unexpected)}")
+    if shapes := sorted(k for k in want.keys() & have.keys() if want[k] != have[k]):
+        problems.append("shape differs " + few([f"{k} {list(have[k])} (model {list(want[k])})" for k in shapes]))
+    if problems:
+        raise DanluError(f"{weights}: weights do not match model '{name}' of the run's recipe: {'; '.join(problems)}")
+
+
+def _load_run(run_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], Path]:
     from danlu.engine import checkpoint
 
     if not run_dir.is_dir():
@@ -311,9 +462,13 @@ def _load_run(run_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor]]:
 
         if not (run_dir / "recipe.yaml").is_file():
             raise DanluError(f"{run_dir}: no recipe.yaml beside model.safetensors")
-        return load_recipe(str(run_dir / "recipe.yaml")), load_file(str(weights))
-    state, _ = checkpoint.load_latest(run_dir)
-    return load_recipe(state["recipe"]), state["model"]
+        try:
+            state = load_file(str(weights))
+        except Exception as e:  # safetensors raises its own error types for a damaged file
+            raise DanluError(f"{weights}: cannot read the weights ({e})") from None
+        return load_recipe(str(run_dir / "recipe.yaml")), state, weights
+    state, snap = checkpoint.load_latest(run_dir)
+    return load_recipe(state["recipe"]), state["model"], Path(snap)
 
 
 def _save_preprocess(run_dir: Path, augment) -> None:
@@ -334,10 +489,21 @@ def _load_preprocess(run_dir: Path, augment) -> None:
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:
-    """Drop events after the snapshot being resumed: they are logged again by the resumed run."""
+    """Drop events after the snapshot being resumed (they are logged again by the resumed run) and a last line
+    torn by a kill (SIGKILL while an event was being written)."""
+    from danlu.engine.checkpoint import write_bytes
+
     if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iter"] <= iteration]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        lines = [ln for ln in path.read_text().splitlines() if (e := _event(ln)) and e.get("iter", 0) <= iteration]
+        write_bytes(path, "".join(ln + "\n" for ln in lines).encode())
+
+
+def _event(line: str) -> Optional[dict[str, Any]]:
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

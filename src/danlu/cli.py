@@ -7,13 +7,17 @@ import sys
 import warnings
 from typing import Optional
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, Stopped
 
 EPILOG = """examples:
   danlu train                                   the default recipe (LeNet on 5,000 MNIST digits)
   danlu train recipes/minigooglenet_cifar10.yaml --set optim.lr=0.01 --set run.epochs=5
   danlu train --resume runs/lenet_mnist5k-20261125-101500
   danlu eval runs/lenet_mnist5k-20261125-101500
+  danlu train --solver recipes/lenet_solver.prototxt --device cpu     a Caffe solver file
+  danlu predict runs/lenet_mnist5k-20261125-101500 digit.png --top 3
+  danlu export runs/lenet_mnist5k-20261125-101500 --format onnx -o lenet.onnx
+  danlu compare runs/a runs/b -o compare.png
   danlu recipes"""
 
 
@@ -24,13 +28,25 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train from a recipe (a shipped name or a YAML file)")
-    t.add_argument("recipe", nargs="?", help="recipe name (see `danlu recipes`) or YAML file; default lenet_mnist5k")
+    t.add_argument("recipe", nargs="?", help="recipe name (see `danlu recipes`), YAML file or Caffe solver.prototxt; "
+                   "default lenet_mnist5k")
+    t.add_argument("--solver", metavar="FILE", help="a Caffe solver.prototxt (instead of a recipe)")
+    t.add_argument("-gpu", "--gpu", dest="gpu", metavar="IDS", help="as Caffe's CLI: a GPU index (this process), "
+                   "or 0,1 / all (one process per GPU, as --gpus)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set optim.lr=0.05 (repeatable)")
     t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest snapshot")
     t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     t.add_argument("--quiet", action="store_true", help="no progress output")
+    t.add_argument("--procs", type=int, metavar="N", help="train with N processes on the CPU (gloo), launched by "
+                   "torch's elastic launcher; data.batch_size is per process")
+    t.add_argument("--gpus", metavar="all|N|0,2", help="train with one process per GPU (NCCL): all of them, the "
+                   "first N, or these indices")
+    t.add_argument("--max-restarts", type=int, default=0, metavar="N", help="with --procs/--gpus: restart all "
+                   "processes up to N times after a failure, each time from the newest snapshot")
+    t.add_argument("--force", action="store_true",
+                   help="--out holds another run: move it aside to <out>.old-<time> instead of refusing")
 
     e = sub.add_parser("eval", help="evaluate a run's weights on its test set (or on --data)")
     e.add_argument("run", help="run folder")
@@ -39,6 +55,64 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    pr = sub.add_parser("predict", help="classify image files (or folders of them) with a run's final weights")
+    pr.add_argument("run", help="run folder")
+    pr.add_argument("images", nargs="+", metavar="IMAGE|DIR", help="image files and/or folders (searched recursively)")
+    pr.add_argument("--top", type=int, default=5, help="how many classes to show per image (default 5)")
+    fmt = pr.add_mutually_exclusive_group()
+    fmt.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-': standard output)")
+    fmt.add_argument("--csv", metavar="OUT", help="also write the results as CSV to OUT ('-': standard output)")
+    pr.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    pr.add_argument("--batch", type=int, help="images per batch (default: the run's test batch)")
+
+    x = sub.add_parser("export", help="export a run as ONNX, TorchScript or safetensors (checked after writing)")
+    x.add_argument("run", help="run folder")
+    x.add_argument("--format", required=True, choices=["onnx", "torchscript", "safetensors"])
+    x.add_argument("-o", "--out", required=True, metavar="FILE", help="the file to write")
+    x.add_argument("--force", action="store_true", help="replace FILE if it exists")
+
+    c = sub.add_parser("compare", help="compare runs: one table and their curves overlaid in one picture")
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run folders")
+    c.add_argument("-o", "--out", metavar="PNG", help="the picture (default compare.png; '-' for none)",
+                   default="compare.png")
+
+    d = sub.add_parser("data", help="the dataset catalog: `data list` (known and cached), `data get NAME` (download)")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    dsub.add_parser("list", help="known datasets, what is cached and where ($DANLU_DATA)")
+    dsub.add_parser("get", help="download and verify a dataset ahead of time").add_argument("name")
+
+    pp = sub.add_parser("prepare", help="decode a folder (or a named set) once into a memory-mapped store")
+    pp.add_argument("src", metavar="SRC", help="a folder of class subfolders (or train/ and val/), or a named set")
+    pp.add_argument("-o", "--out", required=True, metavar="STORE", help="the store folder to write")
+    pp.add_argument("--size", type=int, nargs="+", metavar="N", help="image size: N, or H W (default 224 for folders,"
+                    " the native size for named sets)")
+    pp.add_argument("--channels", type=int, choices=[1, 3], help="3 (RGB, default) or 1 (grayscale)")
+    pp.add_argument("--resize", choices=["crop", "exact"], default="crop",
+                    help="crop: shorter side + centre crop (default); exact: stretch")
+    pp.add_argument("--shard-mb", type=float, default=256, metavar="MB", help="shard size in MiB (default 256)")
+    pp.add_argument("--train-list", metavar="FILE", help="SRC is the root of the paths in this list file")
+    pp.add_argument("--val-list", metavar="FILE", help="with --train-list: the test split's list")
+    pp.add_argument("--quiet", action="store_true", help="no progress output")
+
+    b = sub.add_parser("bench", help="measure training speed: precision x compile x processes, against a plain loop")
+    b.add_argument("--model", default="tv:resnet50", help="model name (default tv:resnet50, ImageNet stem)")
+    b.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
+    b.add_argument("--batch", type=int, default=256, help="batch per process (default 256)")
+    b.add_argument("--precision", default="fp32,bf16,fp16", help="comma list of fp32, tf32, bf16, fp16")
+    b.add_argument("--compile", default="off,on", help="comma list of off, on, max-autotune (default off,on)")
+    b.add_argument("--cuda-graphs", default="off", help="comma list of off, on (CUDA only; default off)")
+    b.add_argument("--procs", default="1", help="comma list of process counts (default 1)")
+    b.add_argument("--steps", type=int, default=50, help="timed steps per combination (default 50)")
+    b.add_argument("--warmup", type=int, default=10, help="untimed steps first (default 10)")
+    b.add_argument("--channels", type=int, choices=[1, 3], help="image channels (default 1 for lenet, else 3)")
+    b.add_argument("--classes", type=int, default=10, help="number of classes (default 10)")
+    b.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
+    b.add_argument("--loader", default="device", choices=["device", "stream"],
+                   help="device: the set on the device (default); stream: host memory, copied in the background")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    b.add_argument("--json", metavar="OUT", help="write {env, rows} as JSON to OUT")
+    b.add_argument("--plot", metavar="OUT.png", help="write a bar chart of images/s to OUT.png")
+
     sub.add_parser("recipes", help="list the shipped recipes")
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--all", action="store_true", help="include torchvision's models (tv:<name>)")
@@ -46,12 +120,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from danlu.api import train
-
-    if a.resume and (a.recipe or a.out):
+    if a.resume and (a.recipe or a.solver or a.out):
         raise DanluError("--resume DIR continues the run in DIR with its own recipe; drop the recipe and --out")
-    train(a.recipe, overrides=a.overrides, out=a.out, resume=a.resume, device=a.device, quiet=a.quiet)
-    return 0
+    if a.solver:
+        from danlu.config import SOLVER_SUFFIXES
+
+        if a.recipe:
+            raise DanluError(f"--solver {a.solver} and recipe {a.recipe}: expected one of them")
+        if not a.solver.endswith(SOLVER_SUFFIXES):
+            raise DanluError(f"--solver {a.solver}: expected a Caffe solver file ending in "
+                             f"{' or '.join(SOLVER_SUFFIXES)}")
+        a.recipe = a.solver
+    if a.gpu is not None:  # Caffe's -gpu: an index (this process), or all / a list (--gpus)
+        from danlu.caffe import gpu_flag
+
+        if a.device or a.gpus or a.procs:
+            taken = "--device" if a.device else "--gpus" if a.gpus else "--procs"
+            raise DanluError(f"-gpu {a.gpu} and {taken}: expected one of them")
+        a.device, a.gpus = gpu_flag(a.gpu)
+    from danlu.launch import train_command  # alone, as one rank of torchrun / SLURM, or launching --procs/--gpus
+
+    return train_command(a.recipe, overrides=a.overrides, out=a.out, resume=a.resume, device=a.device,
+                         quiet=a.quiet, force=a.force, procs=a.procs, gpus=a.gpus, max_restarts=a.max_restarts)
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -67,6 +157,67 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from danlu.predict import format_lines, predict, write_csv, write_json
+
+    if a.batch is not None and a.batch < 1:
+        raise DanluError(f"--batch {a.batch}: expected at least 1")
+    r = predict(a.run, a.images, top=a.top, device=a.device, batch_size=a.batch)
+    to_stdout = "-" in (a.json, a.csv)
+    if not to_stdout:
+        print("\n".join(format_lines(r)))
+    for f, e in r.errors:
+        print(f"danlu: warning: {f}: {e}", file=sys.stderr)
+    if a.json:
+        write_json(r, a.json)
+    if a.csv:
+        write_csv(r, a.csv, top=a.top)
+    return 1 if r.errors else 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from danlu.export import export
+
+    print(export(a.run, a.format, a.out, force=a.force).message)
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from danlu.compare import compare
+
+    r = compare(a.runs, None if a.out == "-" else a.out)
+    print(r.table)
+    if r.picture:
+        print(f"curves: {r.picture}")
+    return 0
+
+
+def _cmd_data(a: argparse.Namespace) -> int:
+    from danlu.data.catalog import catalog_status, data_home, fetch
+
+    if a.data_command == "get":
+        print(f"{a.name}: ready in {fetch(a.name)}")
+        return 0
+    print(f"datasets (cache folder {data_home()}; set DANLU_DATA to move it):")
+    for r in catalog_status():
+        what = (f"{r['train']:>6} / {r['test']:<6} {r['shape']:<8} {r['classes']:>3} classes, {r['download_mb']:>6} MiB"
+                if "train" in r else f"{'':<44}")
+        print(f"  {r['name']:<14} {what}  {r['state']:<34} {r['about']}")
+    print("  folder, list, store  your own images: data.root (see README, 'Your own images')")
+    return 0
+
+
+def _cmd_prepare(a: argparse.Namespace) -> int:
+    from danlu.data.store import prepare
+
+    if a.size is not None and len(a.size) > 2:
+        raise DanluError(f"--size {' '.join(map(str, a.size))}: expected N or H W")
+    size = None if a.size is None else (a.size[0] if len(a.size) == 1 else tuple(a.size))
+    prepare(a.src, a.out, size=size, channels=a.channels, resize=a.resize, shard_mb=a.shard_mb,
+            train_list=a.train_list, val_list=a.val_list, quiet=a.quiet)
+    return 0
+
+
 def _cmd_recipes(a: argparse.Namespace) -> int:
     import yaml
 
@@ -78,6 +229,21 @@ def _cmd_recipes(a: argparse.Namespace) -> int:
         d = yaml.safe_load(path.read_text()) or {}
         what = f"{d.get('model', {}).get('name', 'lenet')} on {d.get('data', {}).get('name', 'mnist5k')}"
         print(f"{name:<24} {what:<32} {about}")
+    return 0
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    from danlu import bench
+
+    result = bench.run(model=a.model, size=a.size, batch=a.batch,
+                       precisions=bench.parse_list(a.precision, bench.PRECISIONS, "--precision"),
+                       compiles=bench.parse_list(a.compile, bench.COMPILE_WORDS, "--compile"),
+                       cuda_graphs=bench.parse_list(a.cuda_graphs, bench.SWITCH_WORDS, "--cuda-graphs"),
+                       procs=bench.parse_procs(a.procs), steps=a.steps, warmup=a.warmup,
+                       device=a.device, channels=a.channels, classes=a.classes,
+                       channels_last={"auto": "auto", "true": True, "false": False}[a.channels_last],
+                       loader=a.loader, json_out=a.json, plot_out=a.plot)
+    bench.print_table(result)
     return 0
 
 
@@ -104,7 +270,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         _parser().print_help()
         return 0
     warnings.formatwarning = _one_line_warning
-    commands = {"train": _cmd_train, "eval": _cmd_eval, "recipes": _cmd_recipes, "models": _cmd_models}
+    commands = {"train": _cmd_train, "eval": _cmd_eval, "recipes": _cmd_recipes, "models": _cmd_models,
+                "predict": _cmd_predict, "data": _cmd_data, "prepare": _cmd_prepare, "export": _cmd_export, "compare": _cmd_compare,
+                "bench": _cmd_bench}
     try:
         return commands[args.command](args)
     except DanluError as e:
@@ -113,3 +281,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("danlu: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:  # SIGTERM / SIGINT: the snapshot is written; 143 / 130 and how to resume
+        print(f"danlu: {e}", file=sys.stderr)
+        return e.exit_code

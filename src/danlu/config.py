@@ -19,24 +19,31 @@ from danlu.errors import DanluError, nearest
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "lenet_mnist5k"
+SOLVER_SUFFIXES = (".prototxt", ".pbtxt")  # Caffe solver files, read by danlu.caffe
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no NaN / Inf anywhere: `lr: .inf` is a typo, not a recipe
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelCfg(_Section):
     name: str = "lenet"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra arguments of the model's entry point
+    sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 class DataCfg(_Section):
-    name: str = "mnist5k"
-    root: Optional[str] = None
+    name: str = "mnist5k"  # mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store
+    root: Optional[str] = None  # folder: class subfolders; list: what paths are relative to; store: its folder
+    train_list: Optional[str] = None  # list: Caffe 'path label' lines or a CSV with a header (path,label)
+    val_list: Optional[str] = None  # list: the test split (default: split train_list by val_fraction)
+    resize: Literal["crop", "exact"] = "crop"  # folder/list: shorter side + centre crop, or stretch to data.size
+    device_cache: Union[bool, Literal["auto"]] = "auto"  # store: whole set on the device (true), streamed (false)
     batch_size: int = Field(64, gt=0)  # per device
     test_batch_size: Optional[int] = Field(None, gt=0)  # default: 4x batch_size
-    size: Optional[Union[int, tuple[int, int]]] = None  # synthetic: image size (default 28)
-    channels: Optional[Literal[1, 3]] = None  # synthetic: default 1
+    size: Optional[Union[int, tuple[int, int]]] = None  # synthetic: image size (default 28); folder/list: 224
+    channels: Optional[Literal[1, 3]] = None  # synthetic: default 1; folder/list: 3 (RGB) or 1 (grayscale)
     num_classes: Optional[int] = Field(None, ge=2)  # synthetic: default 10
     train_size: int = Field(4096, gt=0)  # synthetic only
     test_size: int = Field(1024, gt=0)  # synthetic only
@@ -66,6 +73,7 @@ class OptimCfg(_Section):
     clip_grad_norm: Optional[float] = Field(None, gt=0)
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # by global_batch / reference_batch
     reference_batch: Optional[int] = Field(None, gt=0)  # default: data.batch_size (no scaling on one device)
+    accumulate: int = Field(1, ge=1)  # micro-batches of data.batch_size per step (DDP syncs only the last)
 
 
 class ScheduleCfg(_Section):
@@ -101,6 +109,8 @@ class RunCfg(_Section):
     keep_snapshots: int = Field(3, gt=0)
     seed: int = 0
     tensorboard: bool = True
+    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop with diagnosis.json, or drop the step
+    find_batch_size: bool = False  # probe the largest power-of-two batch that fits before training
 
     @model_validator(mode="after")
     def _one_length(self) -> "RunCfg":
@@ -122,6 +132,12 @@ class DevicesCfg(_Section):
         raise ValueError("expected auto, cpu, cuda or cuda:N")
 
 
+class DistCfg(_Section):
+    """Several processes (--procs, --gpus, torchrun, SLURM); ignored by a single process."""
+    timeout: float = Field(300.0, gt=0)  # seconds a collective waits for a missing rank before the job fails
+    bucket_mb: float = Field(25.0, gt=0)  # DDP gradient bucket size (MiB): all-reduce overlaps backward per bucket
+
+
 class Recipe(_Section):
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
@@ -129,13 +145,25 @@ class Recipe(_Section):
     optim: OptimCfg = Field(default_factory=OptimCfg)
     schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
     run: RunCfg = Field(default_factory=lambda: RunCfg(epochs=1))
-    precision: Literal["fp32"] = "fp32"  # fp16 / bf16 / tf32 come with the speed work
+    precision: Literal["fp32", "tf32", "fp16", "bf16"] = "fp32"  # engine/precision.py (PRECISIONS)
+    compile: Union[bool, Literal["max-autotune"]] = False  # torch.compile of the model (engine/speed.py)
+    channels_last: Union[Literal["auto"], bool] = "auto"  # auto: on CUDA for conv nets, off on CPU
+    cuda_graphs: bool = False  # CUDA only: replay forward + backward as CUDA graphs (static shapes)
     devices: DevicesCfg = Field(default_factory=DevicesCfg)
+    dist: DistCfg = Field(default_factory=DistCfg)
 
     @field_validator("augment", mode="before")
     @classmethod
     def _augment_none(cls, v: Any) -> Any:
         return {} if v in (None, False, "none", "off") else v
+
+    @field_validator("compile", "channels_last", mode="before")
+    @classmethod
+    def _switch(cls, v: Any, info: Any) -> Any:
+        word = {"compile": "max-autotune", "channels_last": "auto"}[info.field_name]
+        if isinstance(v, bool) or v == word:
+            return v
+        raise ValueError(f"expected false, true or {word}")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -154,15 +182,26 @@ def list_recipes() -> dict[str, Path]:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise DanluError(f"{path}: cannot read recipe ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise DanluError(f"{path} line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}); expected a YAML "
+                         f"recipe") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise DanluError(f"{path}: not a recipe (YAML nested too deeply)") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise DanluError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if mark is None and isinstance(getattr(e, "position", None), int):  # yaml.reader.ReaderError
+            where = f" line {text[:e.position].count(chr(10)) + 1}"
+            problem = f"character {e.character!r} is not allowed" if hasattr(e, "character") else str(e)
+        else:
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or str(e)
+        raise DanluError(f"{path}{where}: not valid YAML ({' '.join(str(problem).split())})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -171,13 +210,15 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:
-    """A shipped recipe's name ('lenet_mnist5k') or a path to a YAML file."""
+    """A shipped recipe's name ('lenet_mnist5k') or a path to a YAML file or a Caffe solver.prototxt."""
     p = Path(name_or_path)
     if p.is_file():
         return p
     shipped = list_recipes()
     if name_or_path in shipped:
         return shipped[name_or_path]
+    if p.suffix in SOLVER_SUFFIXES:
+        raise DanluError(f"solver file '{name_or_path}' not found; expected a Caffe solver.prototxt")
     if p.suffix in (".yaml", ".yml") or "/" in name_or_path:
         raise DanluError(f"recipe file '{name_or_path}' not found; expected a YAML file or a shipped recipe "
                          f"({', '.join(shipped)})")
@@ -191,7 +232,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         raise DanluError(f"--set {item}: expected key=value, e.g. --set optim.lr=0.05")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw  # a plain string such as a path with odd characters
     return key.strip().split("."), value
 
@@ -234,8 +275,10 @@ def _key(loc: tuple[Any, ...]) -> tuple[Any, ...]:
 def _describe(errors: list[dict[str, Any]], source: dict[str, str], origin: str) -> str:
     err = errors[0]
     loc = _key(err["loc"])
+    if err["type"] == "extra_forbidden":  # the last part is the user's own key, even one that looks like a tag
+        loc = _key(err["loc"][:-1]) + err["loc"][-1:]
     key = ".".join(str(p) for p in loc) or "recipe"
-    where = source.get(key, origin)
+    where = source.get(key) or next((v for k, v in source.items() if k.startswith(key + ".")), origin)
     if err["type"] == "extra_forbidden":
         valid = _expected_keys(loc)
         return (f"{where}: unknown key '{key}'{nearest(str(loc[-1]), valid)}; "
@@ -269,12 +312,18 @@ def load_recipe(recipe: Union[str, Path, dict, None] = None, overrides: Optional
         tree, origin = copy.deepcopy(recipe), "recipe"
     else:
         path = resolve_recipe_path(str(recipe))
-        tree, origin = _read_yaml(path), str(recipe)
+        tree, origin = _read_yaml(path) if path.suffix not in SOLVER_SUFFIXES else {}, str(recipe)
     source: dict[str, str] = {}
-    for item in overrides or []:
+    layers = [(item, f"--set {item}") for item in overrides or []]
+    if not isinstance(recipe, dict) and path.suffix in SOLVER_SUFFIXES:  # a Caffe solver: danlu.caffe maps it
+        from danlu.caffe import read_solver
+
+        solver = read_solver(path, overrides)
+        tree, source, layers = solver.tree, solver.source, solver.extra + layers
+    for item, where in layers:
         keys, value = _parse_override(item)
         _set_path(tree, keys, value, item)
-        source[".".join(keys)] = f"--set {item}"
+        source[".".join(keys)] = where
     return build_recipe(tree, origin=origin, source=source)
 
 

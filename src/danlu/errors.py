@@ -9,6 +9,21 @@ class DanluError(ValueError):
     """Bad input from the user (a recipe key, a file, a value). The message names the place, the bad value and
     what was expected; the CLI shows it without a traceback and exits with code 2."""
 
+    def __init__(self, message: object = ""):
+        text = str(message)
+        if "\n" in text or "\r" in text:  # one line, always: a value the user typed may hold a line break
+            text = text.replace("\r", "\\r").replace("\n", "\\n")
+        super().__init__(text)
+
+
+class Stopped(Exception):
+    """A signal (SIGTERM, SIGINT) asked a run to stop and its snapshot is written. The CLI prints the message (which
+    says how to resume) and exits with `exit_code`, 128 + the signal number (143, 130)."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum, self.exit_code = signum, 128 + signum
+
 
 def nearest(word: str, choices: Iterable[str], n: int = 3) -> str:
     """' (did you mean 'lr'?)' for a typo, '' when nothing is close. Example: nearest('lrr', ['lr', 'momentum'])."""

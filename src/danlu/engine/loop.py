@@ -3,14 +3,14 @@
 One step: uint8 batch on the device -> augment + normalize (batched, on the device) -> forward + loss under the
 precision's autocast -> backward -> clip + step -> LR for the next iteration. Around it: meters, display events,
 evaluation every `test_interval`, a snapshot every `snapshot_every` (all at iteration boundaries, so a snapshot at
-iteration k resumes exactly like the uninterrupted run continues from k).
+iteration k resumes exactly like the uninterrupted run continues from k). `p.guard` (engine/faults.py) holds the
+NaN policy and stop requests: a SIGTERM adds a snapshot at the next boundary, after which the run stops.
 """
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from danlu.data.augment import Augment
 from danlu.data.loader import DeviceLoader
 from danlu.engine.distributed import Dist
+from danlu.engine.faults import Diverged, Guard  # noqa: F401 (Diverged: raised here, re-exported)
 from danlu.engine.metrics import Meter, RunLog
 from danlu.engine.precision import Precision
-from danlu.errors import DanluError
+from danlu.engine.speed import DeviceMonitor
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Parts:
     precision: Precision
     dist: Dist
     lr_at: Callable[[int], float]
+    guard: Guard = field(default_factory=Guard)  # NaN policy and stop requests (SIGTERM / SIGINT)
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Plan:
     clip_grad_norm: Optional[float] = None
     label_smoothing: float = 0.0
     warmup_iters: int = 20  # steps left out of the throughput figure (allocator and cache warm-up)
+    accumulate: int = 1  # micro-batches per step: the loader's batch (A*B) is cut into A micro-batches of B
 
 
 @dataclass
@@ -66,7 +69,8 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     between display events) comes back from a snapshot so a resumed run logs exactly what the uninterrupted one did."""
     model, opt, per_epoch = p.model, p.optimizer, len(p.train_loader)
     params = [q for q in model.parameters() if q.requires_grad]
-    meter, last_test = Meter(p.train_loader.device), {}
+    meter, last_test = Meter(p.train_loader.device, p.dist), {}  # read: summed over ranks
+    monitor = DeviceMonitor(p.train_loader.device)  # CUDA: utilisation, memory, data wait; elsewhere silent
     if loop_state:
         meter.load_state_dict(loop_state["meter"])
     clock = _Clock(warm_from=start + min(plan.warmup_iters, max(0, plan.max_iter - start - 1)))
@@ -74,18 +78,24 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     model.train()
     while it < plan.max_iter:
         epoch, index = divmod(it, per_epoch)
-        for x, y in p.train_loader.epoch(epoch, start=index):  # x: (B, C, H, W) uint8, y: (B,) int64
+        for x, y in monitor.batches(p.train_loader.epoch(epoch, start=index)):  # x: (B, C, H, W) uint8, y: (B,)
             lr = p.lr_at(it)
             for group in opt.param_groups:
                 group["lr"] = lr
-            x = p.augment(x, p.generator, train=True)  # (B, C, H, W) float32, normalized
-            with p.precision.autocast():
-                logits = model(x)  # (B, classes)
-                loss = p.criterion(logits, y)
+            x = p.augment(x, p.generator, train=True)  # (A*B, C, H, W) float32, normalized; A = plan.accumulate
             opt.zero_grad(set_to_none=True)
-            p.precision.backward(loss)
-            p.precision.step(opt, params, plan.clip_grad_norm)
-            meter.add(loss, logits, y)
+            losses, outs = [], []
+            for k, (xb, yb) in enumerate(zip(x.chunk(plan.accumulate), y.chunk(plan.accumulate))):  # (B, ...) each
+                with p.dist.no_sync(model, skip=k < plan.accumulate - 1):  # DDP all-reduces after the last only
+                    with p.precision.autocast():
+                        logits = model(xb)  # (B, classes)
+                        loss = p.criterion(logits, yb)
+                    p.precision.backward(loss / plan.accumulate)
+                losses.append(loss.detach()), outs.append(logits.detach())
+            loss, logits = torch.stack(losses).mean(), torch.cat(outs)  # (), (A*B, classes): the whole batch's
+            if p.guard.keep(loss):  # run.on_nan=skip drops a step whose loss is not finite (stop: no check here)
+                p.precision.step(opt, params, plan.clip_grad_norm)
+                meter.add(loss, logits, y)
             it += 1
             clock.step(it, y.shape[0])
             log.tick(it, meter, clock.window_rate())
@@ -93,10 +103,12 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
             if it % plan.display == 0 or it == plan.max_iter:
                 with clock.paused():
                     loss_avg, acc_avg, _ = meter.read()
-                    _stop_if_diverged(loss_avg, it, lr)
+                    p.guard.check(loss_avg, it, lr)
+                    device = monitor.read(clock.window_seconds)  # before the window resets below
                     log.event({"kind": "train", "iter": it, "epoch": it / per_epoch, "lr": lr, "loss": loss_avg,
                                "acc": acc_avg, "images_per_second": clock.window_rate(reset=True) * p.dist.world,
-                               "time": clock.elapsed()})
+                               "time": clock.elapsed(), **p.guard.counts(),
+                               "skipped_steps": p.precision.skipped_steps, **device})
             if it % plan.test_interval == 0 or it == plan.max_iter:
                 with clock.paused():
                     last_test = evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter,
@@ -105,23 +117,14 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                     log.event({"kind": "test", "iter": it, "epoch": it / per_epoch, **last_test,
                                "time": clock.elapsed()})
                     on_test(last_test)
-            if (plan.snapshot_every and it % plan.snapshot_every == 0) or it == plan.max_iter:
+            if (plan.snapshot_every and it % plan.snapshot_every == 0) or it == plan.max_iter or p.guard.stop:
                 with clock.paused():
-                    _stop_if_diverged(meter.loss_sum.item(), it, lr)  # never snapshot non-finite weights
-                    snapshot(it, {"meter": meter.state_dict()})
+                    state = {"meter": meter.state_dict()}  # sums over all ranks
+                    p.guard.check(state["meter"]["loss_sum"].item(), it, lr)  # never snapshot non-finite weights
+                    snapshot(it, state)
             if it >= plan.max_iter:
                 break
     return LoopStats(it, clock.train_seconds, clock.rate(), last_test)
-
-
-class Diverged(DanluError):
-    """The loss became NaN or infinite: the run stops (keeping its last good snapshot) instead of training on."""
-
-
-def _stop_if_diverged(loss: float, it: int, lr: float) -> None:
-    if not math.isfinite(loss):
-        raise Diverged(f"loss is {loss} by iteration {it} (lr {lr:.3g}): training diverged; snapshots "
-                       f"before it are kept. Lower optim.lr or set optim.clip_grad_norm")
 
 
 @torch.no_grad()

@@ -14,12 +14,16 @@ import torch
 
 
 class Meter:
-    """Running sums of loss, correct predictions and samples (device tensors; no sync per step)."""
+    """Running sums of loss, correct predictions and samples (device tensors; no sync per step).
 
-    def __init__(self, device: torch.device):
+    With several ranks (`dist`), `read()` and `state_dict()` give the sums over all ranks (one all-reduce, so every
+    rank calls them at the same points); `read(local=True)`, for the progress bar, stays on this rank."""
+
+    def __init__(self, device: torch.device, dist: Optional[Any] = None):
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss * batch
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.n = 0
+        self.dist = dist  # danlu.engine.distributed.Dist, or None: this process alone
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
@@ -27,16 +31,30 @@ class Meter:
         self.correct += (logits.argmax(1) == y).sum()
         self.n += y.shape[0]
 
+    def _sums(self, local: bool) -> tuple[float, int, int]:
+        """(loss sum, correct, samples), over all ranks unless `local`."""
+        if local or self.dist is None or not self.dist.grouped:
+            return self.loss_sum.item(), int(self.correct.item()), self.n
+        t = torch.stack([self.loss_sum, self.correct.double(),
+                         torch.tensor(float(self.n), dtype=torch.float64, device=self.loss_sum.device)])  # (3,)
+        loss_sum, correct, n = self.dist.all_reduce_sum(t).tolist()
+        return loss_sum, int(correct), int(n)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"loss_sum": self.loss_sum.cpu(), "correct": self.correct.cpu(), "n": self.n}
+        """The sums over all ranks (what a snapshot keeps, so it resumes on any number of ranks)."""
+        loss_sum, correct, n = self._sums(local=False)
+        return {"loss_sum": torch.tensor(loss_sum, dtype=torch.float64), "correct": torch.tensor(correct), "n": n}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Sums over all ranks: rank 0 holds them, the others start from zero (their sum is the saved one)."""
+        if self.dist is not None and not self.dist.is_main:
+            return
         self.loss_sum.copy_(state["loss_sum"]), self.correct.copy_(state["correct"])
         self.n = int(state["n"])
 
-    def read(self, reset: bool = True) -> tuple[float, float, int]:
-        """(mean loss, accuracy, samples) since the last reset."""
-        n, loss_sum, correct = self.n, self.loss_sum.item(), self.correct.item()
+    def read(self, reset: bool = True, local: bool = False) -> tuple[float, float, int]:
+        """(mean loss, accuracy, samples) since the last reset, over all ranks unless `local`."""
+        loss_sum, correct, n = self._sums(local)
         if reset:
             self.loss_sum.zero_(), self.correct.zero_()
             self.n = 0
@@ -77,7 +95,7 @@ class RunLog:
         now = time.perf_counter()
         if self._bar and now - self._last_shown > 0.25:
             self._last_shown = now
-            loss, acc, _ = meter.read(reset=False)
+            loss, acc, _ = meter.read(reset=False, local=True)  # rank 0 only: no collective
             self._bar.update(it, loss, acc, images_per_second)
 
     def close(self) -> None:
@@ -94,7 +112,16 @@ def _line(r: dict[str, Any], total: int) -> str:
         top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
         return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}"
     return (f"[train] iter {r['iter']:>6}/{total}  epoch {r['epoch']:.2f}  lr {r['lr']:.3g}  loss {r['loss']:.4f}  "
-            f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s")
+            f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s{_gpu(r)}")
+
+
+def _gpu(r: dict[str, Any]) -> str:
+    """'  gpu 84% 1234 MB, data wait 2%' where a train event carries the GPU's figures (CUDA), else ''."""
+    if "gpu_memory_mb" not in r:
+        return ""
+    util = f" {r['gpu_utilization']}%" if r.get("gpu_utilization") is not None else ""
+    wait = f", data wait {r['data_wait_share']:.0%}" if r.get("data_wait_share") is not None else ""
+    return f"  gpu{util} {r['gpu_memory_mb']:.0f} MB{wait}"
 
 
 def _tensorboard(run_dir: Path):
@@ -112,15 +139,18 @@ class _Bar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"),
+                                 TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"
+                                            "{task.fields[gpu]}"),
                                  TimeRemainingColumn(), refresh_per_second=4)
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", acc="-", ips="-")
+        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", acc="-", ips="-", gpu="")
         self.progress.start()
 
     def update(self, it: int, loss: float, acc: float, ips: float) -> None:
         self.progress.update(self.task, completed=it, loss=f"{loss:.4f}", acc=f"{acc:.4f}", ips=f"{ips:.0f}")
 
     def show(self, record: dict[str, Any]) -> None:
+        if record["kind"] == "train" and "gpu_memory_mb" in record:  # CUDA: keep the GPU's figures in the bar
+            self.progress.update(self.task, gpu=_gpu(record))
         if record["kind"] == "test":
             self.progress.console.print(_line(record, int(self.progress.tasks[0].total or 0)))
 
