@@ -84,15 +84,14 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                 group["lr"] = lr
             x = p.augment(x, p.generator, train=True)  # (A*B, C, H, W) float32, normalized; A = plan.accumulate
             opt.zero_grad(set_to_none=True)
-            losses, outs = [], []
-            for k, (xb, yb) in enumerate(zip(x.chunk(plan.accumulate), y.chunk(plan.accumulate))):  # (B, ...) each
-                with p.dist.no_sync(model, skip=k < plan.accumulate - 1):  # DDP all-reduces after the last only
-                    with p.precision.autocast():
-                        logits = model(xb)  # (B, classes)
-                        loss = p.criterion(logits, yb)
-                    p.precision.backward(loss / plan.accumulate)
-                losses.append(loss.detach()), outs.append(logits.detach())
-            loss, logits = torch.stack(losses).mean(), torch.cat(outs)  # (), (A*B, classes): the whole batch's
+            if plan.accumulate == 1:  # the common case, with no per-step extras (chunk, divide, stack, cat)
+                with p.precision.autocast():
+                    logits = model(x)  # (B, classes)
+                    loss = p.criterion(logits, y)
+                p.precision.backward(loss)
+                loss, logits = loss.detach(), logits.detach()
+            else:
+                loss, logits = _accumulate(p, model, x, y, plan.accumulate)
             if p.guard.keep(loss):  # run.on_nan=skip drops a step whose loss is not finite (stop: no check here)
                 p.precision.step(opt, params, plan.clip_grad_norm)
                 meter.add(loss, logits, y)
@@ -125,6 +124,21 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
             if it >= plan.max_iter:
                 break
     return LoopStats(it, clock.train_seconds, clock.rate(), last_test)
+
+
+def _accumulate(p: Parts, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of `micro` micro-batches of the batch (A*B, ...); DDP all-reduces after the last only.
+    Returns the whole batch's mean loss () and logits (A*B, classes), detached."""
+    losses, outs = [], []
+    for k, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro))):  # (B, ...) each
+        with p.dist.no_sync(model, skip=k < micro - 1):
+            with p.precision.autocast():
+                logits = model(xb)  # (B, classes)
+                loss = p.criterion(logits, yb)
+            p.precision.backward(loss / micro)
+        losses.append(loss.detach()), outs.append(logits.detach())
+    return torch.stack(losses).mean(), torch.cat(outs)
 
 
 @torch.no_grad()
