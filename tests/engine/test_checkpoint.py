@@ -47,6 +47,12 @@ def test_resume_from_a_mid_epoch_snapshot_equals_the_uninterrupted_run(tmp_path)
         return [(e["kind"], e["iter"], e["loss"], e["acc"]) for e in map(json.loads,
                 (run / "metrics.jsonl").read_text().splitlines())]
     assert events(cut) == events(full)
+    # the summary counts the training time before the snapshot too, not only the resumed part's
+    snap = torch.load(cut / "snapshots" / "iter_00000024.pt", weights_only=True)
+    before = snap["loop"]["clock"]["train_seconds"]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert before > 0 and summary["train_seconds"] >= round(before, 3)
+    assert summary["iterations"] == json.loads((full / "summary.json").read_text())["iterations"]
 
 
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):

@@ -71,9 +71,10 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     params = [q for q in model.parameters() if q.requires_grad]
     meter, last_test = Meter(p.train_loader.device, p.dist), {}  # read: summed over ranks
     monitor = DeviceMonitor(p.train_loader.device)  # CUDA: utilisation, memory, data wait; elsewhere silent
+    clock = _Clock(warm_from=start + min(plan.warmup_iters, max(0, plan.max_iter - start - 1)))
     if loop_state:
         meter.load_state_dict(loop_state["meter"])
-    clock = _Clock(warm_from=start + min(plan.warmup_iters, max(0, plan.max_iter - start - 1)))
+        clock.load_state_dict(loop_state.get("clock", {}))  # a resumed run reports the whole run's time and rate
     it = start
     model.train()
     while it < plan.max_iter:
@@ -118,7 +119,7 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                     on_test(last_test)
             if (plan.snapshot_every and it % plan.snapshot_every == 0) or it == plan.max_iter or p.guard.stop:
                 with clock.paused():
-                    state = {"meter": meter.state_dict()}  # sums over all ranks
+                    state = {"meter": meter.state_dict(), "clock": clock.state_dict()}  # meter: sums over all ranks
                     p.guard.check(state["meter"]["loss_sum"].item(), it, lr)  # never snapshot non-finite weights
                     snapshot(it, state)
             if it >= plan.max_iter:
@@ -183,6 +184,16 @@ class _Clock:
         if it > self.warm_from:
             self.images += batch
             self.warm_seconds += dt
+
+    def state_dict(self) -> dict[str, float]:
+        return {"train_seconds": self.train_seconds, "images": self.images, "warm_seconds": self.warm_seconds,
+                "all_images": self.all_images}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Count the time and images of the run before a snapshot as this run's (floats and ints only)."""
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.images, self.warm_seconds = int(state.get("images", 0)), float(state.get("warm_seconds", 0.0))
+        self.all_images = int(state.get("all_images", 0))
 
     def paused(self) -> "_Clock":
         return self
