@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import danlu
+from danlu.bench import cpu_model
 from danlu.data.datasets import ImageSet, load_dataset
 
 TARGET = 0.97
@@ -179,16 +180,6 @@ def measure(run, wait_quiet: float, tries: int = 3) -> tuple[float, float]:
             print(f"  (other processes used {load.share:.0%} of the CPU: running it again)", file=sys.stderr,
                   flush=True)
     return ips, load.share
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:

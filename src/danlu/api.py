@@ -66,6 +66,11 @@ def _as_recipe(recipe: RecipeLike, overrides: Optional[list[str]]) -> Recipe:
 
 
 def _recipe_name(recipe: RecipeLike) -> str:
+    """What the default run folder is named after: the recipe's file or shipped name ('run' for a dict)."""
+    from danlu.config import DEFAULT_RECIPE
+
+    if recipe is None:
+        return DEFAULT_RECIPE
     if isinstance(recipe, (str, Path)):
         return Path(str(recipe)).stem
     return "run"

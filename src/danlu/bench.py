@@ -180,16 +180,9 @@ class _WaitTimer:
         return len(self.loader)
 
     def epoch(self, epoch: int, start: int = 0):
-        it = iter(self.loader.epoch(epoch, start=start))
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.wait += time.perf_counter() - t
-            yield batch
+        from danlu.engine.speed import timed
+
+        return timed(self.loader.epoch(epoch, start=start), self)
 
 
 def _sync(device: torch.device) -> None:
@@ -509,7 +502,8 @@ def _driver() -> Optional[str]:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform knows)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -522,7 +516,7 @@ def _cpu_model() -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({_cpu_model()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -543,7 +537,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "torch": torch.__version__, "torchvision": torchvision,
         "danlu": __version__, "danlu_commit": _git_commit(),
-        "python": platform.python_version(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
         "load_average_start": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "command": " ".join(["danlu", *sys.argv[1:]]) if Path(sys.argv[0]).name in ("danlu", "__main__.py") else None,

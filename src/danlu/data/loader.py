@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 
-class DeviceLoader:
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
-                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
-        self.images = images.to(device, non_blocking=True)  # (N, C, H, W) uint8, resident on the device
-        self.labels = labels.to(device, non_blocking=True)  # (N,) int64
-        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
-        self.seed, self.rank, self.world = seed, rank, world
-        self.device = torch.device(device)
+class _Sharded:
+    """What both loaders share: batches of `batch_size` per rank, `world` ranks, slices of one global order."""
+    labels: torch.Tensor
+    batch_size: int
+    world: int
+    rank: int
+    drop_last: bool
 
     @property
     def global_batch(self) -> int:
@@ -37,15 +36,29 @@ class DeviceLoader:
         n = len(self.labels)
         return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
 
+    def _rows(self, order: torch.Tensor, i: int) -> torch.Tensor:
+        """This rank's share of global batch i of `order`."""
+        gb, b = self.global_batch, self.batch_size
+        return order[i * gb + self.rank * b: min(i * gb + (self.rank + 1) * b, len(order))]
+
+
+class DeviceLoader(_Sharded):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
+                 shuffle: bool = True, drop_last: bool = True, seed: int = 0, rank: int = 0, world: int = 1):
+        self.images = images.to(device, non_blocking=True)  # (N, C, H, W) uint8, resident on the device
+        self.labels = labels.to(device, non_blocking=True)  # (N,) int64
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world = seed, rank, world
+        self.device = torch.device(device)
+
     def _order(self, epoch: int) -> torch.Tensor:
         return epoch_order(len(self.labels), self.seed, epoch, self.shuffle).to(self.device)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
         order = self._order(epoch)
-        gb, b = self.global_batch, self.batch_size
         for i in range(start, len(self)):
-            idx = order[i * gb + self.rank * b: min(i * gb + (self.rank + 1) * b, len(order))]
+            idx = self._rows(order, i)
             yield _take(self.images, idx), self.labels[idx]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -71,7 +84,7 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
 _END = object()
 
 
-class StreamLoader:
+class StreamLoader(_Sharded):
     """Batches streamed from host memory (a tensor, or a store's memory-mapped ShardedImages) to the device, in
     exactly DeviceLoader's order: same `epoch(epoch, start)`, `len()`, `device`, `global_batch`, same rank slices.
 
@@ -91,18 +104,6 @@ class StreamLoader:
         self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.seed, self.rank, self.world, self.prefetch = seed, rank, world, max(1, prefetch)
         self.device = torch.device(device)
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.world
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.global_batch if self.drop_last else -(-n // self.global_batch)
-
-    def _rows(self, order: torch.Tensor, i: int) -> torch.Tensor:
-        gb, b = self.global_batch, self.batch_size
-        return order[i * gb + self.rank * b: min(i * gb + (self.rank + 1) * b, len(order))]
 
     def _gather(self, rows: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
         """uint8 (len(rows), C, H, W) on the host, into `out` when given (a pinned buffer)."""

@@ -141,19 +141,7 @@ class DeviceMonitor:
         self.wait = 0.0  # seconds blocked in the loader since the last read
 
     def batches(self, batches: Iterable[Any]) -> Iterable[Any]:
-        return self._timed(batches) if self.on else batches
-
-    def _timed(self, batches: Iterable[Any]) -> Iterator[Any]:
-        it = iter(batches)
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            finally:
-                self.wait += time.perf_counter() - t
-            yield batch
+        return timed(batches, self) if self.on else batches
 
     def read(self, step_seconds: float) -> dict[str, Any]:
         """{'gpu_utilization': %, 'gpu_memory_mb', 'gpu_max_memory_mb', 'data_wait_share'} ({} off CUDA);
@@ -169,3 +157,17 @@ class DeviceMonitor:
         out["data_wait_share"] = round(min(1.0, self.wait / step_seconds), 4) if step_seconds > 0 else None
         self.wait = 0.0
         return out
+
+
+def timed(batches: Iterable[Any], counter: Any) -> Iterator[Any]:
+    """The batches, adding the seconds spent waiting for each to `counter.wait`."""
+    it = iter(batches)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            counter.wait += time.perf_counter() - t
+        yield batch
