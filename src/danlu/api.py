@@ -124,11 +124,44 @@ def _model_for(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) ->
     from danlu.models.registry import entry_point
 
     c, h, _ = shape
-    kw = dict(recipe.model.kwargs)
-    entry = entry_point(recipe.model.name)
-    if entry is not None and "input_size" in inspect.signature(entry).parameters:
+    m = recipe.model
+    kw = dict(m.kwargs)
+    entry = entry_point(m.name)
+    params = inspect.signature(entry).parameters if entry is not None else {}
+    if "input_size" in params:
         kw.setdefault("input_size", h)  # models with a fixed flatten size (LeNet) are built for the data's size
+    if "head" in params:  # face models: the identity head (danlu.face.heads)
+        kw.setdefault("head", m.head or "softmax")
+        kw.setdefault("scale", m.scale)
+        if m.embedding_dim is not None:
+            kw.setdefault("embedding_dim", m.embedding_dim)
+    elif m.head is not None or m.embedding_dim is not None:
+        from danlu.models import list_models
+
+        faces = [n for n in list_models() if "head" in inspect.signature(entry_point(n)).parameters]
+        raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
+                         f"{', '.join(faces)} (or no model.head / model.embedding_dim)")
     return create_model(recipe.model.name, num_classes=num_classes, in_channels=c, **kw)
+
+
+def _build_criterion(recipe: Recipe) -> nn.Module:
+    """Cross-entropy, or with model.head arcface / cosface the margin loss on the model's scaled-cosine logits."""
+    from danlu.face.heads import build_criterion
+
+    m = recipe.model
+    return build_criterion(m.head or "softmax", m.scale, m.margin, recipe.optim.label_smoothing)
+
+
+def _build_evaluator(recipe: Recipe, test: ImageSet):
+    """Parts.evaluate: classification (engine.loop.evaluate), or for data.split=identities face verification on
+    seeded pairs of the held-out identities (danlu.face.verify.VerificationEval)."""
+    from danlu.engine.loop import evaluate as classification
+
+    if recipe.data.split != "identities":
+        return classification
+    from danlu.face.verify import VerificationEval
+
+    return VerificationEval(test.labels, recipe.data.test_pairs, recipe.data.split_seed)
 
 
 def _build_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -183,7 +216,8 @@ def _load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
     d = recipe.data
     return load_dataset(d.name, root=d.root, size=d.size, channels=d.channels, num_classes=d.num_classes,
                         train_size=d.train_size, test_size=d.test_size, val_fraction=d.val_fraction,
-                        split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list)
+                        split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list,
+                        split=d.split)
 
 
 def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, out: Union[str, Path, None] = None,
@@ -239,9 +273,11 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         raise DanluError(f"data.batch_size={recipe.data.batch_size}: x {dist.world} process(es) x optim.accumulate="
                          f"{micro} is more than the training set ({len(train_data)} images); expected at most "
                          f"{len(train_data) // (dist.world * micro)}")
+    verification = recipe.data.split == "identities"  # every rank embeds the whole held-out set
     test_loader = make_loader(test_data.images, test_data.labels, recipe.data.test_batch_size or
                               4 * recipe.data.batch_size, device=dev, cache=recipe.data.device_cache, shuffle=False,
-                              drop_last=False, rank=dist.rank, world=dist.world)
+                              drop_last=False, rank=0 if verification else dist.rank,
+                              world=1 if verification else dist.world)
     per_epoch = iters_per_epoch(len(train_data), loader.global_batch)
     max_iter = total_iters(recipe.run, per_epoch)
     base_lr = _scaled_lr(recipe, loader.global_batch)
@@ -316,7 +352,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         checkpoint.save_snapshot(run_dir / "snapshots", state, it, recipe.run.keep_snapshots)
 
     curves = _CurveDrawer(run_dir, enabled=dist.is_main)
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
+    criterion = _build_criterion(recipe)
     guard = faults.Guard(recipe.run.on_nan, _unwrap(model).named_parameters(), run_dir if dist.is_main else None,
                          dist.all_reduce_sum, dist.any_rank, world=dist.world)
     if state is not None:
@@ -324,7 +360,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn),  # DDP, then compiled?
                             (recipe.data.batch_size, *train_data.shape), precision)
     parts = Parts(step_model, optimizer, criterion, augment, generator, loader, test_loader, precision, dist,
-                  lr_fn, guard)
+                  lr_fn, guard, evaluate=_build_evaluator(recipe, test_data))
     r = recipe.run
     plan = Plan(max_iter=max_iter, test_interval=r.test_interval or per_epoch, display=r.display,
                 snapshot_every=r.snapshot_every, test_iter=r.test_iter, clip_grad_norm=recipe.optim.clip_grad_norm,
@@ -347,6 +383,10 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         "global_batch": loader.global_batch, "world_size": dist.world, "device": _device_name(dev),
         "classes": train_data.classes, "input_shape": list(train_data.shape), "run_dir": str(run_dir),
         "recipe": resolved, **guard.counts(), "skipped_steps": precision.skipped_steps,
+        **({"test_verification_accuracy": test.get("verification_acc"), "test_verification_std":
+            test.get("verification_std"), "verification_threshold": test.get("threshold"),
+            "test_tar_at_far_1e-3": test.get("tar_at_far_1e-3"), "test_pairs": test.get("pairs")}
+           if "verification_acc" in test else {}),
         **({"largest_batch_that_fits": fits} if fits else {}),
         "versions": {"danlu": _version(), "torch": torch.__version__, "python": platform.python_version()},
         "finished": datetime.now().isoformat(timespec="seconds"),
@@ -358,11 +398,21 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                                save({k: v.contiguous() for k, v in _unwrap(model).state_dict().items()}))
         curves.draw(force=True)
         checkpoint.write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        if not quiet:
+        if hasattr(_unwrap(model), "embed"):  # a face model: what embedding new images needs (danlu.face)
+            from danlu.face.api import write_face_info
+
+            write_face_info(run_dir, recipe, test,
+                            held_out=test_data.classes if recipe.data.split == "identities" else None)
+        if not quiet and "verification_acc" in test:
+            print(f"done: verification accuracy {test['verification_acc']:.4f} +- {test['verification_std']:.4f} on "
+                  f"{test['pairs']} pairs of {len(test_data.classes)} held-out identities after {stats.iterations} "
+                  f"iterations ({stats.train_seconds:.1f} s training); run folder {run_dir}", flush=True)
+        elif not quiet:
             print(f"done: test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f}"
                   f" after {stats.iterations} iterations ({stats.train_seconds:.1f} s training, "
                   f"{stats.images_per_second * dist.world:.0f} img/s); run folder {run_dir}", flush=True)
-    return RunResult(run_dir, test.get("acc", float("nan")), test.get("loss", float("nan")), stats.iterations,
+    acc = test.get("acc", test.get("verification_acc"))  # face runs: verification accuracy
+    return RunResult(run_dir, float("nan") if acc is None else acc, test.get("loss", float("nan")), stats.iterations,
                      stats.train_seconds, stats.images_per_second, _unwrap(model), summary)
 
 
@@ -381,7 +431,8 @@ def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides
     loader = make_loader(test_data.images, test_data.labels, recipe.data.test_batch_size or
                          4 * recipe.data.batch_size, device=dev, cache=recipe.data.device_cache, shuffle=False,
                          drop_last=False)
-    result = _evaluate(run.model, loader, run.augment, Precision.for_inference(recipe.precision, dev), Dist(),
+    evaluator = _build_evaluator(recipe, test_data) if recipe.data.split == "identities" else _evaluate
+    result = evaluator(run.model, loader, run.augment, Precision.for_inference(recipe.precision, dev), Dist(),
                        label_smoothing=recipe.optim.label_smoothing)
     return {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
 
@@ -413,7 +464,7 @@ def load_run(run_dir: Union[str, Path], *, overrides: Optional[list[str]] = None
     recipe, model_state, weights = _load_run(run_dir)
     if overrides:
         recipe = load_recipe(recipe.to_dict(), overrides)
-    dev = resolve_device(device or recipe.devices.device)
+    dev = resolve_device(device or "auto")  # the best device here, not where the run trained
     summary_path = run_dir / "summary.json"
     info = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     d = recipe.data

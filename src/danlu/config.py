@@ -31,6 +31,11 @@ class ModelCfg(_Section):
     name: str = "lenet"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra arguments of the model's entry point
     sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
+    # face models (inception_resnet_v1, mobilefacenet): the identity head and its loss (danlu.face.heads)
+    head: Optional[Literal["softmax", "arcface", "cosface"]] = None  # None: the model's default (softmax)
+    scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
+    margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin
+    embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
 
 
 class DataCfg(_Section):
@@ -49,6 +54,8 @@ class DataCfg(_Section):
     test_size: int = Field(1024, gt=0)  # synthetic only
     val_fraction: float = Field(0.2, gt=0, lt=1)  # held-back share where a set has no test split (mnist5k: 1,000)
     split_seed: int = 0  # the held-back split never changes with run.seed
+    split: Literal["images", "identities"] = "images"  # identities: hold back val_fraction of the classes (faces)
+    test_pairs: int = Field(1000, ge=10)  # split=identities: verification pairs of each kind (same / different)
     scale: float = Field(1 / 255, gt=0)  # uint8 -> float multiplier (Caffe's LeNet uses 1/256)
     normalize: Literal["none", "channel", "pixel"] = "none"  # pixel: subtract the per-pixel mean image (Keras article)
     mean: Optional[list[float]] = None  # explicit per-channel mean/std in scaled units (overrides normalize)

@@ -25,15 +25,20 @@ def draw_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
     train = [r for r in records if r["kind"] == "train"]
     test = [r for r in records if r["kind"] == "test"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    verification = any("verification_acc" in r for r in test)  # face runs: test = held-out identities' pairs
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot([r["epoch"] for r in train], [r[key] for r in train], label=f"train {label}", color="tab:blue")
-        ax.plot([r["epoch"] for r in test], [r[key] for r in test], "o-", label=f"test {label}", color="tab:orange",
-                markersize=3)
+        tkey, tlabel = ("verification_acc", "verification accuracy") if verification else (key, label)
+        shown = [r for r in test if r.get(tkey) is not None]
+        ax.plot([r["epoch"] for r in shown], [r[tkey] for r in shown], "o-", label=f"test {tlabel}",
+                color="tab:orange", markersize=3)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    if test:
+    if test and verification:
+        ax_acc.set_title(f"verification accuracy {test[-1]['verification_acc']:.4f} at iteration {test[-1]['iter']}")
+    elif test:
         ax_acc.set_title(f"test accuracy {test[-1]['acc']:.4f} at iteration {test[-1]['iter']}")
     ax_loss.set_title(title or "loss")
     fig.tight_layout()

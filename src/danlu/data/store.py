@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional, Union
 
 import numpy as np
@@ -135,17 +136,21 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 @dataclass
-class _Plan:
-    """What prepare writes: per split, (image sources, labels, where-strings) or in-memory uint8 arrays."""
+class StorePlan:
+    """What a store is written from: per split, (image sources, labels, where-strings) or in-memory uint8 arrays.
+    `decode(items, progress) -> (images (n, C, H, W) uint8, {index: reason} of dropped items, notes)` turns a shard's
+    files into images (default: `decode_many`, resized by `source['resize']`); `notes` are entries about images that
+    were kept (face prepare: 'no face found, kept as a centre crop'), gathered into meta.json's `notes`."""
     classes: list[str]
     splits: dict[str, Any]  # split -> list[Item] (files) or (images (N, C, H, W) uint8 array, labels)
     source: dict[str, Any]
     shape: tuple[int, int, int]
     skipped: list[dict[str, Any]]
+    decode: Optional[Callable[..., tuple[np.ndarray, dict[int, str], list[dict[str, Any]]]]] = None
 
 
 def _plan(src: str, size, channels: Optional[int], resize: str, train_list: Optional[str],
-          val_list: Optional[str]) -> _Plan:
+          val_list: Optional[str]) -> StorePlan:
     from danlu.data.decode import as_size
 
     if Path(src).is_dir() or train_list is not None:
@@ -155,7 +160,7 @@ def _plan(src: str, size, channels: Optional[int], resize: str, train_list: Opti
         files = scan_lists(train_list, val_list, src) if train_list else scan_folder(src, key="SRC")
         (h, w), c = as_size(size), channels or 3
         splits = {"train": files.train, **({"test": files.test} if files.test is not None else {})}
-        return _Plan(files.classes, splits, {"kind": files.kind, **files.source, "resize": resize},
+        return StorePlan(files.classes, splits, {"kind": files.kind, **files.source, "resize": resize},
                      (c, h, w), list(files.skipped))
     from danlu.data.datasets import DATASETS, load_dataset
 
@@ -171,7 +176,7 @@ def _plan(src: str, size, channels: Optional[int], resize: str, train_list: Opti
                                channels or x.shape[1], resize)
         splits[name] = (x.numpy(), s.labels.numpy())
     shape = tuple(splits["train"][0].shape[1:])
-    return _Plan(train.classes, splits, {"kind": "catalog", "name": src, "resize": resize}, shape, [])
+    return StorePlan(train.classes, splits, {"kind": "catalog", "name": src, "resize": resize}, shape, [])
 
 
 def _resize_tensor(x: torch.Tensor, hw: tuple[int, int], channels: int, resize: str) -> torch.Tensor:
@@ -194,7 +199,7 @@ def _resize_tensor(x: torch.Tensor, hw: tuple[int, int], channels: int, resize: 
     return torch.cat(out)
 
 
-def _fingerprint(plan: _Plan, per_shard: int) -> str:
+def _fingerprint(plan: StorePlan, per_shard: int) -> str:
     from danlu.data.folder import Item
 
     h = hashlib.sha256(json.dumps([plan.classes, list(plan.shape), plan.source, per_shard]).encode())
@@ -243,14 +248,22 @@ def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tu
             val_list=None, workers: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
     """Decode `src` (a class-folder tree, a list file with `train_list`, or a named set) once into a store at `out`.
     Returns the store's meta (plus `images_per_second` of this call). Safe to interrupt and run again."""
-    from danlu.data.decode import RESIZE_MODES, decode_many
+    from danlu.data.decode import RESIZE_MODES
 
     if resize not in RESIZE_MODES:
         raise DanluError(f"--resize {resize}: expected one of {', '.join(RESIZE_MODES)}")
+    plan = _plan(str(src), size, channels, resize, train_list, val_list)
+    return write_store(plan, out, shard_mb=shard_mb, workers=workers, quiet=quiet)
+
+
+def write_store(plan: StorePlan, out: Union[str, Path], *, shard_mb: float = 256, workers: Optional[int] = None,
+                quiet: bool = False) -> dict[str, Any]:
+    """Write `plan` as a store at `out`, shard by shard (resumable: finished shards are kept). Returns the meta."""
+    from danlu.data.decode import decode_many
+
     if shard_mb <= 0:
         raise DanluError(f"--shard-mb {shard_mb}: expected a positive size in MiB")
     out = Path(out)
-    plan = _plan(str(src), size, channels, resize, train_list, val_list)
     per_image = int(np.prod(plan.shape))
     per_shard = max(1, int(shard_mb * 2**20) // per_image)
     fp = _fingerprint(plan, per_shard)
@@ -271,7 +284,7 @@ def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tu
         raise DanluError(f"-o {out}: holds an unfinished store of another source or size; remove it or expected "
                          f"the same SRC and options as the interrupted run")
     state = state or {"fingerprint": fp, "splits": {}}
-    skipped = list(plan.skipped)
+    skipped, notes = list(plan.skipped), []
     total = sum(len(s) if isinstance(s, list) else len(s[1]) for s in plan.splits.values())
     done_before = sum(r["planned"] for sp in state["splits"].values() for r in sp)
     bar = _Progress(total, f"prepare {out.name}", quiet)
@@ -285,12 +298,17 @@ def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tu
                 hi = min(n, lo + per_shard)
                 if k < len(records) and _shard_intact(out, records[k]):
                     skipped += records[k].get("skipped", [])
+                    notes += records[k].get("notes", [])
                     continue
                 del records[k:]
+                shard_notes: list[dict[str, Any]] = []
                 if isinstance(s, list):  # files: decode this shard's images on every core
                     items = s[lo:hi]
-                    buf, bad = decode_many([it.path for it in items], plan.shape[1:], plan.shape[0], resize,
-                                           workers=workers, progress=bar.add)
+                    if plan.decode is not None:
+                        buf, bad, shard_notes = plan.decode(items, bar.add)
+                    else:
+                        buf, bad = decode_many([it.path for it in items], plan.shape[1:], plan.shape[0],
+                                               plan.source.get("resize", "crop"), workers=workers, progress=bar.add)
                     ok = np.array([i not in bad for i in range(len(items))], bool)
                     images, labels = buf[ok], np.array([it.label for it in items], np.int64)[ok]
                     bad_list = [items[i].skipped(r) for i, r in sorted(bad.items())]
@@ -298,13 +316,15 @@ def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tu
                     images, labels, bad_list = s[0][lo:hi], s[1][lo:hi].astype(np.int64), []
                     bar.add(hi - lo)
                 decoded += hi - lo
-                records.append(_write_shard(out, f"{split}-{k:05d}.npy", images, labels, hi - lo, bad_list))
+                records.append(_write_shard(out, f"{split}-{k:05d}.npy", images, labels, hi - lo, bad_list,
+                                            shard_notes))
                 skipped += bad_list
+                notes += shard_notes
                 _write_json(progress_path, state)
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    meta = _finish(out, plan, state, fp, skipped)
+    meta = _finish(out, plan, state, fp, skipped, notes)
     meta["images_per_second"] = round(decoded / seconds, 1) if decoded and seconds > 0 else None
     if not quiet:
         size_mb = sum(sh["bytes"] for sp in meta["splits"].values() for sh in sp["shards"]) / 2**20
@@ -317,10 +337,10 @@ def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tu
 
 
 def _write_shard(out: Path, name: str, images: np.ndarray, labels: np.ndarray, planned: int,
-                 bad: list[dict[str, Any]]) -> dict[str, Any]:
+                 bad: list[dict[str, Any]], notes: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
     """One shard (temporary file, then renamed); its record for progress.json."""
     record = {"file": None, "count": int(len(labels)), "planned": planned, "labels": labels.tolist(),
-              "skipped": bad}
+              "skipped": bad, **({"notes": notes} if notes else {})}
     if len(labels):
         tmp = out / (name + ".tmp")
         with open(tmp, "wb") as f:
@@ -337,7 +357,8 @@ def _shard_intact(out: Path, record: dict[str, Any]) -> bool:
     return p.is_file() and p.stat().st_size == record["bytes"] and _sha256(p) == record["sha256"]
 
 
-def _finish(out: Path, plan: _Plan, state: dict[str, Any], fp: str, skipped: list[dict[str, Any]]) -> dict[str, Any]:
+def _finish(out: Path, plan: StorePlan, state: dict[str, Any], fp: str, skipped: list[dict[str, Any]],
+            notes: list[dict[str, Any]]) -> dict[str, Any]:
     from danlu import __version__
 
     splits, stamps = {}, {}
@@ -355,7 +376,8 @@ def _finish(out: Path, plan: _Plan, state: dict[str, Any], fp: str, skipped: lis
         for sh in shards:
             stamps[sh["file"]] = _stamp(out / sh["file"]) + [sh["sha256"]]
     meta = {"format": FORMAT, "version": VERSION, "shape": list(plan.shape), "classes": plan.classes,
-            "source": plan.source, "splits": splits, "skipped": skipped, "fingerprint": fp,
+            "source": plan.source, "splits": splits, "skipped": skipped, **({"notes": notes} if notes else {}),
+            "fingerprint": fp,
             "created": datetime.now().isoformat(timespec="seconds"), "danlu": __version__}
     _write_json(out / ".verified.json", stamps)
     _write_json(out / "meta.json", meta)
@@ -435,13 +457,20 @@ def _verify(p: Path, size: int, sha: str, stamps: dict[str, Any], fresh: dict[st
     fresh[p.name] = _stamp(p) + [sha]
 
 
-def load_store(root: Union[str, Path, None], *, val_fraction: float = 0.2, split_seed: int = 0):
-    """(train, test) ImageSets from a store; without a test split, a seeded stratified split by `val_fraction`."""
-    from danlu.data.datasets import ImageSet, stratified_split
+def load_store(root: Union[str, Path, None], *, val_fraction: float = 0.2, split_seed: int = 0,
+               split: str = "images"):
+    """(train, test) ImageSets from a store; without a test split, a seeded stratified split by `val_fraction`.
+    `split="identities"`: every image of the store, with `val_fraction` of the classes held back (identity_split)."""
+    from danlu.data.datasets import ImageSet, identity_split, stratified_split
 
     store = open_store(root)
     classes = store["classes"]
     x, y = store["splits"]["train"]
+    if split == "identities":
+        parts = list(store["splits"].values())  # all splits' shards, one view
+        pooled = ShardedImages([sh for images, _ in parts for sh in images._shards])
+        return identity_split(ImageSet(pooled, torch.cat([lab for _, lab in parts]), classes),  # type: ignore
+                              val_fraction, split_seed)
     train = ImageSet(x, y, classes)  # type: ignore[arg-type]
     if "test" in store["splits"]:
         tx, ty = store["splits"]["test"]

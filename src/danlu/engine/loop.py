@@ -39,6 +39,8 @@ class Parts:
     dist: Dist
     lr_at: Callable[[int], float]
     guard: Guard = field(default_factory=Guard)  # NaN policy and stop requests (SIGTERM / SIGINT)
+    # the test metric: classification (`evaluate` below) or, for face runs, verification (face.verify)
+    evaluate: Callable[..., dict[str, Any]] = field(default_factory=lambda: evaluate)
 
 
 @dataclass
@@ -111,8 +113,8 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                                "skipped_steps": p.precision.skipped_steps, **device})
             if it % plan.test_interval == 0 or it == plan.max_iter:
                 with clock.paused():
-                    last_test = evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter,
-                                         plan.label_smoothing)
+                    last_test = p.evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter,
+                                           plan.label_smoothing)
                     model.train()
                     log.event({"kind": "test", "iter": it, "epoch": it / per_epoch, **last_test,
                                "time": clock.elapsed()})

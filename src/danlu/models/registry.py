@@ -77,7 +77,9 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -
         build = _MODELS[name]
     else:
         # Suggest among our names first, then among torchvision's (e.g. 'mobilenet_v2' -> 'tv:mobilenet_v2').
-        hint = nearest(name, _MODELS) or nearest(name, [_TV + n for n in _tv_names()])
+        exact = name in _tv_names()  # a torchvision name without its prefix: that is the one meant
+        hint = (f" (did you mean '{_TV}{name}'?)" if exact else
+                nearest(name, _MODELS) or nearest(name, [_TV + n for n in _tv_names()]))
         raise DanluError(f"model.name: unknown model {name!r}; expected one of {', '.join(sorted(_MODELS))} "
                          f"or tv:<torchvision name>" + hint)
     try:

@@ -1,0 +1,229 @@
+"""Face preprocessing, one function for every command: detect (OpenCV), keep the largest face, optionally level the
+eyes, crop with a margin, equalize, resize. `prepare`, `embed`, `verify`, `enroll` and `identify` all call
+`preprocess`, so a face is cut the same way in training and in use.
+
+    opts = FaceOptions(size=160, align=True, equalize="hist")
+    chw, info = preprocess(read_image("me.jpg"), opts)      # (3, 160, 160) uint8; info: faces, box, reason, aligned
+
+Detectors: OpenCV's Haar cascade (`haarcascade_frontalface_default.xml`, bundled in opencv-python-headless) or, with
+`detector` set to the path of a YuNet ONNX file, `cv2.FaceDetectorYN` (whose landmarks give the eyes). An image with
+no face, or with two or more faces of about the same size (the second at least 80% of the largest's area), is cut as
+a centre square instead and `info['reason']` says why: already-cropped face sets, where no detector finds a face,
+therefore work unchanged.
+"""
+from __future__ import annotations
+
+import io
+import math
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from danlu.data.decode import BadImage
+from danlu.errors import DanluError
+
+EQUALIZE = ("hist", "clahe", "none")
+AMBIGUOUS_AREA = 0.8  # a second face at least this share of the largest's area makes "the face" ambiguous
+DETECT_MAX_SIDE = 640  # detection runs on a copy at most this large (boxes are scaled back)
+
+
+@dataclass(frozen=True)
+class FaceOptions:
+    """How a face is cut; saved in the store's meta.json and the run's face.json, part of a gallery's fingerprint."""
+    size: int = 160  # output side in pixels
+    channels: int = 3  # 3: RGB (a gray image is repeated), 1: gray
+    align: bool = False  # rotate so the eye line is level (eye cascade, or YuNet's eye landmarks)
+    equalize: str = "hist"  # hist (cv2.equalizeHist; the luma of colour images) | clahe | none
+    margin: float = 0.2  # the crop is the face box grown by this share of its side (half on each side)
+    detector: str = "haar"  # haar | path to a YuNet .onnx model file
+
+    def __post_init__(self) -> None:
+        if self.size < 8:
+            raise DanluError(f"--size {self.size}: expected at least 8 pixels")
+        if self.channels not in (1, 3):
+            raise DanluError(f"--channels {self.channels}: expected 1 or 3")
+        if self.equalize not in EQUALIZE:
+            raise DanluError(f"--equalize {self.equalize}: expected one of {', '.join(EQUALIZE)}")
+        if not 0 <= self.margin <= 2:
+            raise DanluError(f"--margin {self.margin}: expected a share of the face box between 0 and 2")
+        if self.detector != "haar" and not (self.detector.endswith(".onnx") and Path(self.detector).is_file()):
+            raise DanluError(f"--detector {self.detector}: expected haar or the path of a YuNet .onnx model file")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FaceOptions":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_image(src: Union[str, Path, bytes, np.ndarray]) -> np.ndarray:
+    """A file path, encoded bytes or an array -> (H, W, 3) uint8 RGB. Arrays: (H, W) gray, (H, W, 3) RGB or
+    (H, W, 4) RGBA. Anything that is not a readable image raises BadImage."""
+    if isinstance(src, np.ndarray):
+        a = src
+        if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (1, 3, 4)):
+            raise BadImage(f"array {a.dtype} {a.shape}; expected uint8 (H, W), (H, W, 3) or (H, W, 4)")
+        if a.ndim == 2 or a.shape[2] == 1:
+            return np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+        return np.ascontiguousarray(a[:, :, :3])
+    from PIL import Image
+
+    from danlu.data.decode import _to_mode
+
+    try:
+        with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
+            im = _to_mode(im, 3)
+            im.load()
+            a = np.asarray(im)
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many types for untrusted input
+        msg = (str(e).splitlines() or [""])[0].replace(str(src) if isinstance(src, (str, Path)) else "\0", "")
+        raise BadImage(f"not a readable image ({type(e).__name__}: {msg.strip(' :' + chr(39))})") from None
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise BadImage(f"image of size {a.shape[1]}x{a.shape[0]}")
+    return a
+
+
+# ---------------------------------------------------------------- detection
+
+_local = threading.local()  # one detector per thread: OpenCV's detectors are not shared between threads
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError:
+        raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
+    if not hasattr(cv2, "CascadeClassifier"):
+        raise DanluError(f"OpenCV {cv2.__version__} has no CascadeClassifier; expected opencv-python-headless 4.x")
+    return cv2
+
+
+def _cascade(name: str):
+    cache = _local.__dict__.setdefault("cascades", {})
+    if name not in cache:
+        cv2 = _cv2()
+        import cv2.data  # the bundled cascades' folder (a subpackage, not imported by `import cv2`)
+
+        c = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / name))
+        if c.empty():
+            raise DanluError(f"{name}: OpenCV's bundled Haar cascade could not be loaded from {cv2.data.haarcascades}")
+        cache[name] = c
+    return cache[name]
+
+
+def _yunet(path: str):
+    cache = _local.__dict__.setdefault("yunet", {})
+    if path not in cache:
+        cv2 = _cv2()
+        try:
+            cache[path] = cv2.FaceDetectorYN.create(path, "", (320, 320), 0.7, 0.3, 50)
+        except cv2.error as e:
+            raise DanluError(f"--detector {path}: OpenCV cannot load it as a YuNet model ({e.err})") from None
+    return cache[path]
+
+
+def detect_faces(rgb: np.ndarray, detector: str = "haar") -> list[dict[str, Any]]:
+    """Faces in an (H, W, 3) RGB image, largest first: [{'box': (x, y, w, h), 'eyes': ((x, y), (x, y)) or None}]
+    in the image's pixel coordinates (YuNet gives the eyes; the Haar detector does not)."""
+    cv2 = _cv2()
+    H, W = rgb.shape[:2]
+    f = min(1.0, DETECT_MAX_SIDE / max(H, W))
+    small = rgb if f == 1.0 else cv2.resize(rgb, (max(1, round(W * f)), max(1, round(H * f))),
+                                            interpolation=cv2.INTER_AREA)
+    found = []
+    if detector == "haar":
+        gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
+        side = max(20, int(0.1 * min(gray.shape)))
+        boxes = _cascade("haarcascade_frontalface_default.xml").detectMultiScale(gray, 1.1, 5, minSize=(side, side))
+        found = [{"box": tuple(float(v) / f for v in b), "eyes": None} for b in boxes]
+    else:
+        net = _yunet(detector)
+        net.setInputSize((small.shape[1], small.shape[0]))
+        _, faces = net.detect(cv2.cvtColor(small, cv2.COLOR_RGB2BGR))
+        for row in faces if faces is not None else []:
+            eyes = ((row[4] / f, row[5] / f), (row[6] / f, row[7] / f))
+            found.append({"box": tuple(float(v) / f for v in row[:4]), "eyes": eyes})
+    return sorted(found, key=lambda d: -d["box"][2] * d["box"][3])
+
+
+def _haar_eyes(gray: np.ndarray, box: tuple[float, float, float, float]) -> Optional[tuple]:
+    """The two eyes' centres inside the upper part of a face box (eye cascade), left one first; None if not two."""
+    x, y, w, h = (int(round(v)) for v in box)
+    roi = gray[max(0, y):max(0, y) + int(h * 0.6), max(0, x):max(0, x) + w]
+    if roi.size == 0:
+        return None
+    side = max(5, w // 10)
+    eyes = _cascade("haarcascade_eye.xml").detectMultiScale(roi, 1.1, 5, minSize=(side, side))
+    if len(eyes) < 2:
+        return None
+    eyes = sorted(eyes, key=lambda e: -e[2] * e[3])[:2]
+    centres = sorted((max(0, x) + ex + ew / 2, max(0, y) + ey + eh / 2) for ex, ey, ew, eh in eyes)
+    if centres[1][0] - centres[0][0] < w * 0.2:  # both on one side: one eye found twice
+        return None
+    return tuple(centres)
+
+
+# ---------------------------------------------------------------- the one preprocessing function
+
+
+def _equalize(img: np.ndarray, how: str) -> np.ndarray:
+    cv2 = _cv2()
+    if how == "none":
+        return img
+    op = cv2.equalizeHist if how == "hist" else cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply
+    if img.ndim == 2:
+        return op(img)
+    ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)
+    ycc[:, :, 0] = op(np.ascontiguousarray(ycc[:, :, 0]))
+    return cv2.cvtColor(ycc, cv2.COLOR_YCrCb2RGB)
+
+
+def preprocess(image: Union[str, Path, bytes, np.ndarray], opts: FaceOptions = FaceOptions()) -> tuple[np.ndarray,
+                                                                                                          dict]:
+    """One image -> ((channels, size, size) uint8, info). info: `faces` (how many found), `box` (x, y, w, h of the
+    face used, or None), `reason` (why a centre square was used instead, or None), `aligned` (eyes levelled)."""
+    cv2 = _cv2()
+    rgb = image if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 else read_image(image)
+    H, W = rgb.shape[:2]
+    faces = detect_faces(rgb, opts.detector)
+    info: dict[str, Any] = {"faces": len(faces), "box": None, "reason": None, "aligned": False}
+    angle = 0.0
+    if not faces:
+        info["reason"] = "no face found"
+    elif len(faces) > 1 and faces[1]["box"][2] * faces[1]["box"][3] >= AMBIGUOUS_AREA * faces[0]["box"][2] * \
+            faces[0]["box"][3]:
+        a, b = faces[0]["box"], faces[1]["box"]
+        info["reason"] = f"{len(faces)} faces, the two largest of about the same size ({a[2]:.0f}x{a[3]:.0f}, " \
+                         f"{b[2]:.0f}x{b[3]:.0f})"
+    if info["reason"] is None:
+        x, y, w, h = faces[0]["box"]
+        info["box"] = [round(v, 1) for v in (x, y, w, h)]
+        cx, cy, side = x + w / 2, y + h / 2, max(w, h) * (1 + opts.margin)
+        if opts.align:
+            eyes = faces[0]["eyes"] or _haar_eyes(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), (x, y, w, h))
+            if eyes is not None:
+                (lx, ly), (rx, ry) = sorted(eyes)
+                angle = math.degrees(math.atan2(ry - ly, rx - lx))  # > 0: the eye line falls to the right
+                info["aligned"] = True
+    else:  # a centre square: a tight crop, or no single face to choose
+        cx, cy, side = W / 2, H / 2, min(W, H)
+    # rotate about the crop's centre (positive angle: counter-clockwise on screen) and cut the square, in one warp
+    m = cv2.getRotationMatrix2D((cx, cy), angle, 1.0)
+    m[:, 2] += (side / 2 - cx, side / 2 - cy)
+    n = max(1, int(round(side)))
+    crop = cv2.warpAffine(rgb, m, (n, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    if opts.channels == 1:
+        crop = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    crop = _equalize(crop, opts.equalize)
+    out = cv2.resize(crop, (opts.size, opts.size), interpolation=cv2.INTER_AREA if n > opts.size else cv2.INTER_LINEAR)
+    out = out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+    return np.ascontiguousarray(out), info

@@ -1,0 +1,82 @@
+"""Identity heads and margin losses: softmax (the article's classifier), ArcFace and CosFace.
+
+The face model returns logits, so the training loop's `loss = criterion(model(x), y)` is unchanged. With a margin
+head the logits are scaled cosines `s * cos(theta)` (B, identities) from a normalised linear layer (`CosineHead`), and
+the margin is applied to the target column inside the loss (`MarginLoss`), so top-1 accuracy from the logits stays
+meaningful and evaluation needs no margin:
+
+    head = CosineHead(512, num_identities, scale=64.0)      # logits = 64 * cos(theta), (B, identities)
+    criterion = MarginLoss("arcface", scale=64.0, margin=0.5)
+    loss = criterion(head(F.normalize(features)), labels)   # ArcFace: s * cos(theta_y + m) on the target column
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from danlu.errors import DanluError
+
+HEADS = ("softmax", "arcface", "cosface")
+
+
+class CosineHead(nn.Module):
+    """Normalised linear layer: (B, D) unit embeddings -> (B, classes) logits `scale * cos(theta)`."""
+
+    def __init__(self, dim: int, num_classes: int, scale: float = 64.0):
+        super().__init__()
+        self.scale = float(scale)
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.linear(emb, F.normalize(self.weight, dim=1))  # (B, classes)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.weight.shape[1]}, classes={self.weight.shape[0]}, scale={self.scale}"
+
+
+class MarginLoss(nn.Module):
+    """Cross-entropy with an additive angular (ArcFace: cos(theta + m)) or cosine (CosFace: cos(theta) - m) margin on
+    the target column of scaled-cosine logits `s * cos(theta)` (B, classes).
+
+        criterion = MarginLoss("cosface", scale=30.0, margin=0.35)
+        loss = criterion(logits, labels)
+
+    ArcFace follows insightface's ArcMarginProduct: where theta + m would pass pi (cos(theta) <= cos(pi - m)) the
+    target becomes cos(theta) - m sin(m), which keeps the target logit decreasing in theta."""
+
+    def __init__(self, kind: str, scale: float = 64.0, margin: float = 0.5, label_smoothing: float = 0.0):
+        super().__init__()
+        if kind not in ("arcface", "cosface"):
+            raise DanluError(f"model.head={kind!r}: a margin loss needs arcface or cosface")
+        self.kind, self.scale, self.margin, self.label_smoothing = kind, float(scale), float(margin), label_smoothing
+        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
+        self.th, self.mm = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
+
+    def margin_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(B, classes) logits with the margin applied to each row's target column, float32."""
+        cos = (logits.float() / self.scale).clamp(-1.0, 1.0)  # (B, classes)
+        target = cos.gather(1, labels[:, None])  # (B, 1) cos(theta_y)
+        if self.kind == "arcface":
+            sin = (1.0 - target.square()).clamp_min(0.0).sqrt()
+            phi = target * self.cos_m - sin * self.sin_m  # cos(theta_y + m)
+            phi = torch.where(target > self.th, phi, target - self.mm)
+        else:
+            phi = target - self.margin
+        return self.scale * cos.scatter(1, labels[:, None], phi)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.margin_logits(logits, labels), labels, label_smoothing=self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, scale={self.scale}, margin={self.margin}"
+
+
+def build_criterion(head: str, scale: float, margin: float, label_smoothing: float = 0.0) -> nn.Module:
+    """The loss for a head: plain cross-entropy for softmax, MarginLoss for arcface / cosface."""
+    if head == "softmax":
+        return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    return MarginLoss(head, scale, margin, label_smoothing)

@@ -1,0 +1,127 @@
+"""The whole face path on a synthetic identity set, through the CLI's entry point: prepare -> train -> verify ->
+pairs -> embed -> enroll -> identify."""
+import json
+import shutil
+
+import pytest
+import torch
+
+import danlu
+from danlu.cli import main
+from danlu.face import Gallery, load_face_run
+
+from .synth import make_identities
+
+TRAIN = ["data.batch_size=32", "run.max_iter=200", "run.test_interval=100", "run.display=50",
+         "run.tensorboard=false", "run.snapshot_every=0", "model.kwargs={width_mult: 0.25}", "data.val_fraction=0.25",
+         "data.test_pairs=300", "schedule.warmup=10"]
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    """A raw identity folder (24 identities x 16 images, 64 px, plus one unreadable file), its store (32 px), and a
+    run of the light ArcFace recipe trained on 18 identities for 200 iterations (6 held out)."""
+    root = tmp_path_factory.mktemp("faces")
+    raw = make_identities(root / "raw", identities=24, per_identity=16, size=64)
+    (raw / "id_05" / "broken.png").write_bytes(b"\x89PNG not really")
+    assert main(["face", "prepare", str(raw), "-o", str(root / "store"), "--size", "32", "--quiet"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: one thread is steadier than two fighting other processes
+    try:
+        result = danlu.train("face_arcface_light", overrides=[f"data.root={root / 'store'}", *TRAIN],
+                             out=root / "run", device="cpu", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return root, raw, result
+
+
+def test_prepare_reports_what_it_did_not_crop(faces):
+    root, raw, _ = faces
+    report = json.loads((root / "store" / "prepare_report.json").read_text())
+    assert report["images"] == 24 * 16 + 1 and report["kept"] == 24 * 16 and report["skipped_count"] == 1
+    assert report["skipped"][0]["file"] == "id_05/broken.png" and "not a readable image" in report["skipped"][0]["reason"]
+    assert report["face_found"] + report["centre_squares"] == 24 * 16  # the rest: no face found, kept, listed
+    assert all(n["reason"] == "no face found" and n["kept"] == "centre square" for n in report["centre_square_images"])
+    meta = json.loads((root / "store" / "meta.json").read_text())
+    assert meta["shape"] == [3, 32, 32] and meta["source"]["face"]["size"] == 32 and len(meta["classes"]) == 24
+
+
+def test_training_reaches_verification_well_above_chance(faces):
+    root, _, result = faces
+    s = result.summary
+    assert s["classes"] == sorted(s["classes"]) and len(s["classes"]) == 18  # 6 identities held out
+    assert s["test_verification_accuracy"] > 0.75, s["test_verification_accuracy"]
+    assert result.test_accuracy == s["test_verification_accuracy"]
+    tests = [json.loads(ln) for ln in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    tests = [e for e in tests if e["kind"] == "test"]
+    assert [e["iter"] for e in tests] == [100, 200] and all(0 <= e["verification_acc"] <= 1 for e in tests)
+    face = json.loads((root / "run" / "face.json").read_text())
+    assert face["preprocess"]["size"] == 32 and -1 <= face["threshold"] <= 1
+    assert (root / "run" / "curves.png").stat().st_size > 0
+
+
+def test_verify_embed_enroll_identify_from_the_cli(faces, tmp_path, capsys):
+    root, raw, result = faces
+    run = root / "run"
+    held = tmp_path / "held"  # LFW-style: verify on identities the run never trained on
+    for d in sorted(raw.iterdir()):
+        if d.name not in result.summary["classes"]:
+            shutil.copytree(d, held / d.name, ignore=shutil.ignore_patterns("broken.png"))
+    assert len(list(held.iterdir())) == 6
+    assert main(["face", "pairs", str(held), "-o", str(tmp_path / "pairs.txt"), "--n", "20"]) == 0
+    assert main(["face", "verify", str(run), "--pairs", str(tmp_path / "pairs.txt"), "--root", str(held), "--json",
+                 str(tmp_path / "v.json"), "--device", "cpu"]) == 0
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert v["pairs"] == 400 and len(v["fold_accuracies"]) == 10 and v["accuracy_mean"] > 0.75, v["accuracy_mean"]
+    assert {"accuracy_std", "tar_at_far_1e-3", "tar_at_far_1e-2"} <= v.keys()
+    assert (tmp_path / "v_roc.png").stat().st_size > 0
+    assert load_face_run(run).threshold == pytest.approx(v["threshold"])  # verify saved the threshold in the run
+
+    capsys.readouterr()
+    assert main(["face", "embed", str(run), str(raw / "id_00" / "img_00.png"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    emb = torch.tensor(rows[0]["embedding"])
+    assert emb.shape == (128,) and emb.norm().item() == pytest.approx(1.0, abs=1e-3)
+
+    gallery = tmp_path / "g.sqlite"
+    first = sorted(held.iterdir())[0]
+    (first / "broken.jpg").write_bytes(b"")
+    for _ in range(2):  # enrolling again updates, never duplicates
+        assert main(["face", "enroll", str(run), str(held), "--gallery", str(gallery)]) == 0
+    assert "0 added, 96 updated, 1 unreadable skipped" in capsys.readouterr().out
+    assert sum(n for _, n in Gallery(gallery).identities()) == 96
+    probe = str(first / "img_03.png")
+    assert main(["face", "identify", str(run), probe, "--gallery", str(gallery), "--json", "--top", "3"]) == 0
+    (hit,) = json.loads(capsys.readouterr().out)
+    assert hit["identity"] == first.name and len(hit["matches"]) == 3 and hit["similarity"] > 0.99
+    assert main(["face", "identify", str(run), probe, "--gallery", str(gallery), "--threshold", "1.5"]) == 0
+    assert ": unknown (similarity" in capsys.readouterr().out
+
+    other = tmp_path / "other.sqlite"
+    Gallery(other, fingerprint="f" * 64, create=True, info={"run": "runs/elsewhere"})
+    assert main(["face", "identify", str(run), probe, "--gallery", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "made with another model" in err and "runs/elsewhere" in err and err.count("\n") == 1
+
+
+def test_the_python_interface_for_servers(faces):
+    root, raw, _ = faces
+    run = load_face_run(root / "run", device="cpu")
+    data = (raw / "id_02" / "img_01.png").read_bytes()
+    from PIL import Image
+    import numpy as np
+
+    arr = np.asarray(Image.open(raw / "id_02" / "img_01.png"))
+    emb = run.embed([data, arr, str(raw / "id_02" / "img_01.png")])
+    assert emb.shape == (3, 128) and torch.allclose(emb[0], emb[1], atol=1e-5) and torch.allclose(emb[0], emb[2],
+                                                                                                   atol=1e-5)
+    assert isinstance(run.threshold, float) and len(run.fingerprint) == 64
+
+
+def test_a_classifier_run_is_not_a_face_run(tmp_path, capsys):
+    from tests.conftest import TINY  # noqa: F401 (the shared tiny recipe)
+
+    r = danlu.train(None, overrides=[*TINY, "run.max_iter=5"], out=tmp_path / "lenet", device="cpu", quiet=True)
+    assert main(["face", "embed", str(r.run_dir), "x.png"]) == 2
+    assert "not a face model" in capsys.readouterr().err
+    assert not (tmp_path / "lenet" / "face.json").exists()
