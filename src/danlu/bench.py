@@ -438,6 +438,12 @@ def peak_tflops(device: torch.device, precision: str) -> tuple[Optional[float], 
     key = (str(device), precision)
     if key not in _MEASURED:
         _MEASURED[key] = _measure_matmul(device, precision)
+    if precision in ("fp16", "bf16") and device.type == "cpu":
+        # a CPU without half-precision units is slower in fp16 than in fp32, while autocast's kernels may convert
+        # and compute in fp32: the peak is then the fp32 one (else the MFU of such a run reads above 100%)
+        fp32 = peak_tflops(device, "fp32")
+        if fp32[0] > _MEASURED[key][0]:
+            return fp32[0], f"{fp32[1]}, faster here than {precision}"
     return _MEASURED[key]
 
 

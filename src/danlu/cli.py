@@ -18,6 +18,7 @@ EPILOG = """examples:
   danlu predict runs/lenet_mnist5k-20261125-101500 digit.png --top 3
   danlu export runs/lenet_mnist5k-20261125-101500 --format onnx -o lenet.onnx
   danlu compare runs/a runs/b -o compare.png
+  danlu serve runs/lenet_mnist5k-20261125-101500 --port 8000     a web page and an HTTP API
   danlu recipes"""
 
 
@@ -113,6 +114,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="OUT", help="write {env, rows} as JSON to OUT")
     b.add_argument("--plot", metavar="OUT.png", help="write a bar chart of images/s to OUT.png")
 
+    sv = sub.add_parser("serve", help="serve a run over HTTP: a web page and a JSON API (classify; faces for a face "
+                        "run), micro-batched on the device")
+    sv.add_argument("run", help="run folder")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                    "0.0.0.0: every interface, with no authentication)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port, printed)")
+    sv.add_argument("--gallery", metavar="G.sqlite", help="face runs: the gallery that /v1/faces/identify searches")
+    sv.add_argument("--max-batch", type=int, default=64, metavar="N",
+                    help="images per forward pass across concurrent requests (default 64; 1: no batching)")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, metavar="MS",
+                    help="how long a request waits for others to share its batch (default 5)")
+    sv.add_argument("--max-upload-mb", type=float, default=10.0, metavar="MB",
+                    help="largest request body in MiB (default 10)")
+    sv.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N",
+                    help="largest image in pixels, width x height, checked before decoding (default 40000000)")
+    sv.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    sv.add_argument("--access-log", action="store_true", help="log every request")
+
+    _face_parser(sub)
     sub.add_parser("recipes", help="list the shipped recipes")
     m = sub.add_parser("models", help="list the registered models")
     m.add_argument("--all", action="store_true", help="include torchvision's models (tv:<name>)")
@@ -218,6 +238,107 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     return 0
 
 
+def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers type)
+    f = sub.add_parser("face", help="faces: prepare a store of face crops, pairs, embed, verify, enroll, identify")
+    fs = f.add_subparsers(dest="face_command", metavar="ACTION", required=True)
+    fp = fs.add_parser("prepare", help="detect, align, equalize and crop the faces of RAW_DIR/IDENTITY/ into a store")
+    fp.add_argument("raw", metavar="RAW_DIR", help="one subfolder of images per identity")
+    fp.add_argument("-o", "--out", required=True, metavar="STORE", help="the store folder to write")
+    fp.add_argument("--size", type=int, default=160, help="face crop side in pixels (default 160)")
+    fp.add_argument("--channels", type=int, choices=[1, 3], default=3, help="3 (RGB, default) or 1 (gray)")
+    fp.add_argument("--align", action="store_true", help="rotate so the eye line is level")
+    fp.add_argument("--equalize", choices=["hist", "clahe", "none"], default="hist",
+                    help="histogram equalization (default hist)")
+    fp.add_argument("--margin", type=float, default=0.2, help="crop = face box grown by this share (default 0.2)")
+    fp.add_argument("--detector", default="haar", help="haar (OpenCV's bundled cascade, default) or a YuNet .onnx")
+    fp.add_argument("--no-face", choices=["center", "skip"], default="center",
+                    help="an image with no face (or several of one size): keep a centre square (default) or skip it;"
+                    " either way it is listed in STORE/prepare_report.json")
+    fp.add_argument("--shard-mb", type=float, default=256, metavar="MB", help="shard size in MiB (default 256)")
+    fp.add_argument("--workers", type=int, help="threads (default: every core)")
+    fp.add_argument("--quiet", action="store_true", help="no progress output")
+    fpp = fs.add_parser("pairs", help="a balanced, seeded pairs file in LFW's format from an identity folder")
+    fpp.add_argument("dir", metavar="DIR", help="one subfolder of images per identity")
+    fpp.add_argument("-o", "--out", required=True, metavar="PAIRS.txt")
+    fpp.add_argument("--n", type=int, default=300, help="same and different pairs per fold (default 300, LFW's)")
+    fpp.add_argument("--folds", type=int, default=10, help="folds (default 10)")
+    fpp.add_argument("--seed", type=int, default=0)
+    fe = fs.add_parser("embed", help="embeddings of images (each face cut as prepare does)")
+    fe.add_argument("run", metavar="RUN", help="a face run folder")
+    fe.add_argument("images", nargs="+", metavar="IMAGE")
+    fe.add_argument("--json", action="store_true", help="print JSON (default: one line per image)")
+    fv = fs.add_parser("verify", help="LFW's 10-fold verification protocol on a pairs file, ROC, TAR at FAR")
+    fv.add_argument("run", metavar="RUN", help="a face run folder")
+    fv.add_argument("--pairs", required=True, metavar="PAIRS.txt", help="LFW's format (`danlu face pairs` makes one)")
+    fv.add_argument("--root", metavar="DIR", help="the identity folders the pairs name (default: the pairs' folder)")
+    fv.add_argument("--json", metavar="OUT", help="the report (default RUN/verify.json)")
+    fv.add_argument("--roc", metavar="OUT.png", help="the ROC curve (default beside the report, *_roc.png)")
+    fv.add_argument("--keep-threshold", action="store_true",
+                    help="leave the run's threshold as it is (default: the threshold best on these pairs becomes it)")
+    for name, what in (("enroll", "add DIR/IDENTITY/ images to a gallery (again: updated, not duplicated)"),
+                       ("identify", "who is in an image: the gallery's closest identities, or unknown")):
+        g = fs.add_parser(name, help=what)
+        g.add_argument("run", metavar="RUN", help="a face run folder")
+        g.add_argument("target", metavar="DIR" if name == "enroll" else "IMAGE", nargs=1 if name == "enroll" else "+")
+        g.add_argument("--gallery", required=True, metavar="G.sqlite")
+        if name == "identify":
+            g.add_argument("--top", type=int, default=5, help="identities listed per image (default 5)")
+            g.add_argument("--threshold", type=float, help="similarity below which the answer is unknown (default: "
+                           "the run's verification threshold)")
+            g.add_argument("--json", action="store_true", help="print JSON")
+        g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    for q in (fe, fv):
+        q.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+
+
+def _cmd_face(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from danlu.face import api as face
+    from danlu.face.prepare import prepare_faces
+
+    c = a.face_command
+    if c == "prepare":
+        prepare_faces(a.raw, a.out, size=a.size, channels=a.channels, align=a.align, equalize=a.equalize,
+                           margin=a.margin, detector=a.detector, no_face=a.no_face, shard_mb=a.shard_mb,
+                           workers=a.workers, quiet=a.quiet)
+    elif c == "pairs":
+        r = face.pairs(a.dir, a.out, n=a.n, folds=a.folds, seed=a.seed)
+        short = f" (fewer than --n {a.n}: the folder holds {r['possible_same_pairs']} same pairs)" \
+            if r["per_fold"] < a.n else ""
+        print(f"pairs: {r['pairs_file']}: {r['folds']} folds x ({r['per_fold']} same + {r['per_fold']} different) "
+              f"pairs of {r['identities']} identities{short}")
+    elif c == "embed":
+        rows = face.embed(a.run, a.images, device=a.device)
+        if a.json:
+            print(json.dumps(rows))
+        for r in [] if a.json else rows:
+            note = f" [{r['face']['reason']}: centre square]" if r["face"]["reason"] else ""
+            print(f"{r['image']}: {len(r['embedding'])}-d [{', '.join(f'{v:.4f}' for v in r['embedding'][:4])}, ...]"
+                  f"{note}")
+    elif c == "verify":
+        r = face.verify(a.run, a.pairs, a.root or Path(a.pairs).parent, json_out=a.json, roc_png=a.roc,
+                        device=a.device, save_threshold=not a.keep_threshold)
+        print(f"verification: accuracy {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} over {len(r['fold_accuracies'])}"
+              f" folds ({r['pairs']} pairs); TAR {r['tar_at_far_1e-2']:.4f} at FAR 1e-2, {r['tar_at_far_1e-3']:.4f} at "
+              f"FAR 1e-3; threshold {r['threshold']:.4f}; report {r['json']}, ROC {r['roc_png']}")
+    elif c == "enroll":
+        r = face.enroll(a.run, a.target[0], a.gallery, device=a.device)
+        print(f"enroll: {r['images']} images of {r['identities']} identities: {r['added']} added, {r['updated']} "
+              f"updated, {len(r['skipped'])} unreadable skipped" + "".join(f"\n  skipped {s['file']}: {s['reason']}"
+                                                                           for s in r["skipped"])
+              + f"; {a.gallery} holds {r['gallery_identities']} identities")
+    else:
+        rows = face.identify(a.run, a.target, a.gallery, top=a.top, threshold=a.threshold, device=a.device)
+        if a.json:
+            print(json.dumps(rows))
+        for r in [] if a.json else rows:
+            top = ", ".join(f"{m['name']} {m['similarity']:.3f}" for m in r["matches"])
+            print(f"{r['image']}: {r['identity']} (similarity {r['similarity']:.3f}, threshold {r['threshold']:.3f}); "
+                  f"top: {top}")
+    return 0
+
+
 def _cmd_recipes(a: argparse.Namespace) -> int:
     import yaml
 
@@ -247,6 +368,15 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from danlu.serve import serve
+
+    serve(a.run, host=a.host, port=a.port, gallery=a.gallery, device=a.device, max_batch=a.max_batch,
+          max_wait_ms=a.max_wait_ms, max_upload_mb=a.max_upload_mb, max_pixels=a.max_pixels,
+          access_log=a.access_log, say=lambda m: print(m, flush=True))
+    return 0
+
+
 def _cmd_models(a: argparse.Namespace) -> int:
     from danlu.models import list_models
 
@@ -273,6 +403,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     commands = {"train": _cmd_train, "eval": _cmd_eval, "recipes": _cmd_recipes, "models": _cmd_models,
                 "predict": _cmd_predict, "data": _cmd_data, "prepare": _cmd_prepare, "export": _cmd_export, "compare": _cmd_compare,
                 "bench": _cmd_bench}
+    commands["serve"] = _cmd_serve
+    commands["face"] = _cmd_face
     try:
         return commands[args.command](args)
     except DanluError as e:

@@ -9,6 +9,8 @@ target is much smaller (`draft`, libjpeg's scaled decoding: 2-8x fewer pixels to
 antialiasing. `resize="crop"`: scale so the image covers the target (shorter side to `size` for a square target),
 then take the centre, like torchvision's Resize + CenterCrop; `resize="exact"`: stretch to the target.
 A file that is not a readable image (text, zero bytes, truncated, corrupt) raises `BadImage` with the reason.
+`decode_image` also takes an open binary file (`io.BytesIO(upload)`: `danlu serve` decodes uploads in memory) and
+`max_pixels`, a limit on width x height checked from the header before any pixel is decoded (image bombs).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 
@@ -60,8 +62,10 @@ def _to_mode(im, channels: int):
     return im if im.mode == want else im.convert(want)
 
 
-def decode_image(path: Union[str, Path], size: tuple[int, int], channels: int = 3, resize: str = "crop") -> np.ndarray:
-    """One image file -> (channels, h, w) uint8. Raises BadImage for anything that is not a readable image."""
+def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channels: int = 3, resize: str = "crop",
+                 max_pixels: Optional[int] = None) -> np.ndarray:
+    """One image file (a path or an open binary file) -> (channels, h, w) uint8. Raises BadImage for anything that
+    is not a readable image, or one of more than `max_pixels` pixels (checked before decoding)."""
     from PIL import Image
 
     h, w = size
@@ -70,6 +74,9 @@ def decode_image(path: Union[str, Path], size: tuple[int, int], channels: int = 
             W0, H0 = im.size
             if W0 < 1 or H0 < 1:
                 raise BadImage(f"image of size {W0}x{H0}")
+            if max_pixels is not None and W0 * H0 > max_pixels:
+                raise BadImage(f"image of {W0}x{H0} pixels is over the limit of {max_pixels} pixels "
+                               f"(a decompression bomb?); expected a smaller image")
             rw, rh = _resized(W0, H0, h, w) if resize == "crop" else (w, h)  # the full image's size after resizing
             im.draft("L" if channels == 1 else "RGB", (rw, rh))  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it
             im = _to_mode(im, channels)
@@ -79,10 +86,11 @@ def decode_image(path: Union[str, Path], size: tuple[int, int], channels: int = 
     except FileNotFoundError:
         raise BadImage("file not found") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many types (UnidentifiedImageError, OSError, SyntaxError..)
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
+        is_path = isinstance(path, (str, os.PathLike))
+        if is_path and os.path.isfile(path) and os.path.getsize(path) == 0:
             raise BadImage("empty file (0 bytes)") from None
         name = type(e).__name__
-        msg = str(e).split("\n")[0].replace(str(path), "").strip(" '\"") or name
+        msg = str(e).split("\n")[0].replace(str(path), "").strip(" '\"") or name  # an open file: its repr
         raise BadImage(f"not a readable image ({name}: {msg})") from None
     # Resize to (rw, rh) then take the centred (w, h) window, as torchvision's Resize + CenterCrop do, in one Pillow
     # call: `box` is that window in the (possibly draft-reduced) source's coordinates, so the sampling grid and the

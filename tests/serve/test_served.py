@@ -1,0 +1,69 @@
+"""`danlu serve` as a process on a loopback port: the real HTTP server, and the page in a real browser (Debian's
+chromium driven by Playwright; skipped, with the reason, where either is missing)."""
+from __future__ import annotations
+
+import re
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = ROOT / "build" / "test-artifacts"
+
+
+def test_it_listens_on_loopback_and_refuses_a_long_body_before_it_is_sent(served):
+    host, port = urlsplit(served).hostname, urlsplit(served).port
+    assert host == "127.0.0.1"
+    with socket.create_connection((host, port), timeout=10) as s:  # headers only: 50 MiB announced, none sent
+        s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
+                  b"Content-Length: 52428800\r\n\r\n")
+        t0 = time.perf_counter()
+        answer = b""
+        while b"}" not in answer:  # the JSON body may come in a second packet
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 413") and "over the limit of 10 MiB" in answer
+    assert time.perf_counter() - t0 < 5
+    assert httpx.get(f"{served}/healthz").json() == {"status": "ok"}
+
+
+def test_the_page_classifies_an_uploaded_image_in_a_real_browser(served, make_png):
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian: apt-get install -y chromium; `make test` tries that)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install "
+                                   "'danlu[test]')")
+    image = make_png(5)
+    want = httpx.post(f"{served}/v1/classify", files={"file": ("digit.png", image, "image/png")}).json()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--headless", "--no-sandbox",
+                                                                          "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 900, "height": 560})
+            page.goto(served + "/")
+            page.wait_for_function("document.getElementById('model').textContent.startsWith('lenet')")
+            page.set_input_files("#file-classify", files=[{"name": "digit.png", "mimeType": "image/png",
+                                                           "buffer": image}])
+            page.wait_for_selector("#bars li")
+            label, when = page.text_content("#label"), page.text_content("#time")
+            assert label == want["images"][0]["top"][0]["class"]
+            assert page.locator("#bars li").count() == 5
+            assert re.match(r"recognised in \d+(\.\d+)? ms \(model\)", when), when
+            assert page.locator("#preview-classify").is_visible()
+            page.screenshot(path=str(ARTIFACTS / "serve_page.png"))
+
+            page.set_input_files("#file-classify", files=[{"name": "notes.bin", "mimeType": "application/octet-stream",
+                                                           "buffer": b"not an image"}])
+            page.wait_for_function("document.getElementById('error-classify').textContent.length > 0")
+            assert "'notes.bin': not a readable image" in page.text_content("#error-classify")
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "serve_page.png").stat().st_size > 1000
