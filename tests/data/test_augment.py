@@ -93,6 +93,23 @@ def test_composed_matches_separate_ops():
     assert torch.equal(aug(x, gen(5)), expect)
 
 
+@pytest.mark.parametrize("crop,flip", [(3, True), (3, False), (0, True)])
+def test_the_cpu_slice_path_equals_the_gathers(crop, flip):
+    from danlu.data.augment import _crop_flip_by_slices, _gather2d
+
+    x = batch(B=16, H=12, W=9)
+    aug = Augment(flip=flip, crop=crop, scale=1.0)
+    p = aug._draw(16, 12, 9, gen(7), x.device)
+    rows, cols = torch.arange(12).expand(16, 12), torch.arange(9).expand(16, 9)
+    if flip:
+        cols = torch.where(p["flip"][:, None], 8 - cols, cols)
+    xp = x
+    if crop:
+        rows, cols = rows + p["oy"][:, None], cols + p["ox"][:, None]
+        xp = torch.nn.functional.pad(x, (crop,) * 4)
+    assert torch.equal(_crop_flip_by_slices(x, p, crop), _gather2d(xp, rows, cols))
+
+
 def test_shift_offsets_in_range():
     aug = Augment(shift=0.1)
     p = aug._draw(10000, 32, 20, gen(0), torch.device("cpu"))
