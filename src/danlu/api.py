@@ -232,9 +232,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     from danlu.engine.loop import Parts, Plan, train_loop
     from danlu.engine.metrics import RunLog
     from danlu.engine.precision import Precision
-    from danlu.engine.schedule import lr_at
     from danlu.engine.speed import Speed
-    from danlu.data.loader import make_loader
 
     state = None
     if resume is not None:
@@ -267,28 +265,11 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         model = _build_model(recipe, train_data)
     model = speed.layout(model.to(dev))  # channels-last where it pays, before any DDP wrap
 
-    loader = make_loader(train_data.images, train_data.labels, recipe.data.batch_size * micro, device=dev,
-                         cache=recipe.data.device_cache, seed=recipe.run.seed, rank=dist.rank, world=dist.world)
-    if len(loader) == 0:
-        raise DanluError(f"data.batch_size={recipe.data.batch_size}: x {dist.world} process(es) x optim.accumulate="
-                         f"{micro} is more than the training set ({len(train_data)} images); expected at most "
-                         f"{len(train_data) // (dist.world * micro)}")
-    verification = recipe.data.split == "identities"  # every rank embeds the whole held-out set
-    test_loader = make_loader(test_data.images, test_data.labels, recipe.data.test_batch_size or
-                              4 * recipe.data.batch_size, device=dev, cache=recipe.data.device_cache, shuffle=False,
-                              drop_last=False, rank=0 if verification else dist.rank,
-                              world=1 if verification else dist.world)
+    loader, test_loader = _build_loaders(recipe, train_data, test_data, dev, dist)
     per_epoch = iters_per_epoch(len(train_data), loader.global_batch)
     max_iter = total_iters(recipe.run, per_epoch)
     base_lr = _scaled_lr(recipe, loader.global_batch)
-    s = recipe.schedule
-    warmup = s.warmup or round(s.warmup_epochs * per_epoch)
-    lr_fn = lambda it: lr_at(it, policy=s.policy, base_lr=base_lr, max_iter=max_iter,  # noqa: E731
-                             iters_per_epoch=per_epoch, gamma=s.gamma, power=s.power, stepsize=s.stepsize,
-                             stepvalues=s.stepvalues, min_lr=s.min_lr, warmup=warmup,
-                             warmup_start=recipe.optim.lr if warmup and base_lr != recipe.optim.lr else None,
-                             pct_start=s.pct_start, div_factor=s.div_factor, final_div_factor=s.final_div_factor)
-    lr_fn(0)  # fail now, not at the first step, on a bad schedule
+    lr_fn = _build_schedule(recipe, base_lr, per_epoch, max_iter)
     optimizer = _build_optimizer(recipe, model, base_lr)
     precision = Precision(recipe.precision, dev, autocast_cache=not recipe.cuda_graphs)
     augment = _build_augment(recipe, train_data).for_rank(dist.rank, dist.world)  # draws for the global batch
@@ -302,17 +283,8 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
 
     start = 0
     if state is not None:
-        where = f"--resume {run_dir}: {snap_path.name}"
-        checkpoint.load_model_state(_unwrap(model), state["model"], where)
-        if state["recipe"]["optim"]["name"] != recipe.optim.name:
-            raise DanluError(f"{where}: holds {state['recipe']['optim']['name']} optimizer state; optim.name="
-                             f"{recipe.optim.name} cannot continue it (expected {state['recipe']['optim']['name']})")
-        optimizer.load_state_dict(state["optimizer"])
-        precision.load_state_dict(state.get("precision", {}))
-        if generator is not None and "augment_rng" in state:
-            generator.set_state(state["augment_rng"].to("cpu"))
-        checkpoint.set_rng_state(state["rng"])
-        start = int(state["iteration"])
+        start = _restore(state, f"--resume {run_dir}: {snap_path.name}", recipe, model, optimizer, precision,
+                         generator)
         if dist.is_main:
             _truncate_metrics(run_dir / "metrics.jsonl", start)
     else:
@@ -321,22 +293,15 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
 
     resolved = recipe.to_dict()
     if dist.is_main:
-        checkpoint.write_bytes(run_dir / "recipe.yaml", recipe.to_yaml().encode())
-        if getattr(train_data, "report", None) is not None:  # folder/list sources: what was read, what skipped
-            from danlu.data.folder import write_report
-
-            write_report(run_dir, train_data.report)
-        if augment.mean is not None or augment.std is not None:
-            _save_preprocess(run_dir, augment)
+        _write_run_inputs(run_dir, recipe, train_data, augment)
     log = RunLog(run_dir, total=max_iter, start=start, tensorboard=recipe.run.tensorboard, quiet=quiet,
                  enabled=dist.is_main)
     if not quiet and dist.is_main:
         print(f"danlu: {recipe.model.name} on {recipe.data.name} ({len(train_data)} train / {len(test_data)} test, "
               f"{len(train_data.classes)} classes), {dev}, global batch {loader.global_batch} "
               f"({recipe.data.batch_size} x {dist.world} process(es){f' x {micro} micro-batches' if micro > 1 else ''}"
-              f"), "
-              f"{max_iter} iterations ({max_iter / per_epoch:.1f} epochs){f', resumed at {start}' if start else ''}; "
-              f"run folder {run_dir}", flush=True)
+              f"), {max_iter} iterations ({max_iter / per_epoch:.1f} epochs)"
+              f"{f', resumed at {start}' if start else ''}; run folder {run_dir}", flush=True)
 
     def snapshot(it: int, loop_state: dict[str, Any]) -> None:
         if not dist.is_main:
@@ -382,38 +347,123 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         "images_per_second": round(stats.images_per_second * dist.world, 1),  # all ranks together
         "global_batch": loader.global_batch, "world_size": dist.world, "device": _device_name(dev),
         "classes": train_data.classes, "input_shape": list(train_data.shape), "run_dir": str(run_dir),
-        "recipe": resolved, **guard.counts(), "skipped_steps": precision.skipped_steps,
-        **({"test_verification_accuracy": test.get("verification_acc"), "test_verification_std":
-            test.get("verification_std"), "verification_threshold": test.get("threshold"),
-            "test_tar_at_far_1e-3": test.get("tar_at_far_1e-3"), "test_pairs": test.get("pairs")}
-           if "verification_acc" in test else {}),
+        "recipe": resolved, **guard.counts(), "skipped_steps": precision.skipped_steps, **_verification_summary(test),
         **({"largest_batch_that_fits": fits} if fits else {}),
         "versions": {"danlu": _version(), "torch": torch.__version__, "python": platform.python_version()},
         "finished": datetime.now().isoformat(timespec="seconds"),
     }
     if dist.is_main:
-        from safetensors.torch import save
-
-        checkpoint.write_bytes(run_dir / "model.safetensors",
-                               save({k: v.contiguous() for k, v in _unwrap(model).state_dict().items()}))
-        curves.draw(force=True)
-        checkpoint.write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
-        if hasattr(_unwrap(model), "embed"):  # a face model: what embedding new images needs (danlu.face)
-            from danlu.face.api import write_face_info
-
-            write_face_info(run_dir, recipe, test,
-                            held_out=test_data.classes if recipe.data.split == "identities" else None)
-        if not quiet and "verification_acc" in test:
-            print(f"done: verification accuracy {test['verification_acc']:.4f} +- {test['verification_std']:.4f} on "
-                  f"{test['pairs']} pairs of {len(test_data.classes)} held-out identities after {stats.iterations} "
-                  f"iterations ({stats.train_seconds:.1f} s training); run folder {run_dir}", flush=True)
-        elif not quiet:
-            print(f"done: test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f}"
-                  f" after {stats.iterations} iterations ({stats.train_seconds:.1f} s training, "
-                  f"{stats.images_per_second * dist.world:.0f} img/s); run folder {run_dir}", flush=True)
+        _write_run_outputs(run_dir, _unwrap(model), summary, curves, recipe, test, test_data)
+        if not quiet:
+            print(_done_line(test, stats, len(test_data.classes), dist.world, run_dir), flush=True)
     acc = test.get("acc", test.get("verification_acc"))  # face runs: verification accuracy
     return RunResult(run_dir, float("nan") if acc is None else acc, test.get("loss", float("nan")), stats.iterations,
                      stats.train_seconds, stats.images_per_second, _unwrap(model), summary)
+
+
+def _build_loaders(recipe: Recipe, train_data: ImageSet, test_data: ImageSet, dev: torch.device, dist):
+    """The training loader (a global batch of data.batch_size x accumulate x world, this rank's share) and the test
+    loader (sharded over ranks; whole on every rank for face verification, which pairs across the set)."""
+    from danlu.data.loader import make_loader
+
+    d, micro = recipe.data, recipe.optim.accumulate
+    loader = make_loader(train_data.images, train_data.labels, d.batch_size * micro, device=dev,
+                         cache=d.device_cache, seed=recipe.run.seed, rank=dist.rank, world=dist.world)
+    if len(loader) == 0:
+        raise DanluError(f"data.batch_size={d.batch_size}: x {dist.world} process(es) x optim.accumulate={micro} "
+                         f"is more than the training set ({len(train_data)} images); expected at most "
+                         f"{len(train_data) // (dist.world * micro)}")
+    whole = d.split == "identities"
+    test_loader = make_loader(test_data.images, test_data.labels, d.test_batch_size or 4 * d.batch_size, device=dev,
+                              cache=d.device_cache, shuffle=False, drop_last=False, rank=0 if whole else dist.rank,
+                              world=1 if whole else dist.world)
+    return loader, test_loader
+
+
+def _build_schedule(recipe: Recipe, base_lr: float, per_epoch: int, max_iter: int):
+    """lr(iteration) from the recipe's schedule, checked now rather than at the first step."""
+    from danlu.engine.schedule import lr_at
+
+    s, lr = recipe.schedule, recipe.optim.lr
+    warmup = s.warmup or round(s.warmup_epochs * per_epoch)
+
+    def lr_fn(it: int) -> float:
+        return lr_at(it, policy=s.policy, base_lr=base_lr, max_iter=max_iter, iters_per_epoch=per_epoch,
+                     gamma=s.gamma, power=s.power, stepsize=s.stepsize, stepvalues=s.stepvalues, min_lr=s.min_lr,
+                     warmup=warmup, warmup_start=lr if warmup and base_lr != lr else None, pct_start=s.pct_start,
+                     div_factor=s.div_factor, final_div_factor=s.final_div_factor)
+
+    lr_fn(0)
+    return lr_fn
+
+
+def _restore(state: dict[str, Any], where: str, recipe: Recipe, model: nn.Module, optimizer, precision,
+             generator: Optional[torch.Generator]) -> int:
+    """Load a snapshot into the run's parts (model, optimizer, loss scaler, augmentation and global RNGs); returns
+    the iteration to continue from."""
+    from danlu.engine import checkpoint
+
+    checkpoint.load_model_state(_unwrap(model), state["model"], where)
+    saved = state["recipe"]["optim"]["name"]
+    if saved != recipe.optim.name:
+        raise DanluError(f"{where}: holds {saved} optimizer state; optim.name={recipe.optim.name} cannot continue it "
+                         f"(expected {saved})")
+    optimizer.load_state_dict(state["optimizer"])
+    precision.load_state_dict(state.get("precision", {}))
+    if generator is not None and "augment_rng" in state:
+        generator.set_state(state["augment_rng"].to("cpu"))
+    checkpoint.set_rng_state(state["rng"])
+    return int(state["iteration"])
+
+
+def _write_run_inputs(run_dir: Path, recipe: Recipe, train_data: ImageSet, augment) -> None:
+    """What the run starts from: recipe.yaml, data_report.json (folder/list sources: read and skipped files) and
+    preprocess.safetensors (the normalization statistics, so inference uses the training ones)."""
+    from danlu.engine.checkpoint import write_bytes
+
+    write_bytes(run_dir / "recipe.yaml", recipe.to_yaml().encode())
+    if getattr(train_data, "report", None) is not None:
+        from danlu.data.folder import write_report
+
+        write_report(run_dir, train_data.report)
+    if augment.mean is not None or augment.std is not None:
+        _save_preprocess(run_dir, augment)
+
+
+def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any], curves, recipe: Recipe,
+                       test: dict[str, Any], test_data: ImageSet) -> None:
+    """The final weights (safetensors), the curves, summary.json and, for a face model, face.json."""
+    from safetensors.torch import save
+
+    from danlu.engine.checkpoint import write_bytes
+
+    write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    curves.draw(force=True)
+    write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    if hasattr(model, "embed"):  # a face model: what embedding new images needs (danlu.face)
+        from danlu.face.api import write_face_info
+
+        held_out = test_data.classes if recipe.data.split == "identities" else None
+        write_face_info(run_dir, recipe, test, held_out=held_out)
+
+
+def _verification_summary(test: dict[str, Any]) -> dict[str, Any]:
+    """summary.json's face verification figures (nothing for a classifier)."""
+    if "verification_acc" not in test:
+        return {}
+    return {"test_verification_accuracy": test["verification_acc"], "test_verification_std":
+            test.get("verification_std"), "verification_threshold": test.get("threshold"),
+            "test_tar_at_far_1e-3": test.get("tar_at_far_1e-3"), "test_pairs": test.get("pairs")}
+
+
+def _done_line(test: dict[str, Any], stats, identities: int, world: int, run_dir: Path) -> str:
+    if "verification_acc" in test:
+        return (f"done: verification accuracy {test['verification_acc']:.4f} +- {test['verification_std']:.4f} on "
+                f"{test['pairs']} pairs of {identities} held-out identities after {stats.iterations} iterations "
+                f"({stats.train_seconds:.1f} s training); run folder {run_dir}")
+    return (f"done: test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f} "
+            f"after {stats.iterations} iterations ({stats.train_seconds:.1f} s training, "
+            f"{stats.images_per_second * world:.0f} img/s); run folder {run_dir}")
 
 
 def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides: Optional[list[str]] = None,
