@@ -215,7 +215,9 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
     async def classify(request: Request, top: int = Query(5, ge=1, le=1000, description="classes per image")) -> dict:
         t0 = time.perf_counter()
         uploads = files_in(await read_form(request, ("file",)), "file")
-        x, decode_ms = await decode(uploads, loaded.shape)  # (N, C, H, W) uint8
+        # (N, C, H, W) uint8; a face run classifies identities from face crops, cut as its training faces were
+        face_model = faces is not None and hasattr(loaded.model, "embed")
+        x, decode_ms = await (face_crops(uploads) if face_model else decode(uploads, loaded.shape))
         b = await batchers["classify"].submit(x)
         values, index = b.rows.topk(min(top, len(loaded.classes)), dim=1)  # (N, k)
         images = [{"file": u.filename, "top": [{"class": loaded.classes[c], "prob": round(p, 6)} for c, p in zip(j, v)]}
