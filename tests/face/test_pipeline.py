@@ -125,3 +125,25 @@ def test_a_classifier_run_is_not_a_face_run(tmp_path, capsys):
     assert main(["face", "embed", str(r.run_dir), "x.png"]) == 2
     assert "not a face model" in capsys.readouterr().err
     assert not (tmp_path / "lenet" / "face.json").exists()
+
+
+def test_served_classify_on_a_face_run_sees_face_crops(faces):
+    """danlu serve on a face run: /v1/classify answers what the model says of the face crop (cut as in training),
+    not of the resized whole photo."""
+    from fastapi.testclient import TestClient
+
+    from danlu.serve import create_app
+
+    root, raw, _ = faces
+    path = raw / "id_03" / "img_02.png"
+    run = load_face_run(root / "run", device="cpu")
+    crops, _ = run.faces([path.read_bytes()])  # (1, C, H, W) uint8
+    with torch.inference_mode():
+        want = torch.softmax(run.run.model(run.run.augment(crops, train=False)).float(), 1)[0]  # (identities,)
+    with TestClient(create_app(root / "run", device="cpu")) as client:
+        r = client.post("/v1/classify?top=3", files=[("file", ("img_02.png", path.read_bytes(), "image/png"))])
+    assert r.status_code == 200, r.text
+    top = r.json()["images"][0]["top"]
+    classes = run.run.classes
+    assert [t["class"] for t in top] == [classes[i] for i in want.topk(3).indices.tolist()]
+    assert top[0]["prob"] == pytest.approx(want.max().item(), abs=1e-4)
