@@ -40,8 +40,6 @@ LINKS = {"NVLink 4 (450 GB/s)": 450e9, "PCIe 4 x16 (25 GB/s)": 25e9, "InfiniBand
 # "Training performance", 1 GPU, batch 256: images per second
 PUBLISHED = {"V100 16GB FP32": 367, "V100 16GB AMP": 1200, "A100 80GB TF32": 938, "A100 80GB AMP": 2470}
 
-FACE_PARAMS = 23_482_624  # facenet-pytorch 2.6.0 InceptionResnetV1(classify=False): the embedding network
-FACE_FLOPS = (2.835e9, 8.495e9)  # forward, forward+backward per 160x160 image (torch.utils.flop_counter)
 
 
 @dataclass
@@ -71,7 +69,20 @@ def resnet50() -> Net:
 
 
 def face() -> Net:
-    return Net("Inception-ResNet-V1 (face), 160 px", FACE_PARAMS, *FACE_FLOPS)
+    """danlu's inception_resnet_v1 (facenet-pytorch's layout): the embedding network, its identity head left out
+    (its size depends on the number of identities)."""
+    import danlu
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = danlu.create_model("inception_resnet_v1", num_classes=10, in_channels=3).backbone
+    x = torch.randn(2, 3, 160, 160)
+    with FlopCounterMode(display=False) as fc:
+        m(x).sum().backward()
+    train = fc.get_total_flops() / 2
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        m.eval()(x)
+    return Net("Inception-ResNet-V1 (face), 160 px", sum(p.numel() for p in m.parameters()),
+               fc.get_total_flops() / 2, train)
 
 
 def all_reduce_seconds(nbytes: float, n: int, bandwidth: float) -> float:
@@ -116,6 +127,12 @@ def main() -> None:
     for net in nets:
         print(f"| {net.name} | {net.params / 1e6:.2f} M | {net.grad_bytes / 1e6:.1f} MB | "
               f"{net.fwd_flops / 1e9:.2f}, {net.train_flops / 1e9:.2f} |")
+    import torchvision
+
+    r = torchvision.models.resnet50()
+    last = sum(p.numel() for n, p in r.named_parameters() if n.startswith(("layer4", "fc")))
+    print(f"\nface / ResNet-50 FLOP ratio (forward+backward): {nets[1].train_flops / r50.train_flops:.2f}; "
+          f"ResNet-50's layer4 + fc hold {last / r50.params:.0%} of its gradient bytes")
     print(f"\nRing all-reduce of one step's gradients, 2(N-1)/N x bytes / bandwidth (+ {LATENCY * 1e6:.0f} us per hop "
           f"x 2(N-1) hops x buckets), in ms:\n")
     print("| model | link | " + " | ".join(f"N={n}" for n in gpus) + " |\n|---|---|" + "---|" * len(gpus))

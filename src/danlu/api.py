@@ -540,19 +540,17 @@ def load_run(run_dir: Union[str, Path], *, overrides: Optional[list[str]] = None
 
 def _check_weights(model: nn.Module, state: dict[str, torch.Tensor], weights: Path, name: str) -> None:
     """Refuse weights that are not the recipe's model, naming the keys that differ (one line)."""
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in state.items()}
+    from danlu.engine.checkpoint import _few, weight_differences
 
-    def few(keys: list[str]) -> str:
-        return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-
+    missing, unexpected, shapes = weight_differences(model, state)
     problems = []
-    if missing := sorted(want.keys() - have.keys()):
-        problems.append(f"missing {few(missing)}")
-    if unexpected := sorted(have.keys() - want.keys()):
-        problems.append(f"unexpected {few(unexpected)}")
-    if shapes := sorted(k for k in want.keys() & have.keys() if want[k] != have[k]):
-        problems.append("shape differs " + few([f"{k} {list(have[k])} (model {list(want[k])})" for k in shapes]))
+    if missing:
+        problems.append(f"missing {_few(sorted(missing))}")
+    if unexpected:
+        problems.append(f"unexpected {_few(sorted(unexpected))}")
+    if shapes:
+        problems.append("shape differs " + _few([f"{k} {list(have)} (model {list(want)})"
+                                                 for k, have, want in sorted(shapes)]))
     if problems:
         raise DanluError(f"{weights}: weights do not match model '{name}' of the run's recipe: {'; '.join(problems)}")
 

@@ -269,10 +269,7 @@ def _make_loader(kind: str, train, batch: int, device: torch.device, dist):
     if kind == "device":
         return loaders.DeviceLoader(train.images, train.labels, batch, device=device, seed=0, rank=dist.rank,
                                     world=dist.world)
-    stream = getattr(loaders, "StreamLoader", None)
-    if stream is None:
-        raise DanluError("--loader stream: this danlu has no danlu.data.loader.StreamLoader; expected --loader device")
-    return stream(train.images.cpu(), train.labels.cpu(), batch, device=device, seed=0, rank=dist.rank,
+    return loaders.StreamLoader(train.images.cpu(), train.labels.cpu(), batch, device=device, seed=0, rank=dist.rank,
                   world=dist.world)
 
 
@@ -660,11 +657,6 @@ def run(*, model: str = "tv:resnet50", size: int = 224, batch: int = 256, precis
                          f"{nearest(model, list_models())}")
     dev = resolve_device(device)
     if any(n > 1 for n in procs):
-        try:
-            from danlu.launch import run_workers  # noqa: F401
-        except ImportError:
-            raise DanluError(f"--procs {','.join(map(str, procs))}: a multi-process bench needs danlu's launcher "
-                             f"(danlu.launch), which this danlu does not have; expected --procs 1") from None
         if dev.type == "cuda" and max(procs) > torch.cuda.device_count():
             raise DanluError(f"--procs {','.join(map(str, procs))}: one process per GPU and this machine has "
                              f"{torch.cuda.device_count()}; expected at most {torch.cuda.device_count()}")

@@ -257,11 +257,6 @@ def read_solver(path: Union[str, Path], overrides: list[str] | None = None) -> S
         raise DanluError(f"{where} line {line['regularization_type']}: regularization_type: "
                          f"{one['regularization_type']!r}: danlu's weight_decay is L2; expected \"L2\"")
     if one.get("iter_size", 1) != 1:
-        from danlu.config import OptimCfg
-
-        if "accumulate" not in OptimCfg.model_fields:
-            raise DanluError(f"{where} line {line['iter_size']}: iter_size: {one['iter_size']}: gradient "
-                             f"accumulation is not supported yet; expected iter_size: 1 (or a larger batch)")
         put("optim.accumulate", one["iter_size"], "iter_size")
 
     # schedule

@@ -401,10 +401,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     warnings.formatwarning = _one_line_warning
     commands = {"train": _cmd_train, "eval": _cmd_eval, "recipes": _cmd_recipes, "models": _cmd_models,
-                "predict": _cmd_predict, "data": _cmd_data, "prepare": _cmd_prepare, "export": _cmd_export, "compare": _cmd_compare,
-                "bench": _cmd_bench}
-    commands["serve"] = _cmd_serve
-    commands["face"] = _cmd_face
+                "predict": _cmd_predict, "data": _cmd_data, "prepare": _cmd_prepare, "export": _cmd_export,
+                "compare": _cmd_compare, "bench": _cmd_bench, "serve": _cmd_serve, "face": _cmd_face}
     try:
         return commands[args.command](args)
     except DanluError as e:

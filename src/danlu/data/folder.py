@@ -198,8 +198,8 @@ def warn_skipped(report: dict[str, Any]) -> None:
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     """data_report.json in the run folder (written to a temporary file and renamed)."""
+    from danlu.engine.checkpoint import write_bytes
+
     path = Path(run_dir) / "data_report.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())
     return path

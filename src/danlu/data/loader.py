@@ -215,9 +215,12 @@ def make_loader(images, labels: torch.Tensor, batch_size: int, *, device: torch.
     is already where it would be streamed to); "auto" -> resident when the images fit `memory_budget(device)`.
     kw: shuffle, drop_last, seed, rank, world (as DeviceLoader)."""
     device = torch.device(device)
-    host_tensor_on_cpu = isinstance(images, torch.Tensor) and images.device.type == "cpu" and device.type == "cpu"
-    nbytes = images.numel() if isinstance(images, torch.Tensor) else images.nbytes
-    resident = cache is True or host_tensor_on_cpu or (cache == "auto" and nbytes <= memory_budget(device))
-    if resident or (isinstance(images, torch.Tensor) and images.device == device):
+    already = isinstance(images, torch.Tensor) and images.device == device  # e.g. a CPU tensor trained on the CPU
+    if already or cache is True or (cache == "auto" and _nbytes(images) <= memory_budget(device)):
         return DeviceLoader(images, labels, batch_size, device=device, **kw)
     return StreamLoader(images, labels, batch_size, device=device, **kw)
+
+
+def _nbytes(images) -> int:
+    """Bytes of a uint8 image set: a tensor or a store's ShardedImages."""
+    return images.numel() if isinstance(images, torch.Tensor) else images.nbytes

@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from danlu.engine.checkpoint import sha256, write_bytes
 from danlu.errors import DanluError
 
 FORMAT, VERSION = "danlu-store", 1
@@ -113,23 +114,13 @@ class ShardedImages:
 # ---------------------------------------------------------------- checksums
 
 
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _stamp(path: Path) -> list[int]:
     st = path.stat()
     return [st.st_size, st.st_mtime_ns]
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_bytes(path, (json.dumps(data, indent=1) + "\n").encode())
 
 
 # ---------------------------------------------------------------- prepare
@@ -346,7 +337,7 @@ def _write_shard(out: Path, name: str, images: np.ndarray, labels: np.ndarray, p
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(images), allow_pickle=False)
         os.replace(tmp, out / name)
-        record.update(file=name, bytes=(out / name).stat().st_size, sha256=_sha256(out / name))
+        record.update(file=name, bytes=(out / name).stat().st_size, sha256=sha256(out / name))
     return record
 
 
@@ -354,7 +345,7 @@ def _shard_intact(out: Path, record: dict[str, Any]) -> bool:
     if record["file"] is None:
         return True
     p = out / record["file"]
-    return p.is_file() and p.stat().st_size == record["bytes"] and _sha256(p) == record["sha256"]
+    return p.is_file() and p.stat().st_size == record["bytes"] and sha256(p) == record["sha256"]
 
 
 def _finish(out: Path, plan: StorePlan, state: dict[str, Any], fp: str, skipped: list[dict[str, Any]],
@@ -372,7 +363,7 @@ def _finish(out: Path, plan: StorePlan, state: dict[str, Any], fp: str, skipped:
         if not shards:
             raise DanluError(f"prepare: the {split} split of {plan.source} has no readable image")
         splits[split] = {"count": int(len(labels)), "shards": shards,
-                         "labels": {"file": lab_name, "sha256": _sha256(out / lab_name)}}
+                         "labels": {"file": lab_name, "sha256": sha256(out / lab_name)}}
         for sh in shards:
             stamps[sh["file"]] = _stamp(out / sh["file"]) + [sh["sha256"]]
     meta = {"format": FORMAT, "version": VERSION, "shape": list(plan.shape), "classes": plan.classes,
@@ -426,7 +417,7 @@ def open_store(path: Union[str, Path], key: str = "data.root") -> dict[str, Any]
                                  f"{(sh['count'], *shape)} (the store is damaged: prepare it again)")
             shards.append(arr)
         lab = root / sp["labels"]["file"]
-        if not lab.is_file() or _sha256(lab) != sp["labels"]["sha256"]:
+        if not lab.is_file() or sha256(lab) != sp["labels"]["sha256"]:
             raise DanluError(f"{lab}: missing or altered (SHA-256 differs from meta.json); prepare the store again")
         labels = np.load(lab, allow_pickle=False)
         if len(labels) != sp["count"] or (len(labels) and (labels.min() < 0 or labels.max() >= len(meta["classes"]))):
@@ -436,7 +427,7 @@ def open_store(path: Union[str, Path], key: str = "data.root") -> dict[str, Any]
     if fresh != stamps:
         try:
             _write_json(root / ".verified.json", fresh)
-        except OSError:
+        except (OSError, DanluError):  # write_bytes turns OSError into DanluError
             pass  # a read-only store is verified again next time
     return {"meta": meta, "classes": list(meta["classes"]), "splits": splits}
 
@@ -450,7 +441,7 @@ def _verify(p: Path, size: int, sha: str, stamps: dict[str, Any], fresh: dict[st
                          f"again")
     if stamps.get(p.name) == _stamp(p) + [sha]:
         return
-    got = _sha256(p)
+    got = sha256(p)
     if got != sha:
         raise DanluError(f"{p}: altered shard (SHA-256 {got[:16]}..., expected {sha[:16]}...); prepare the store "
                          f"again")

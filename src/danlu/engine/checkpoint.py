@@ -74,11 +74,13 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def sha256(path: Path) -> str:
+def sha256(path: Path, extra: bytes = b"") -> str:
+    """SHA-256 of the file's bytes followed by `extra`."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+    h.update(extra)
     return h.hexdigest()
 
 
@@ -216,13 +218,22 @@ def load_latest(run_dir: Path, map_location: Any = "cpu", require: Iterable[str]
     raise DanluError(f"--resume {run_dir}: no snapshot loads; newest: {problems[0]}")
 
 
-def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
-    """model.load_state_dict(weights), with a one-line error naming the keys and shapes that do not fit."""
+def weight_differences(model: torch.nn.Module, weights: dict[str, Any]
+                       ) -> tuple[list[str], list[str], list[tuple[str, tuple, tuple]]]:
+    """What keeps `weights` from loading into `model`: (missing keys, unexpected keys, [(key, shape in weights,
+    shape in model)]), each in the model's (or the weights') order."""
     own = model.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
-    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+    shapes = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in own.items()
               if k in weights and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(v.shape)]
+    return missing, unexpected, shapes
+
+
+def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str) -> None:
+    """model.load_state_dict(weights), with a one-line error naming the keys and shapes that do not fit."""
+    missing, unexpected, differ = weight_differences(model, weights)
+    shapes = [f"{k} {have} vs {want}" for k, have, want in differ]
     if missing or unexpected or shapes:
         parts = [f"{label} {_few(keys)}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                                              ("shape mismatch", shapes)) if keys]

@@ -10,7 +10,6 @@ trained on), the verification threshold and where that threshold came from.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +90,14 @@ def load_face_run(run_dir: Union[str, Path], device: Optional[str] = None) -> Fa
     """A finished face run (a model with `embed`), its preprocessing and threshold."""
     from danlu.api import load_run
 
-    run = load_run(run_dir, device=device)
+    return face_run_from(load_run(run_dir, device=device))
+
+
+def face_run_from(run) -> FaceRun:
+    """The FaceRun of an already loaded run (danlu.api.LoadedRun), sharing its model."""
+    from danlu.engine.checkpoint import sha256
+
+    run_dir = run.run_dir
     if not hasattr(run.model, "embed"):
         raise DanluError(f"RUN {run_dir}: model '{run.recipe.model.name}' is not a face model; expected a run of "
                          f"inception_resnet_v1 or mobilefacenet (e.g. recipes face_arcface_light)")
@@ -102,12 +108,8 @@ def load_face_run(run_dir: Union[str, Path], device: Optional[str] = None) -> Fa
     if (opts.channels, opts.size) != (c, h):
         raise DanluError(f"{path}: preprocessing gives {opts.channels}x{opts.size}x{opts.size}; the model takes "
                          f"{'x'.join(map(str, run.shape))}")
-    h_ = hashlib.sha256()
-    with open(run.weights, "rb") as f:
-        while block := f.read(1 << 22):
-            h_.update(block)
-    h_.update(json.dumps(opts.to_dict(), sort_keys=True).encode())
-    return FaceRun(run, opts, info.get("threshold"), h_.hexdigest(), info)
+    fingerprint = sha256(run.weights, extra=json.dumps(opts.to_dict(), sort_keys=True).encode())
+    return FaceRun(run, opts, info.get("threshold"), fingerprint, info)
 
 
 def _save_threshold(run: FaceRun, threshold: float, source: str) -> None:

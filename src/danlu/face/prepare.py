@@ -15,7 +15,6 @@ release the GIL, so threads keep every core busy without pickling pixels between
 from __future__ import annotations
 
 import json
-import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from danlu.data.decode import BadImage, default_workers
+from danlu.engine.checkpoint import write_bytes
 from danlu.errors import DanluError
 from danlu.face.detect import FaceOptions, preprocess
 
@@ -90,9 +90,7 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
               "face_found": total - len(notes) - len(skipped), "centre_squares": len(notes),
               "skipped_count": len(skipped), "centre_square_images": notes, "skipped": skipped}
     path = Path(out) / "prepare_report.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_bytes(path, (json.dumps(report, indent=1) + "\n").encode())
     if not quiet:
         print(f"face prepare: {report['face_found']} of {total} images with one face; {len(notes)} kept as a centre "
               f"square, {len(skipped)} skipped (each listed with its reason in {path})")

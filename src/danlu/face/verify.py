@@ -275,24 +275,22 @@ def read_pairs(path: Union[str, Path], root: Union[str, Path]) -> tuple[list[tup
 
 def _embedder(model: torch.nn.Module) -> torch.nn.Module:
     """The module with `.embed` under DDP / torch.compile wrappers."""
-    while not hasattr(model, "embed"):
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if inner is None:
-            raise DanluError(f"data.split=identities: model {type(model).__name__} has no embed(); expected a face "
-                             f"model (inception_resnet_v1, mobilefacenet)")
-        model = inner
-    return model
+    from danlu.api import _unwrap
+
+    net = _unwrap(model)
+    if not hasattr(net, "embed"):
+        raise DanluError(f"data.split=identities: model {type(net).__name__} has no embed(); expected a face "
+                         f"model (inception_resnet_v1, mobilefacenet)")
+    return net
 
 
 @torch.no_grad()
-def embed_loader(model: torch.nn.Module, loader, augment, precision, max_batches: Optional[int] = None) -> torch.Tensor:
+def embed_loader(model: torch.nn.Module, loader, augment, precision) -> torch.Tensor:
     """(N, D) float32 unit embeddings of a loader's images, in its order."""
     net = _embedder(model)
     net.eval()
     out = []
-    for i, (x, _) in enumerate(loader.epoch(0)):
-        if max_batches is not None and i >= max_batches:
-            break
+    for x, _ in loader.epoch(0):
         with precision.autocast():
             out.append(net.embed(augment(x, train=False)).float())
     return torch.cat(out)

@@ -204,11 +204,14 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    info = _model_info(loaded, faces, _device_name(loaded.device), precision, max_batch=max_batch,
+                       max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                       max_images=max_images)  # fixed for the server's life: built once
+    face_model = faces is not None and hasattr(loaded.model, "embed")  # classify cuts faces as training did
+
     @app.get("/v1/model", summary="the served model: classes, recipe summary, device, precision, limits")
     async def model_info() -> dict:
-        return _model_info(loaded, faces, _device_name(loaded.device), precision, max_batch=max_batch,
-                           max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
-                           max_images=max_images)
+        return info
 
     @app.post("/v1/classify", summary="top-k classes of one or more uploaded images",
               openapi_extra=_upload_schema({"file": "image file(s); repeat the field for several"}))
@@ -216,7 +219,6 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
         t0 = time.perf_counter()
         uploads = files_in(await read_form(request, ("file",)), "file")
         # (N, C, H, W) uint8; a face run classifies identities from face crops, cut as its training faces were
-        face_model = faces is not None and hasattr(loaded.model, "embed")
         x, decode_ms = await (face_crops(uploads) if face_model else decode(uploads, loaded.shape))
         b = await batchers["classify"].submit(x)
         values, index = b.rows.topk(min(top, len(loaded.classes)), dim=1)  # (N, k)

@@ -67,12 +67,11 @@ def face_service(run, gallery: Union[str, Path, None] = None) -> Optional[FaceSe
             raise DanluError(f"--gallery {gallery}: run {run.run_dir} is not a face model (model "
                              f"{run.recipe.model.name}); expected a face run, or no --gallery")
         return None
-    from danlu.face import Gallery, load_face_run
+    from danlu.face import Gallery
+    from danlu.face.api import face_run_from
 
-    face_run = load_face_run(run.run_dir, device=str(run.device))
+    face_run = face_run_from(run)  # the served run's own model, not a second copy
     if face_run.threshold is None:
         raise DanluError(f"{run.run_dir}: this face run has no verification threshold in face.json; expected one "
                          f"measured by training on held-out identities or by danlu.face.verify")
-    if gallery is not None and not Path(gallery).is_file():
-        raise DanluError(f"--gallery {gallery}: no such file; expected a gallery made by `danlu face enroll`")
     return _FaceRunService(face_run, Gallery(gallery, fingerprint=face_run.fingerprint) if gallery else None)
