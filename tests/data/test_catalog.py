@@ -153,7 +153,8 @@ def test_cifar_download_extract_and_parse(file_server, home, monkeypatch):
 
 
 def test_a_cifar_tar_with_a_parent_member_is_refused_through_the_catalog(file_server, home, monkeypatch):
-    archive = tar_gz({"../cifar-10-batches-py/data_batch_1": b"x"})
+    # deep enough that an unchecked extraction (into cifar10/.extract-*/.x.*/) would land in `home` itself
+    archive = tar_gz({"../../../cifar-10-batches-py/data_batch_1": b"x"})
     file_server.files["cifar-10-python.tar.gz"] = archive
     monkeypatch.setitem(catalog.ENTRIES, "cifar10", dataclasses.replace(
         catalog.ENTRIES["cifar10"], mirrors=(file_server.url,),

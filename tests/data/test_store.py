@@ -144,7 +144,7 @@ def test_stream_loader_gives_device_loader_batches(tmp_path, epoch, start):
     assert len(stream) == len(ref) == 6 and stream.global_batch == 8 and stream.device == torch.device("cpu")
     got, want = list(stream.epoch(epoch, start)), list(ref.epoch(epoch, start))
     assert len(got) == len(want) == 6 - start
-    for (a, ya), (b, yb) in zip(got, want):
+    for (a, ya), (b, yb) in zip(got, want, strict=True):
         assert torch.equal(a, b) and torch.equal(ya, yb) and torch.equal(a[:, 0, 0, 0].long(), ya)
 
 
@@ -153,7 +153,7 @@ def test_stream_ranks_split_one_global_order_and_eval_counts_each_sample_once(tm
     labels = torch.arange(50)
     one = StreamLoader(imgs, labels, 8, device="cpu", seed=1)
     ranks = [StreamLoader(imgs, labels, 4, device="cpu", seed=1, rank=r, world=2) for r in (0, 1)]
-    for (_, y), (_, a), (_, b) in zip(one.epoch(2), ranks[0].epoch(2), ranks[1].epoch(2)):
+    for (_, y), (_, a), (_, b) in zip(one.epoch(2), ranks[0].epoch(2), ranks[1].epoch(2), strict=True):
         assert torch.equal(y, torch.cat([a, b]))
     evals = [StreamLoader(imgs, labels, 6, device="cpu", shuffle=False, drop_last=False, rank=r, world=2)
              for r in (0, 1)]
@@ -218,7 +218,7 @@ def test_cli_prepare_then_train_from_the_store(folder, tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"] == 4
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the pinned-buffer, side-stream copy path")
+@pytest.mark.cuda  # the pinned-buffer, side-stream copy path; run by scripts/gpu_check.sh, skipped without CUDA
 def test_stream_loader_on_cuda_gives_device_loader_batches(tmp_path):
     imgs, x = _store_images(tmp_path)
     labels = torch.arange(50)
@@ -226,7 +226,7 @@ def test_stream_loader_on_cuda_gives_device_loader_batches(tmp_path):
     resident = make_loader(imgs, labels, 8, device="cuda", cache=True, seed=2)  # ShardedImages.to("cuda")
     assert isinstance(resident, DeviceLoader) and resident.images.is_cuda
     for e in range(3):
-        for (a, ya), (b, yb) in zip(stream.epoch(e), resident.epoch(e)):
+        for (a, ya), (b, yb) in zip(stream.epoch(e), resident.epoch(e), strict=True):
             a.float().mul_(2)  # use it on the consumer's stream right away
             assert a.is_cuda and ya.is_cuda and torch.equal(a, b) and torch.equal(ya, yb)
 

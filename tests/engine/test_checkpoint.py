@@ -38,6 +38,11 @@ def test_resume_from_a_mid_epoch_snapshot_equals_the_uninterrupted_run(tmp_path)
             p.unlink()
     (cut / "model.safetensors").unlink()
     (cut / "summary.json").unlink()
+    # the snapshot's clock says 1000 s more (saved again with its checksum): far more than the resumed half takes
+    snap = checkpoint.load_snapshot(cut / "snapshots" / "iter_00000024.pt")
+    snap["loop"]["clock"]["train_seconds"] += 1000.0
+    before = snap["loop"]["clock"]["train_seconds"]
+    checkpoint.save_snapshot(cut / "snapshots", {k: v for k, v in snap.items() if k != "format"}, 24, keep=100)
     r = run_cli("train", "--resume", str(cut))
     assert r.returncode == 0, r.stderr
     assert "resumed at 24" in r.stdout
@@ -48,8 +53,6 @@ def test_resume_from_a_mid_epoch_snapshot_equals_the_uninterrupted_run(tmp_path)
                 (run / "metrics.jsonl").read_text().splitlines())]
     assert events(cut) == events(full)
     # the summary counts the training time before the snapshot too, not only the resumed part's
-    snap = torch.load(cut / "snapshots" / "iter_00000024.pt", weights_only=True)
-    before = snap["loop"]["clock"]["train_seconds"]
     summary = json.loads((cut / "summary.json").read_text())
     assert before > 0 and summary["train_seconds"] >= round(before, 3)
     assert summary["iterations"] == json.loads((full / "summary.json").read_text())["iterations"]

@@ -77,7 +77,7 @@ def test_evaluation_over_two_ranks_counts_each_of_1001_samples_once(runs):
     root, _ = runs
     two, one = _tests(root / "two"), _tests(root / "one")
     assert [e["samples"] for e in two] == [1001, 1001]
-    for a, b in zip(two, one):  # the same weights (to 1e-5) evaluated on 2 ranks and on 1
+    for a, b in zip(two, one, strict=True):  # the same weights (to 1e-5) evaluated on 2 ranks and on 1
         assert a["acc"] == b["acc"] and a["top5"] == b["top5"]
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     r = run_cli("eval", str(root / "two"), "--device", "cpu", "--json", env=ONE_THREAD)  # one process
