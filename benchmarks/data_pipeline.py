@@ -42,7 +42,7 @@ import danlu
 from danlu.data.augment import Augment
 from danlu.data.datasets import channel_stats, load_dataset
 from danlu.data.loader import make_loader
-from danlu.data.store import prepare
+from danlu.data.datasets import prepare
 
 TARGET = 5.0
 PAD = 16

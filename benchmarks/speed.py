@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from danlu import bench
+from danlu.io import write_json
 
 TARGET = 0.97
 RUNS = [  # (model, size, batch, timed steps, warm-up steps): LeNet at Caffe's batch 64; ResNet-18 small enough
@@ -36,14 +37,14 @@ def main(argv: list[str] | None = None) -> int:
                                  compiles=["off"], steps=a.steps or steps, warmup=warmup, device="cpu"))
     merged = bench.merge(results)
     command = "python benchmarks/speed.py" + (f" --steps {a.steps}" if a.steps else "")
-    table = bench.markdown(merged, command)
+    table = bench.bench_markdown(merged, command)
     print(table)
     for row in merged["rows"]:
         if row["precision"] == "fp32":
             verdict = "meets" if row["vs_plain_loop"] >= TARGET else "MISSES"
             print(f"{row['model']}: danlu / plain loop {row['vs_plain_loop']:.3f} ({verdict} the target {TARGET})")
     if a.json:
-        bench.write_json(merged, Path(a.json))
+        write_json(Path(a.json), merged)
     if a.markdown:
         Path(a.markdown).write_text(table)
     return 0

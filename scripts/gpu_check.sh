@@ -93,6 +93,7 @@ import json, sys
 from pathlib import Path
 
 from danlu import bench
+from danlu.io import write_json
 
 out, tests_rc, seconds = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 parts = sorted((out / "parts").glob("*.json"), key=lambda p: p.stat().st_mtime)
@@ -100,9 +101,9 @@ results = [json.loads(p.read_text()) for p in parts]
 missing = [line for line in (out / "not_measured.txt").read_text().splitlines() if line.strip()]
 if results:
     merged = bench.merge(results)
-    bench.write_json({**merged, "tests_exit_code": tests_rc, "seconds": seconds, "not_measured": missing},
-                     out / "bench.json")
-    table = bench.markdown(merged, "scripts/gpu_check.sh")
+    write_json(out / "bench.json", {**merged, "tests_exit_code": tests_rc, "seconds": seconds,
+                                    "not_measured": missing})
+    table = bench.bench_markdown(merged, "scripts/gpu_check.sh")
 else:
     table = "no bench rows were measured\n"
 tests = (out / "tests.log").read_text().strip().splitlines()

@@ -60,7 +60,7 @@ def test_reduced_bench_writes_every_field(tmp_path):
 
 
 def test_lenet_flops_at_28px_match_the_hand_count():
-    recipe = bench._recipe("lenet", 28, 1, 10, 64, bench.Combo("fp32", "off", False, 1), "auto", torch.device("cpu"))
+    recipe = bench.bench_recipe("lenet", 28, 1, 10, 64, bench.Combo("fp32", "off", False, 1), "auto", torch.device("cpu"))
     train = ImageSet(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), torch.zeros(1), [str(i) for i in range(10)])
     assert bench.count_flops(recipe, train) == lenet_training_flops(64, 28) == 64 * 13_182_000
 
@@ -78,7 +78,7 @@ def test_peak_table(name, precision, peak):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--precision", "fp8"], "--precision fp8: 'fp8' is not one of fp32, tf32, bf16, fp16"),
+    (["--precision", "fp8"], "--precision fp8: 'fp8' is not one of fp32, tf32, fp16, bf16, fp64"),
     (["--compile", "maybe"], "--compile maybe: 'maybe' is not one of off, on, max-autotune"),
     (["--model", "lenett"], "--model lenett: unknown model"),
     (["--procs", "0"], "--procs 0: '0' is not a process count"),

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import danlu
 from conftest import TINY
-from danlu.api import load_run
+from danlu.runs import load_run
 from danlu.errors import DanluError
 from danlu.export import export
 

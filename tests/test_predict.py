@@ -9,7 +9,7 @@ from PIL import Image
 
 import danlu
 from conftest import TINY
-from danlu.api import load_run
+from danlu.runs import load_run
 from danlu.data.datasets import load_dataset
 from danlu.errors import DanluError
 from danlu.predict import predict

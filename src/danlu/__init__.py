@@ -11,9 +11,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 _LAZY = {
-    "train": "danlu.api", "evaluate": "danlu.api", "RunResult": "danlu.api", "load_run": "danlu.api",
+    "train": "danlu.api", "evaluate": "danlu.api", "RunResult": "danlu.api", "load_run": "danlu.runs",
     "Recipe": "danlu.config", "load_recipe": "danlu.config", "list_recipes": "danlu.config",
-    "ImageSet": "danlu.data.datasets", "load_dataset": "danlu.data.datasets",
+    "ImageSet": "danlu.data.imageset", "load_dataset": "danlu.data.datasets",
     "create_model": "danlu.models", "list_models": "danlu.models", "register_model": "danlu.models",
     "DanluError": "danlu.errors",
 }

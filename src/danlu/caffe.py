@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
-from danlu.config import SOLVER_SUFFIXES  # noqa: F401  (re-exported: the suffixes read as solvers)
 from danlu.errors import DanluError, nearest
 
 # The net files danlu knows: Caffe's example nets, mapped to a danlu model, data set and that net's data layers.

@@ -7,6 +7,7 @@ import sys
 import warnings
 from typing import Optional
 
+from danlu import __version__
 from danlu.errors import DanluError, Stopped
 
 EPILOG = """examples:
@@ -25,7 +26,7 @@ EPILOG = """examples:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="danlu", description="Train image classifiers as fast as your hardware allows.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--version", action="version", version=f"danlu {_version()}")
+    p.add_argument("--version", action="version", version=f"danlu {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train from a recipe (a shipped name or a YAML file)")
@@ -99,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="tv:resnet50", help="model name (default tv:resnet50, ImageNet stem)")
     b.add_argument("--size", type=int, default=224, help="image size in pixels (default 224)")
     b.add_argument("--batch", type=int, default=256, help="batch per process (default 256)")
-    b.add_argument("--precision", default="fp32,bf16,fp16", help="comma list of fp32, tf32, bf16, fp16")
+    b.add_argument("--precision", default="fp32,bf16,fp16", help="comma list of fp32, tf32, fp16, bf16, fp64 "
+                   "(default fp32,bf16,fp16)")
     b.add_argument("--compile", default="off,on", help="comma list of off, on, max-autotune (default off,on)")
     b.add_argument("--cuda-graphs", default="off", help="comma list of off, on (CUDA only; default off)")
     b.add_argument("--procs", default="1", help="comma list of process counts (default 1)")
@@ -171,10 +173,20 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(r, indent=2))
     else:
-        top5 = f", top-5 {r['top5']:.4f}" if r.get("top5") is not None else ""
-        print(f"{r['run_dir']} on {r['data']} ({r['samples']} images): accuracy {r['acc']:.4f}{top5}, "
-              f"loss {r['loss']:.4f}")
+        print(_eval_line(r))
     return 0
+
+
+def _eval_line(r: dict) -> str:
+    """One line of `danlu eval`: classification figures, or a face run's verification on held-out identities."""
+    where = f"{r['run_dir']} on {r['data']} ({r['samples']} images)"
+    if "verification_acc" in r:
+        from danlu.face.verify import describe_tar
+
+        return (f"{where}: verification accuracy {r['verification_acc']:.4f} +- {r['verification_std']:.4f} on "
+                f"{r['pairs']} pairs of held-out identities, threshold {r['threshold']:.4f}; {describe_tar(r)}")
+    top5 = f", top-5 {r['top5']:.4f}" if r.get("top5") is not None else ""
+    return f"{where}: accuracy {r['acc']:.4f}{top5}, loss {r['loss']:.4f}"
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
@@ -228,7 +240,7 @@ def _cmd_data(a: argparse.Namespace) -> int:
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
-    from danlu.data.store import prepare
+    from danlu.data.datasets import prepare
 
     if a.size is not None and len(a.size) > 2:
         raise DanluError(f"--size {' '.join(map(str, a.size))}: expected N or H W")
@@ -319,9 +331,11 @@ def _cmd_face(a: argparse.Namespace) -> int:
     elif c == "verify":
         r = face.verify(a.run, a.pairs, a.root or Path(a.pairs).parent, json_out=a.json, roc_png=a.roc,
                         device=a.device, save_threshold=not a.keep_threshold)
+        from danlu.face.verify import describe_tar
+
         print(f"verification: accuracy {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} over {len(r['fold_accuracies'])}"
-              f" folds ({r['pairs']} pairs); TAR {r['tar_at_far_1e-2']:.4f} at FAR 1e-2, {r['tar_at_far_1e-3']:.4f} at "
-              f"FAR 1e-3; threshold {r['threshold']:.4f}; report {r['json']}, ROC {r['roc_png']}")
+              f" folds ({r['pairs']} pairs); {describe_tar(r)}; threshold {r['threshold']:.4f}; report {r['json']}, "
+              f"ROC {r['roc_png']}")
     elif c == "enroll":
         r = face.enroll(a.run, a.target[0], a.gallery, device=a.device)
         print(f"enroll: {r['images']} images of {r['identities']} identities: {r['added']} added, {r['updated']} "
@@ -364,7 +378,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
                        device=a.device, channels=a.channels, classes=a.classes,
                        channels_last={"auto": "auto", "true": True, "false": False}[a.channels_last],
                        loader=a.loader, json_out=a.json, plot_out=a.plot)
-    bench.print_table(result)
+    bench.print_bench_table(result)
     return 0
 
 
@@ -382,12 +396,6 @@ def _cmd_models(a: argparse.Namespace) -> int:
 
     print("\n".join(list_models(include_torchvision=a.all)))
     return 0
-
-
-def _version() -> str:
-    from danlu import __version__
-
-    return __version__
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001

@@ -15,6 +15,9 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from danlu.engine.devices import check_device
+from danlu.engine.precision import PRECISIONS
+from danlu.engine.speed import COMPILE_MODES
 from danlu.errors import DanluError, nearest
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -36,6 +39,10 @@ class ModelCfg(_Section):
     scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
     margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin
     embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
+    test_flip: bool = True  # face models: embed each image fused with its mirror image (verify, embed, serve ...)
+    # start from these weights (a run folder, a .safetensors or a .pt/.pth file): layers that do not fit (the
+    # classifier for other classes) are named and keep their fresh initialization
+    init: Optional[str] = None
 
 
 class DataCfg(_Section):
@@ -47,7 +54,9 @@ class DataCfg(_Section):
     device_cache: Union[bool, Literal["auto"]] = "auto"  # store: whole set on the device (true), streamed (false)
     batch_size: int = Field(64, gt=0)  # per device
     test_batch_size: Optional[int] = Field(None, gt=0)  # default: 4x batch_size
-    size: Optional[Union[int, tuple[int, int]]] = None  # synthetic: image size (default 28); folder/list: 224
+    # the images' size: folder/list decode to it (default 224), synthetic makes it (default 28); a store or a named
+    # set is resized to it on the device (antialiased) where it differs (default: as stored)
+    size: Optional[Union[int, tuple[int, int]]] = None
     channels: Optional[Literal[1, 3]] = None  # synthetic: default 1; folder/list: 3 (RGB) or 1 (grayscale)
     num_classes: Optional[int] = Field(None, ge=2)  # synthetic: default 10
     train_size: int = Field(4096, gt=0)  # synthetic only
@@ -63,9 +72,27 @@ class DataCfg(_Section):
 
 
 class AugmentCfg(_Section):
+    """Batched, per-sample, on the device; in this order (data/augment.py). 0 / null: off."""
     shift: float = Field(0.0, ge=0, le=0.5)  # random shift by up to this fraction of width/height, nearest fill
     flip: bool = False  # random horizontal flip
     crop: int = Field(0, ge=0)  # random crop after zero padding by this many pixels
+    # one affine warp (bilinear, edge fill)
+    resized_crop: Optional[tuple[float, float]] = None  # [lo, hi] share of the area (torchvision RandomResizedCrop)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # resized_crop: aspect ratio range (width / height)
+    rotate: float = Field(0.0, ge=0, le=180)  # degrees, U(-rotate, rotate)
+    zoom: float = Field(0.0, ge=0, lt=1)  # factor U(1 - zoom, 1 + zoom); > 1 is closer
+    translate: float = Field(0.0, ge=0, le=0.5)  # U(-t, t) of the width and of the height (sub-pixel)
+    # lighting, all together with probability p_light
+    brightness: float = Field(0.0, ge=0, le=1)  # + U(-b, b) of white
+    contrast: float = Field(0.0, ge=0, le=1)  # x U(1 - c, 1 + c) about the image's mean
+    saturation: float = Field(0.0, ge=0, le=1)  # colour images: x U(1 - s, 1 + s) away from gray
+    gamma: float = Field(0.0, ge=0, le=3)  # pixels ** exp(U(-g, g)) on [0, white]
+    ramp: float = Field(0.0, ge=0, le=1)  # side light: x (1 + U(0, r) <direction, position>)
+    p_light: float = Field(1.0, ge=0, le=1)
+    grayscale: float = Field(0.0, ge=0, le=1)  # probability (colour images)
+    blur: float = Field(0.0, ge=0, le=10)  # Gaussian blur, sigma U(0.1, blur) pixels, with probability blur_p
+    blur_p: float = Field(0.0, ge=0, le=1)
+    erase: float = Field(0.0, ge=0, le=1)  # probability of random erasing (one box of 2-33% of the area, set to 0)
 
 
 class OptimCfg(_Section):
@@ -129,14 +156,12 @@ class RunCfg(_Section):
 
 
 class DevicesCfg(_Section):
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # engine/devices.py: auto | cpu | cuda | cuda:N
 
     @field_validator("device")
     @classmethod
     def _device_form(cls, v: str) -> str:
-        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
-            return v
-        raise ValueError("expected auto, cpu, cuda or cuda:N")
+        return check_device(v)
 
 
 class DistCfg(_Section):
@@ -152,8 +177,8 @@ class Recipe(_Section):
     optim: OptimCfg = Field(default_factory=OptimCfg)
     schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
     run: RunCfg = Field(default_factory=lambda: RunCfg(epochs=1))
-    precision: Literal["fp32", "tf32", "fp16", "bf16"] = "fp32"  # engine/precision.py (PRECISIONS)
-    compile: Union[bool, Literal["max-autotune"]] = False  # torch.compile of the model (engine/speed.py)
+    precision: Literal[PRECISIONS] = "fp32"  # engine/precision.py
+    compile: Union[bool, Literal[COMPILE_MODES[2:]]] = False  # torch.compile of the model (engine/speed.py)
     channels_last: Union[Literal["auto"], bool] = "auto"  # auto: on CUDA for conv nets, off on CPU
     cuda_graphs: bool = False  # CUDA only: replay forward + backward as CUDA graphs (static shapes)
     devices: DevicesCfg = Field(default_factory=DevicesCfg)
@@ -167,10 +192,10 @@ class Recipe(_Section):
     @field_validator("compile", "channels_last", mode="before")
     @classmethod
     def _switch(cls, v: Any, info: Any) -> Any:
-        word = {"compile": "max-autotune", "channels_last": "auto"}[info.field_name]
-        if isinstance(v, bool) or v == word:
+        words = {"compile": COMPILE_MODES[2:], "channels_last": ("auto",)}[info.field_name]
+        if isinstance(v, bool) or v in words:
             return v
-        raise ValueError(f"expected false, true or {word}")
+        raise ValueError(f"expected false, true or {' or '.join(words)}")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

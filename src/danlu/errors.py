@@ -31,3 +31,10 @@ def nearest(word: str, choices: Iterable[str], n: int = 3) -> str:
     if not close:
         return ""
     return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"
+
+
+def few(items: Iterable[str], n: int = 4) -> str:
+    """The first `n` items and how many more: few(['a', 'b', 'c'], 2) -> 'a, b (+1 more)'. Keeps messages one line."""
+    items = list(items)
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more

@@ -12,7 +12,7 @@ ONNX and TorchScript models take what a user has, pixels, and do the run's prepr
 The batch axis is dynamic. Each export is checked before it is renamed into place: the ONNX file in onnxruntime
 and the TorchScript file reloaded, each against the PyTorch model on random batches of 1 and 3 images (max abs
 difference of the logits below 1e-4); the safetensors file reloaded and compared tensor by tensor. A run whose
-weights do not match its recipe's model is refused, naming the keys (danlu.api.load_run).
+weights do not match its recipe's model is refused, naming the keys (danlu.runs.load_run).
 """
 from __future__ import annotations
 
@@ -33,17 +33,21 @@ TOLERANCE = 1e-4  # max abs difference of logits between the exported model and 
 
 
 class Deployable(nn.Module):
-    """The run's preprocessing and model in one module: pixels (B, C, H, W) float32 0..255 -> logits (B, classes)."""
+    """The run's preprocessing and model in one module: pixels (B, C, H, W) float32 0..255 -> logits (B, classes).
+    `size`: the (h, w) the run's preprocessing resizes to (antialiased bilinear), None where it does not."""
 
-    def __init__(self, model: nn.Module, scale: float, mean: Optional[torch.Tensor], std: Optional[torch.Tensor]):
+    def __init__(self, model: nn.Module, scale: float, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
+                 size: Optional[tuple[int, int]] = None):
         super().__init__()
-        self.model, self.scale = model, float(scale)
+        self.model, self.scale, self.size = model, float(scale), size
         # (C, 1, 1) per channel or (C, H, W) per pixel, in scaled units, as danlu.data.augment.Augment holds them
         self.register_buffer("mean", mean.float().clone() if mean is not None else None)
         self.register_buffer("std", std.float().clone() if std is not None else None)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels * self.scale  # (B, C, H, W)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = nn.functional.interpolate(x, size=self.size, mode="bilinear", antialias=True, align_corners=False)
         if self.mean is not None:
             x = x - self.mean
         if self.std is not None:
@@ -62,7 +66,7 @@ class ExportResult:
 def export(run_dir: Union[str, Path], fmt: str, out: Union[str, Path], *, force: bool = False) -> ExportResult:
     """Export the run in `run_dir` as `fmt` ('onnx', 'torchscript', 'safetensors') to `out`, checked (see module);
     an existing `out` is replaced only with `force`."""
-    from danlu.api import load_run
+    from danlu.runs import load_run
 
     if fmt not in FORMATS:
         raise DanluError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -74,7 +78,9 @@ def export(run_dir: Union[str, Path], fmt: str, out: Union[str, Path], *, force:
     if not out.parent.is_dir():
         raise DanluError(f"-o {out}: folder {out.parent} does not exist")
     run = load_run(run_dir, device="cpu")
-    deploy = Deployable(run.model, run.augment.scale, run.augment.mean, run.augment.std).eval()
+    # float32 in and out, also for a run trained in fp64
+    deploy = Deployable(run.model.float(), run.augment.scale, run.augment.mean, run.augment.std,
+                        run.augment.size).eval()
     meta = {"danlu_model": run.recipe.model.name, "model_kwargs": json.dumps(run.recipe.model.kwargs),
             "classes": json.dumps(run.classes), "input_shape": json.dumps(list(run.shape)),
             "input": "pixels float32 (batch, C, H, W) 0..255" if fmt != "safetensors" else "",

@@ -332,8 +332,8 @@ def train_command(recipe: Optional[str] = None, *, overrides: Optional[list[str]
 def _prepare(kw: dict[str, Any], on_gpus: bool) -> tuple[str, float, Path]:
     """Check everything the workers will need before starting them (bad input: exit 2 here, not in N processes):
     the recipe or the run to resume, the device, the run folder. Returns (device, dist.timeout, run folder)."""
-    from danlu.api import _new_run_dir, _recipe_name
     from danlu.config import load_recipe
+    from danlu.runs import new_run_dir, recipe_name
 
     want = "cuda" if on_gpus else "cpu"
     dev = kw["device"]
@@ -350,7 +350,7 @@ def _prepare(kw: dict[str, Any], on_gpus: bool) -> tuple[str, float, Path]:
         recipe = load_recipe(kw["recipe"], kw["overrides"])
         # the run folder, made here (with --force, an old run moved aside here) so the launcher can keep its
         # per-rank logs in it from the start; rank 0 then finds it empty
-        run_dir = _new_run_dir(kw["out"], _recipe_name(kw["recipe"]), kw["force"])
+        run_dir = new_run_dir(kw["out"], recipe_name(kw["recipe"]), kw["force"])
         kw["force"] = False
     return want, recipe.dist.timeout, run_dir
 
@@ -363,9 +363,9 @@ def _train_worker(kw: dict[str, Any]) -> dict[str, Any]:
 
 def _set_aside(run_dir: Path, name: str) -> None:
     """Move a failed attempt's run files (recipe, metrics, curves) into run_dir/logs/<name>/."""
-    from danlu.api import _RUN_FILES
+    from danlu.runs import held_run_files
 
-    held = [f for f in _RUN_FILES if (run_dir / f).exists()]
+    held = held_run_files(run_dir)
     if held:
         (run_dir / "logs" / name).mkdir(parents=True, exist_ok=True)
         for f in held:

@@ -88,8 +88,8 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
     """Top-`top` classes with probabilities for each image file (or image files in folders) in `inputs`."""
     import PIL.Image  # noqa: F401  (imported before the clock starts: the times are per image, not per session)
 
-    from danlu.api import _device_name, load_run
     from danlu.data.decode import BadImage
+    from danlu.runs import device_name, load_run
 
     if top < 1:
         raise DanluError(f"--top {top}: expected at least 1")
@@ -99,8 +99,8 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
         raise DanluError(f"no images to classify: {'; '.join(f'{f}: {e}' for f, e in errors) or 'no inputs'}")
     k = min(top, len(run.classes))
     batch_size = batch_size or run.recipe.data.test_batch_size or 4 * run.recipe.data.batch_size
-    result = PredictResult(str(run.run_dir), _device_name(run.device), errors=errors)
-    _forward(run, torch.zeros((1, *run.shape), dtype=torch.uint8))  # warm-up: first-call allocations, not timed
+    result = PredictResult(str(run.run_dir), device_name(run.device), errors=errors)
+    forward(run, torch.zeros((1, *run.shape), dtype=torch.uint8))  # warm-up: first-call allocations, not timed
     start = time.perf_counter()
     for i in range(0, len(files), batch_size):
         images, names, decode_ms = [], [], []
@@ -116,7 +116,7 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
         if not images:
             continue
         t0 = time.perf_counter()
-        probs = _forward(run, torch.stack(images))  # (B, classes) on the CPU
+        probs = forward(run, torch.stack(images))  # (B, classes) on the CPU
         share = 1000 * (time.perf_counter() - t0) / len(images)
         values, index = probs.topk(k, dim=1)  # (B, k)
         for name, ms, v, j in zip(names, decode_ms, values.tolist(), index.tolist()):
@@ -126,12 +126,11 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
 
 
 @torch.no_grad()
-def _forward(run, x: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the CPU -> class probabilities (B, classes) float32 on the CPU."""
-    from danlu.engine.precision import Precision
-
+def forward(run, x: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) on the CPU -> class probabilities (B, classes) float32 on the CPU, through a loaded run's
+    preprocessing, model and precision (danlu.runs.LoadedRun)."""
     x = run.augment(x.to(run.device), train=False)  # (B, C, H, W) float32, the run's preprocessing
-    with Precision.for_inference(run.recipe.precision, run.device).autocast():
+    with run.precision.autocast():
         logits = run.model(x)  # (B, classes)
     return logits.float().softmax(dim=1).cpu()  # .cpu() waits for the device, so the timing is honest
 
@@ -171,6 +170,6 @@ def _write(out: Union[str, Path], text: str) -> None:
     if str(out) == "-":
         print(text, end="")
         return
-    from danlu.engine.checkpoint import write_bytes
+    from danlu.io import write_bytes
 
     write_bytes(Path(out), text.encode())

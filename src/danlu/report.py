@@ -1,10 +1,17 @@
-"""Pictures of a run: curves.png (train and test loss and accuracy against epochs), drawn from metrics.jsonl."""
+"""What a person looks at: a run's curves.png (train and test loss and accuracy against epochs, from
+metrics.jsonl), and `danlu bench`'s results as a terminal table, a Markdown table and a bar chart.
+
+    draw_curves(run / "metrics.jsonl", run / "curves.png")
+    print(bench_markdown(result, command="danlu bench ..."))      # result: danlu.bench.run(...)
+"""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from typing import Any, Optional
 
-from danlu.engine.checkpoint import atomic_write
+from danlu.io import atomic_write, write_bytes
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -75,3 +82,113 @@ def draw_compare(metrics_paths: list[Path], labels: list[str], out_png: Path) ->
     fig.tight_layout(rect=(0, legend_h / (4.2 + legend_h), 1, 1))
     atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- danlu bench's results
+
+
+def combo_label(precision: str, compile: str, cuda_graphs: bool, procs: int) -> str:
+    """'bf16 compile+graphs x2': what a bench row ran, in a few words."""
+    how = {"off": "eager", "on": "compile"}.get(compile, compile)
+    return f"{precision} {how}{'+graphs' if cuda_graphs else ''}{f' x{procs}' if procs > 1 else ''}"
+
+
+def _fmt(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _short(commit: str) -> str:
+    """'75f9442a30f4...-dirty' -> '75f9442a30f4-dirty' (a figure from uncommitted code says so)."""
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def bench_markdown(result: dict[str, Any], command: Optional[str] = None) -> str:
+    """One Markdown table of the rows, headed by the date, device, versions and commit (for docs/BENCHMARKS.md)."""
+    env = result["env"]
+    load = env.get("load_average_start"), env.get("load_average_end")
+    head = [f"{env['date'][:10]}, {env['device']}" + (f", driver {env['driver']}" if env.get("driver") else "")
+            + (f", CUDA {env['cuda']}" if env.get("cuda") else "") + f", torch {env['torch']}, danlu {env['danlu']}"
+            + (f" ({_short(env['danlu_commit'])})" if env.get("danlu_commit") else "")
+            + (f"; load average {load[0][0]} before, {load[1][0]} after" if load[0] and load[1] else "")]
+    if command:
+        head.append(f"`{command}`")
+    cols = ["model", "px", "batch", "precision", "compile", "graphs", "procs", "img/s", "ms/step", "p90 ms",
+            "peak MB", "TFLOP/s", "MFU", "x fp32 eager", "vs plain loop"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+
+    for r in result["rows"]:
+        lines.append("| " + " | ".join([
+            r["model"], str(r["size"]), str(r["batch"]), r["precision"], r["compile"], "on" if r["cuda_graphs"] else
+            "off", str(r["procs"]), _fmt(r["images_per_second"], ",.0f"), _fmt(r["ms_per_step_median"], ".2f"),
+            _fmt(r["ms_per_step_p90"], ".2f"), _fmt(r["peak_memory_mb"], ",.0f"), _fmt(r["tflops"], ".3g"), _fmt(r["mfu"], ".1%"),
+            _fmt(r["speedup_vs_fp32_eager"], ".2f"), _fmt(r["vs_plain_loop"], ".3f")]) + " |")
+    notes = [f"skipped: {s['precision']} compile {s['compile']} (procs {s['procs']}): {s['reason']}"
+             for s in result.get("skipped", [])]
+    peaks = sorted({f"{r['precision']}: {r['peak_source']}" for r in result["rows"] if r.get("peak_source")})
+    if peaks:
+        notes.append("MFU against " + "; ".join(peaks))
+    if not result.get("complete", True):
+        notes.append("incomplete: the run stopped before the whole matrix was measured")
+    return "\n".join(head + [""] + lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def bench_chart(result: dict[str, Any], path: Path) -> None:
+    """Bar chart: images/s of danlu and of the plain loop for each combination."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [combo_label(r["precision"], r["compile"], r["cuda_graphs"], r["procs"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rows) + 2), 4.2))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["images_per_second"] for r in rows], 0.4, label="danlu", color="#c0392b")
+    ax.bar([x + 0.2 for x in xs], [r["plain_images_per_second"] for r in rows], 0.4, label="plain PyTorch loop",
+           color="#7f8c8d")
+    for x, r in zip(xs, rows):
+        ax.annotate(f"{r['images_per_second']:.0f}", (x - 0.2, r["images_per_second"]), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(list(xs), labels, rotation=20, ha="right")
+    ax.set_ylabel("images / s")
+    first = rows[0] if rows else {}
+    env = result["env"]
+    ax.set_title(f"{first.get('model', '')} {first.get('size', '')}px, batch {first.get('batch', '')} on "
+                 f"{env['device']}\ntorch {env['torch']}, {env['date'][:10]}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, buf.getvalue())
+
+
+def print_bench_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    env = result["env"]
+    t = Table(title=f"danlu bench: {env['device']}, torch {env['torch']}, danlu {env['danlu']} "
+                    f"({_short(env['danlu_commit'] or 'no git')}), {env['date']}")
+    for name, justify in (("model", "left"), ("precision", "left"), ("compile", "left"), ("graphs", "left"),
+                          ("procs", "right"), ("batch", "right"), ("img/s", "right"), ("ms/step", "right"),
+                          ("p90 ms", "right"), ("peak MB", "right"), ("TFLOP/s", "right"), ("MFU", "right"),
+                          ("x fp32 eager", "right"), ("vs plain", "right")):
+        t.add_column(name, justify=justify)
+
+    for r in result["rows"]:
+        t.add_row(r["model"], r["precision"], r["compile"], "on" if r["cuda_graphs"] else "off", str(r["procs"]),
+                  str(r["batch"]), _fmt(r["images_per_second"], ".1f"), _fmt(r["ms_per_step_median"], ".2f"),
+                  _fmt(r["ms_per_step_p90"], ".2f"), _fmt(r["peak_memory_mb"], ".0f"), _fmt(r["tflops"], ".3g"),
+                  _fmt(r["mfu"], ".1%"), _fmt(r["speedup_vs_fp32_eager"], ".2f"), _fmt(r["vs_plain_loop"], ".3f"))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # a file or a pipe: the whole table, not an 80-column squeeze
+    console.print(t)
+    for s in result.get("skipped", []):
+        console.print(f"skipped: {s['precision']} compile {s['compile']}{' graphs' if s['cuda_graphs'] else ''} "
+                      f"x{s['procs']}: {s['reason']}")
+    peaks = {(r["precision"], r["peak_source"]) for r in result["rows"] if r["peak_tflops"]}
+    for precision, source in sorted(peaks):
+        console.print(f"peak for MFU, {precision}: {source}")

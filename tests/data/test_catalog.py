@@ -1,6 +1,7 @@
 """The catalog against a local HTTP server: download, verify, resume, refuse; native formats; the offline path."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import os
@@ -58,9 +59,10 @@ def test_good_download_is_parsed_cached_and_not_fetched_again(file_server, home,
 
 
 def test_a_failing_mirror_falls_through_to_the_next(file_server, home, monkeypatch):
-    dead = f"http://127.0.0.1:{_closed_port()}/"
-    _serve_mnist(file_server, monkeypatch, mirrors=[dead, file_server.url + "nowhere/", file_server.url])
-    train, _ = load_dataset("mnist")
+    with _refusing_port() as port:
+        dead = f"http://127.0.0.1:{port}/"
+        _serve_mnist(file_server, monkeypatch, mirrors=[dead, file_server.url + "nowhere/", file_server.url])
+        train, _ = load_dataset("mnist")
     assert len(train) == 40
     assert ("nowhere/train-images-idx3-ubyte.gz", None) in file_server.requests  # the 404 mirror was tried
 
@@ -99,10 +101,11 @@ def test_a_partial_file_from_an_earlier_run_is_resumed(file_server, tmp_path):
 
 def test_unreachable_hosts_give_one_message_naming_files_checksums_and_folder(home, monkeypatch):
     real = catalog.ENTRIES["mnist"]
-    monkeypatch.setitem(catalog.ENTRIES, "mnist",
-                        dataclasses.replace(real, mirrors=(f"http://127.0.0.1:{_closed_port()}/",)))
-    with pytest.raises(DanluError) as e:
-        load_dataset("mnist")
+    with _refusing_port() as port:  # bound, never listening: every connection is refused
+        monkeypatch.setitem(catalog.ENTRIES, "mnist",
+                            dataclasses.replace(real, mirrors=(f"http://127.0.0.1:{port}/",)))
+        with pytest.raises(DanluError) as e:
+            load_dataset("mnist")
     msg = str(e.value)
     assert "\n" not in msg and str(home / "mnist") in msg
     for f in real.files:
@@ -221,9 +224,10 @@ def test_danlu_data_may_point_at_a_read_only_folder_holding_mnist(monkeypatch):
     assert sorted(p.name for p in MNIST_DIR.iterdir()) == before  # nothing written into the shared folder
 
 
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+@contextlib.contextmanager
+def _refusing_port():
+    """A port on 127.0.0.1 held bound, but not listening, while the block runs: connections to it are refused, and
+    no other process can take it meanwhile (a port closed right after choosing it could be)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]

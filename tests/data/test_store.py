@@ -13,7 +13,8 @@ from conftest import run_cli
 from danlu.data import store as store_mod
 from danlu.data.datasets import channel_stats, load_dataset, pixel_mean
 from danlu.data.loader import DeviceLoader, StreamLoader, make_loader
-from danlu.data.store import ShardedImages, open_store, prepare
+from danlu.data.datasets import prepare
+from danlu.data.store import ShardedImages, open_store
 from danlu.errors import DanluError
 from datafiles import class_folder
 

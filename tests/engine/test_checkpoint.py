@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_cli, sets
 from danlu.engine import checkpoint
+from danlu.io import atomic_write
 from danlu.errors import DanluError
 
 # augmentation on (its generator must resume too), dropout-free LeNet, 3 epochs of 16 iterations
@@ -66,9 +67,10 @@ def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
     assert run_cli("train", "--out", str(full), *args).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", "danlu", "train", "--out", str(cut), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (cut / "snapshots" / "iter_00000100.pt").exists():
+    deadline = time.time() + 600  # seconds on an idle machine; generous for a busy one
+    while time.time() < deadline and not (cut / "snapshots" / "iter_00000100.pt").exists() and proc.poll() is None:
         time.sleep(0.02)
+    assert (cut / "snapshots" / "iter_00000100.pt").exists(), "no snapshot at iteration 100 to kill after (waited 600 s)"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (cut / "summary.json").exists(), "finished before the kill: nothing tested"
@@ -118,14 +120,14 @@ def test_snapshots_are_atomic_and_pruned(tmp_path):
 
 def test_a_failed_write_leaves_the_previous_file_intact(tmp_path):
     path = tmp_path / "iter_00000010.pt"
-    checkpoint.atomic_write(path, lambda f: f.write(b"good"))
+    atomic_write(path, lambda f: f.write(b"good"))
 
     def failing(f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(DanluError, match="No space left on device.*previous iter_00000010.pt is unchanged"):
-        checkpoint.atomic_write(path, failing)
+        atomic_write(path, failing)
     assert path.read_bytes() == b"good"
     assert [p.name for p in tmp_path.iterdir()] == ["iter_00000010.pt"]
 

@@ -38,10 +38,26 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _weights(run) -> dict:
+    return load_file(str(run / "model.safetensors"))
+
+
 def _max_diff(a, b) -> float:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
     return max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa)
+
+
+def _moved(run) -> float:
+    """How far training moved the weights: the largest change of any weight from its seeded initial value."""
+    from danlu.config import load_recipe
+    from danlu.engine.build import build_model
+
+    recipe = load_recipe(str(run / "recipe.yaml"))
+    torch.manual_seed(recipe.run.seed)  # as engine.build seeds the initial weights
+    start = build_model(recipe, (1, 28, 28), 10).state_dict()
+    end = _weights(run)
+    return max((end[k].double() - start[k].double()).abs().max().item() for k in end)
 
 
 def _tests(run) -> list[dict]:
@@ -50,36 +66,54 @@ def _tests(run) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same 50 steps as 2 processes x batch 32 (through the real CLI and launcher) and 1 process x batch 64."""
+    """The same 50 steps as 2 processes x batch 32 (through the real CLI and launcher) and 1 process x batch 64, in
+    float64 (two, one) and float32 (two32, one32)."""
     root = tmp_path_factory.mktemp("dist")
-    two = run_cli("train", "--procs", "2", "--out", str(root / "two"), *sets(*COMMON, "data.batch_size=32"),
-                  cwd=root, timeout=300)
-    assert two.returncode == 0, two.stderr
-    one = run_cli("train", "--device", "cpu", "--out", str(root / "one"), *sets(*COMMON, "data.batch_size=64"),
-                  cwd=root, timeout=300, env=ONE_THREAD)
-    assert one.returncode == 0, one.stderr
-    return root, two
+    for precision, suffix in (("fp64", ""), ("fp32", "32")):
+        two = run_cli("train", "--procs", "2", "--out", str(root / f"two{suffix}"),
+                      *sets(*COMMON, "data.batch_size=32", f"precision={precision}"), cwd=root, timeout=600)
+        assert two.returncode == 0, two.stderr
+        one = run_cli("train", "--device", "cpu", "--out", str(root / f"one{suffix}"),
+                      *sets(*COMMON, "data.batch_size=64", f"precision={precision}"), cwd=root, timeout=600,
+                      env=ONE_THREAD)
+        assert one.returncode == 0, one.stderr
+        if precision == "fp64":
+            stdout = two.stdout
+    return root, stdout
 
 
 def test_two_processes_batch_32_equal_one_process_batch_64(runs):
-    root, two = runs
-    assert _max_diff(root / "one", root / "two") < 1e-5
+    root, stdout = runs
+    # float64: the same sums in another order; measured 1.7e-16 (2026-11-30, 2-core AMD EPYC)
+    assert _max_diff(root / "one", root / "two") < 1e-12
     summary = json.loads((root / "two" / "summary.json").read_text())
     assert (summary["world_size"], summary["global_batch"], summary["iterations"]) == (2, 64, 50)
-    assert "global batch 64 (32 x 2 process(es))" in two.stdout
-    assert two.stdout.count("done: test accuracy") == 1  # rank 0 alone reports ...
+    assert "global batch 64 (32 x 2 process(es))" in stdout
+    assert stdout.count("done: test accuracy") == 1  # rank 0 alone reports ...
     assert sorted(p.name for p in (root / "two" / "snapshots").glob("*.pt")) == ["iter_00000040.pt",
                                                                                 "iter_00000050.pt"]
     assert not list((root / "two" / "logs").rglob("danlu_failure.json"))  # ... and nobody failed
+
+
+def test_in_float32_the_two_agree_to_rounding_relative_to_how_far_the_weights_moved(runs):
+    """float32 rounds each sum to ~6e-8; the mean of two all-reduced batch-32 gradients and one batch-64 gradient
+    (whose kernels may even pick other reduction orders for the other batch size) differ in their last bits, and
+    50 SGD steps with momentum amplify that. Measured, as a share of how far the weights moved (0.105): 7e-5 on a
+    2-core AMD EPYC (2026-11-30), 3.3e-3 on another 2-core machine (3.5e-4 absolute). A real fault (a rank on the
+    wrong slice, gradients summed instead of averaged, an LR not scaled) moves the weights by a share near 1."""
+    root, _ = runs
+    moved = _moved(root / "one32")
+    assert 0.01 < moved < 10  # training did move the weights
+    assert _max_diff(root / "one32", root / "two32") < 1e-2 * moved
 
 
 def test_evaluation_over_two_ranks_counts_each_of_1001_samples_once(runs):
     root, _ = runs
     two, one = _tests(root / "two"), _tests(root / "one")
     assert [e["samples"] for e in two] == [1001, 1001]
-    for a, b in zip(two, one, strict=True):  # the same weights (to 1e-5) evaluated on 2 ranks and on 1
+    for a, b in zip(two, one, strict=True):  # the same weights (to 1e-12) evaluated on 2 ranks and on 1
         assert a["acc"] == b["acc"] and a["top5"] == b["top5"]
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-9)
     r = run_cli("eval", str(root / "two"), "--device", "cpu", "--json", env=ONE_THREAD)  # one process
     assert r.returncode == 0, r.stderr
     alone = json.loads(r.stdout)
@@ -109,7 +143,7 @@ def test_snapshot_from_two_processes_resumes_on_another_number(runs, procs):
     # the global batch (64), the data position and the LR are the snapshot's: 1 x 64 or 4 x 16
     assert (summary["world_size"], summary["global_batch"], summary["iterations"]) == (procs, 64, 50)
     assert summary["recipe"]["data"]["batch_size"] == 64 // procs
-    assert _max_diff(run, root / "two") < 1e-5
+    assert _max_diff(run, root / "two") < 1e-12  # float64: another number of processes, the same sums
     assert [e["iter"] for e in _tests(run)] == [25, 50]  # the log goes on where the snapshot left it
 
 
@@ -134,7 +168,7 @@ def _train_raising(out: str) -> None:
                 quiet=True)
 
 
-def test_a_rank_raising_at_step_10_ends_the_job_within_60_s(tmp_path):
+def test_a_rank_raising_at_step_10_ends_the_job_instead_of_hanging(tmp_path):
     from danlu.launch import WorkerFailed, run_workers
 
     with pytest.raises(WorkerFailed) as e:
@@ -142,7 +176,10 @@ def test_a_rank_raising_at_step_10_ends_the_job_within_60_s(tmp_path):
     ended = time.time()
     raised = [json.loads(f.read_text()) for f in (tmp_path / "logs").rglob("danlu_failure.json")]
     assert [r["time"] for r in raised if r["rank"] == 1 and not r["peer"]]  # rank 1 recorded its own error
-    assert ended - min(r["time"] for r in raised if r["rank"] == 1) < 60  # and the job was over soon after
+    # and the job was over soon after: the launcher stops rank 0 at once (seconds on an idle machine); the bound is
+    # generous for a busy one, and far below dist.timeout's 300 s that a hang would take
+    took = ended - min(r["time"] for r in raised if r["rank"] == 1)
+    assert took < 150, f"the job ended {took:.0f} s after rank 1 failed: the launcher did not stop rank 0 at once"
     message = str(e.value)
     assert "\n" not in message and e.value.rank == 1 and e.value.exit_code == 1
     assert message.startswith("rank 1 failed: ValueError: boom at step 10 on rank 1 (full traceback: ")
@@ -223,7 +260,7 @@ def test_one_process_starts_no_process_group_and_collectives_do_nothing(monkeypa
 
 def test_accumulating_2_micro_batches_of_32_equals_a_batch_of_64(tmp_path):
     train, test = danlu.load_dataset("synthetic", train_size=256, test_size=64)
-    base = {"augment": "none", "optim": {"lr_scaling": "none"}, "devices": {"device": "cpu"},
+    base = {"augment": "none", "optim": {"lr_scaling": "none"}, "devices": {"device": "cpu"}, "precision": "fp64",
             "run": {"max_iter": 10, "snapshot_every": 0, "seed": 1, "tensorboard": False}}
     results = []
     for batch, accumulate in ((64, 1), (32, 2)):
@@ -232,7 +269,7 @@ def test_accumulating_2_micro_batches_of_32_equals_a_batch_of_64(tmp_path):
         results.append(danlu.train(recipe, train_data=train, test_data=test, out=tmp_path / f"a{accumulate}",
                                    quiet=True))
     a, b = (r.model.state_dict() for r in results)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-12  # float64: the same sums in another order
     assert results[1].summary["global_batch"] == 64 and results[1].iterations == 10
 
 

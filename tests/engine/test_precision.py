@@ -144,7 +144,7 @@ def test_tf32_needs_cuda():
 def test_bad_precision_in_a_recipe_exits_2(tmp_path, capsys):
     r = run_cli("train", *sets(*TINY, "run.max_iter=2", "precision=fp8"), "--out", str(tmp_path / "a"))
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0
-    assert "precision=fp8" in r.stderr and "'fp32', 'tf32', 'fp16' or 'bf16'" in r.stderr
+    assert "precision=fp8" in r.stderr and "'fp32', 'tf32', 'fp16', 'bf16' or 'fp64'" in r.stderr
     assert main(["train", *sets(*TINY, "run.max_iter=2", "precision=tf32"), "--device", "cpu",
                  "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err

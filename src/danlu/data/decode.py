@@ -48,7 +48,7 @@ def as_size(size: Union[int, Sequence[int], None], default: int = 224) -> tuple[
     return h, w
 
 
-def _to_mode(im, channels: int):
+def to_mode(im, channels: int):
     """A Pillow image in mode L (channels=1) or RGB (3); 16-bit and float images are scaled to 8 bits first."""
     from PIL import Image
 
@@ -79,7 +79,7 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
                                f"(a decompression bomb?); expected a smaller image")
             rw, rh = _resized(W0, H0, h, w) if resize == "crop" else (w, h)  # the full image's size after resizing
             im.draft("L" if channels == 1 else "RGB", (rw, rh))  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it
-            im = _to_mode(im, channels)
+            im = to_mode(im, channels)
             im.load()  # decodes: a truncated or corrupt file fails here
     except BadImage:
         raise

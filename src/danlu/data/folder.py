@@ -124,7 +124,7 @@ def load_files(files: FileSet, *, size: Union[int, tuple[int, int], None] = None
                split: str = "images"):
     """Decode a FileSet into (train, test) ImageSets; the train set carries the report (`train.report`).
     `split="identities"`: every readable image, with `val_fraction` of the classes held back (identity_split)."""
-    from danlu.data.datasets import ImageSet, identity_split, stratified_split
+    from danlu.data.imageset import ImageSet, identity_split, stratified_split
 
     hw, c = as_size(size), channels or 3
     items = files.train + (files.test or [])
@@ -198,7 +198,7 @@ def warn_skipped(report: dict[str, Any]) -> None:
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> Path:
     """data_report.json in the run folder (written to a temporary file and renamed)."""
-    from danlu.engine.checkpoint import write_bytes
+    from danlu.io import write_bytes
 
     path = Path(run_dir) / "data_report.json"
     write_bytes(path, (json.dumps(report, indent=2) + "\n").encode())

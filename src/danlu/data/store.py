@@ -33,7 +33,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from danlu.engine.checkpoint import sha256, write_bytes
+from danlu.io import sha256, write_bytes
 from danlu.errors import DanluError
 
 FORMAT, VERSION = "danlu-store", 1
@@ -140,56 +140,6 @@ class StorePlan:
     decode: Optional[Callable[..., tuple[np.ndarray, dict[int, str], list[dict[str, Any]]]]] = None
 
 
-def _plan(src: str, size, channels: Optional[int], resize: str, train_list: Optional[str],
-          val_list: Optional[str]) -> StorePlan:
-    from danlu.data.decode import as_size
-
-    if Path(src).is_dir() or train_list is not None:
-        from danlu.data.folder import scan_folder
-        from danlu.data.lists import scan_lists
-
-        files = scan_lists(train_list, val_list, src) if train_list else scan_folder(src, key="SRC")
-        (h, w), c = as_size(size), channels or 3
-        splits = {"train": files.train, **({"test": files.test} if files.test is not None else {})}
-        return StorePlan(files.classes, splits, {"kind": files.kind, **files.source, "resize": resize},
-                     (c, h, w), list(files.skipped))
-    from danlu.data.datasets import DATASETS, load_dataset
-
-    if src not in DATASETS or src in ("folder", "list", "store"):
-        raise DanluError(f"SRC={src}: not a folder and not a named set; expected a folder of class subfolders or one "
-                         f"of {', '.join(d for d in DATASETS if d not in ('folder', 'list', 'store'))}")
-    train, test = load_dataset(src)
-    splits = {}
-    for name, s in (("train", train), ("test", test)):
-        x = s.images
-        if size is not None or channels is not None:
-            x = _resize_tensor(x, as_size(size, default=x.shape[-1]) if size is not None else tuple(x.shape[-2:]),
-                               channels or x.shape[1], resize)
-        splits[name] = (x.numpy(), s.labels.numpy())
-    shape = tuple(splits["train"][0].shape[1:])
-    return StorePlan(train.classes, splits, {"kind": "catalog", "name": src, "resize": resize}, shape, [])
-
-
-def _resize_tensor(x: torch.Tensor, hw: tuple[int, int], channels: int, resize: str) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> uint8 (N, channels, h, w), antialiased (torchvision), centre-cropped for 'crop'."""
-    from torchvision.transforms.v2 import functional as TF
-
-    out = []
-    for lo in range(0, len(x), 1024):
-        b = x[lo:lo + 1024]
-        if channels != b.shape[1]:
-            b = TF.rgb_to_grayscale(b) if channels == 1 else b.expand(-1, 3, -1, -1)
-        if resize == "crop":
-            H, W = b.shape[-2:]
-            s = max(hw[0] / H, hw[1] / W)
-            b = TF.center_crop(TF.resize(b, [max(hw[0], round(H * s)), max(hw[1], round(W * s))], antialias=True),
-                               list(hw))
-        else:
-            b = TF.resize(b, list(hw), antialias=True)
-        out.append(b.contiguous())
-    return torch.cat(out)
-
-
 def _fingerprint(plan: StorePlan, per_shard: int) -> str:
     from danlu.data.folder import Item
 
@@ -232,19 +182,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
-
-
-def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tuple[int, int], None] = None,
-            channels: Optional[int] = None, resize: str = "crop", shard_mb: float = 256, train_list=None,
-            val_list=None, workers: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
-    """Decode `src` (a class-folder tree, a list file with `train_list`, or a named set) once into a store at `out`.
-    Returns the store's meta (plus `images_per_second` of this call). Safe to interrupt and run again."""
-    from danlu.data.decode import RESIZE_MODES
-
-    if resize not in RESIZE_MODES:
-        raise DanluError(f"--resize {resize}: expected one of {', '.join(RESIZE_MODES)}")
-    plan = _plan(str(src), size, channels, resize, train_list, val_list)
-    return write_store(plan, out, shard_mb=shard_mb, workers=workers, quiet=quiet)
 
 
 def write_store(plan: StorePlan, out: Union[str, Path], *, shard_mb: float = 256, workers: Optional[int] = None,
@@ -379,6 +316,19 @@ def _finish(out: Path, plan: StorePlan, state: dict[str, Any], fp: str, skipped:
 # ---------------------------------------------------------------- open
 
 
+def store_source(root: Union[str, Path, None]) -> Optional[dict[str, Any]]:
+    """What a store was made from (meta.json `source`: kind, folder, and for a face store `face`, how faces were
+    cut), without checking its shards; None where `root` is not a finished store."""
+    if root is None:
+        return None
+    try:
+        meta = json.loads((Path(root) / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    source = meta.get("source") if isinstance(meta, dict) else None
+    return dict(source) if isinstance(source, dict) else None
+
+
 def open_store(path: Union[str, Path], key: str = "data.root") -> dict[str, Any]:
     """Check a store and map its shards: {'meta': ..., 'classes': [...], 'splits': {name: (ShardedImages, labels)}}.
     A missing, truncated or altered shard raises DanluError naming the file."""
@@ -452,7 +402,7 @@ def load_store(root: Union[str, Path, None], *, val_fraction: float = 0.2, split
                split: str = "images"):
     """(train, test) ImageSets from a store; without a test split, a seeded stratified split by `val_fraction`.
     `split="identities"`: every image of the store, with `val_fraction` of the classes held back (identity_split)."""
-    from danlu.data.datasets import ImageSet, identity_split, stratified_split
+    from danlu.data.imageset import ImageSet, identity_split, stratified_split
 
     store = open_store(root)
     classes = store["classes"]

@@ -9,79 +9,26 @@ too), written before the snapshot is renamed into place: a snapshot under its fi
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import random
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
-from danlu.errors import DanluError
+from danlu.errors import DanluError, few
+from danlu.io import atomic_write, sha256, write_bytes
 
 _NAME = re.compile(r"^iter_(\d+)\.pt$")
 _TMP = re.compile(r"^\..+\.tmp(\d+)$")  # atomic_write's temporary files: .<name>.tmp<pid>
 FORMAT = "danlu-snapshot/1"
 # what a training snapshot holds; a file without these is not resumable (checked before anything is loaded)
 RESUME_KEYS = ("model", "optimizer", "rng", "iteration", "recipe")
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], Any],
-                 before_rename: Optional[Callable[[Path], None]] = None) -> None:
-    """Call write(file) on a temporary file beside `path`, then rename it over `path`: readers see the old file or
-    the whole new one, never a part. `before_rename(tmp)` runs on the complete, fsynced temporary file.
-    A failing disk (full, read-only, gone) raises a one-line DanluError; the old `path` is left as it was."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_rename is not None:
-            before_rename(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        kept = f"the previous {path.name} is unchanged" if path.exists() else "nothing was written"
-        raise DanluError(f"{path}: cannot write ({e.strerror or e}); {kept}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Atomically replace `path` with `data` (summary.json, recipe.yaml, model.safetensors)."""
-    atomic_write(Path(path), lambda f: f.write(data))
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (POSIX: a rename lives in the directory's metadata)."""
-    if not hasattr(os, "O_DIRECTORY"):
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def sha256(path: Path, extra: bytes = b"") -> str:
-    """SHA-256 of the file's bytes followed by `extra`."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    h.update(extra)
-    return h.hexdigest()
 
 
 def sidecar(path: Path) -> Path:
@@ -235,15 +182,10 @@ def load_model_state(model: torch.nn.Module, weights: dict[str, torch.Tensor], w
     missing, unexpected, differ = weight_differences(model, weights)
     shapes = [f"{k} {have} vs {want}" for k, have, want in differ]
     if missing or unexpected or shapes:
-        parts = [f"{label} {_few(keys)}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+        parts = [f"{label} {few(keys)}" for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                                              ("shape mismatch", shapes)) if keys]
         raise DanluError(f"{where}: holds weights of another model ({'; '.join(parts)})")
     model.load_state_dict(weights)
-
-
-def _few(items: list[str], n: int = 4) -> str:
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 # ---------------------------------------------------------------- random state, as tensors and plain values

@@ -2,7 +2,7 @@
 
     guard = Guard(on_nan="stop", named_parameters=model.named_parameters(), run_dir=run_dir)
     with guard.signals():                  # SIGTERM / SIGINT now set guard.stop instead of killing the process
-        train_loop(parts, ...)             # the loop asks guard.keep(loss) per step, guard.check(...) at boundaries
+        train_loop(parts, ...)             # the loop asks guard.keep(micro) per step, guard.check(...) at boundaries
 
 - SIGTERM / SIGINT: the step in flight finishes, the loop sees `guard.stop` at its snapshot condition, a snapshot is
   written and `Stopped` carries the exit code (128 + signal: 143 / 130) and the `danlu train --resume DIR` line.
@@ -65,8 +65,10 @@ class Guard:
             return True
         return False
 
-    def keep(self, loss: torch.Tensor) -> bool:
-        """on_nan=skip: False (and counted) when the step's loss is not finite on any rank."""
+    def keep(self, micro: list[tuple[torch.Tensor, ...]]) -> bool:
+        """on_nan=skip: False (and counted) when the step's loss is not finite on any rank. `micro`: the step's
+        (loss, ...) per micro-batch."""
+        loss = sum(m[0] for m in micro) if len(micro) > 1 else micro[0][0]
         bad = 0.0 if math.isfinite(loss.item()) else 1.0  # one host read (on a GPU: one sync); ~1 us on a CPU
         if self.world > 1:  # every rank takes the same decision: skip where any rank's loss is not finite
             bad = self.all_reduce_sum(torch.tensor([bad], device=loss.device)).item()
@@ -113,7 +115,7 @@ class Guard:
         }
         where = ""
         if self.run_dir is not None:
-            from danlu.engine.checkpoint import write_bytes
+            from danlu.io import write_bytes
 
             write_bytes(self.run_dir / "diagnosis.json", (json.dumps(diagnosis, indent=2) + "\n").encode())
             where = f"; diagnosis in {self.run_dir / 'diagnosis.json'}"
@@ -168,7 +170,7 @@ class Guard:
                                     f"danlu train --resume {run_dir}")
 
 
-def _keep_all(loss: torch.Tensor) -> bool:
+def _keep_all(micro: list[tuple[torch.Tensor, ...]]) -> bool:
     return True
 
 

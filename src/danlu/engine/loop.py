@@ -27,7 +27,7 @@ from danlu.engine.speed import DeviceMonitor
 
 @dataclass
 class Parts:
-    """Everything one training step touches, built by `danlu.api` from a recipe."""
+    """Everything one training step touches, built from a recipe by `danlu.engine.build`."""
     model: torch.nn.Module  # the module to call (DDP-wrapped where world > 1)
     optimizer: torch.optim.Optimizer
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,7 +77,7 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     if loop_state:
         meter.load_state_dict(loop_state["meter"])
         clock.load_state_dict(loop_state.get("clock", {}))  # a resumed run reports the whole run's time and rate
-    it = start
+    it, A = start, plan.accumulate
     model.train()
     while it < plan.max_iter:
         epoch, index = divmod(it, per_epoch)
@@ -87,17 +87,18 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                 group["lr"] = lr
             x = p.augment(x, p.generator, train=True)  # (A*B, C, H, W) float32, normalized; A = plan.accumulate
             opt.zero_grad(set_to_none=True)
-            if plan.accumulate == 1:  # the common case, with no per-step extras (chunk, divide, stack, cat)
-                with p.precision.autocast():
-                    logits = model(x)  # (B, classes)
-                    loss = p.criterion(logits, y)
-                p.precision.backward(loss)
-                loss, logits = loss.detach(), logits.detach()
-            else:
-                loss, logits = _accumulate(p, model, x, y, plan.accumulate)
-            if p.guard.keep(loss):  # run.on_nan=skip drops a step whose loss is not finite (stop: no check here)
+            micro = []  # (loss, logits, labels) of each micro-batch, detached
+            for k, (xb, yb) in enumerate(zip(x.chunk(A), y.chunk(A))):  # (B, ...) each; A=1: the batch itself
+                with p.dist.no_sync(model, skip=k < A - 1):  # DDP all-reduces once, after the last micro-batch
+                    with p.precision.autocast():
+                        logits = model(xb)  # (B, classes)
+                        loss = p.criterion(logits, yb)
+                    p.precision.backward(loss / A)
+                micro.append((loss.detach(), logits.detach(), yb))
+            if p.guard.keep(micro):  # run.on_nan=skip drops a step whose loss is not finite (stop: no check here)
                 p.precision.step(opt, params, plan.clip_grad_norm)
-                meter.add(loss, logits, y)
+                for loss_k, logits_k, y_k in micro:
+                    meter.add(loss_k, logits_k, y_k)
             it += 1
             clock.step(it, y.shape[0])
             log.tick(it, meter, clock.window_rate())
@@ -129,21 +130,6 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     return LoopStats(it, clock.train_seconds, clock.rate(), last_test)
 
 
-def _accumulate(p: Parts, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of `micro` micro-batches of the batch (A*B, ...); DDP all-reduces after the last only.
-    Returns the whole batch's mean loss () and logits (A*B, classes), detached."""
-    losses, outs = [], []
-    for k, (xb, yb) in enumerate(zip(x.chunk(micro), y.chunk(micro))):  # (B, ...) each
-        with p.dist.no_sync(model, skip=k < micro - 1):
-            with p.precision.autocast():
-                logits = model(xb)  # (B, classes)
-                loss = p.criterion(logits, yb)
-            p.precision.backward(loss / micro)
-        losses.append(loss.detach()), outs.append(logits.detach())
-    return torch.stack(losses).mean(), torch.cat(outs)
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
              max_batches: Optional[int] = None, label_smoothing: float = 0.0) -> dict[str, Any]:
@@ -155,7 +141,8 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, pre
         if max_batches is not None and i >= max_batches:
             break
         with precision.autocast():
-            logits = model(augment(x, train=False)).float()  # (B, classes)
+            logits = model(augment(x, train=False))  # (B, classes)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; fp64 stays
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hit = topk == y[:, None]

@@ -109,8 +109,10 @@ class RunLog:
 
 def _line(r: dict[str, Any], total: int) -> str:
     if r["kind"] == "test" and "verification_acc" in r:  # face runs: verification on held-out identities
+        from danlu.face.verify import describe_tar
+
         return (f"[test]  iter {r['iter']:>6}/{total}  verification {r['verification_acc']:.4f} +- "
-                f"{r['verification_std']:.4f} ({r['pairs']} pairs)  TAR@FAR=1e-3 {r['tar_at_far_1e-3']:.4f}")
+                f"{r['verification_std']:.4f} ({r['pairs']} pairs)  {describe_tar(r)}")
     if r["kind"] == "test":
         top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
         return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}"

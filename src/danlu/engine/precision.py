@@ -16,8 +16,12 @@ so it never branches on dtype. The formats (`precision:` in a recipe):
           the loss is scaled before backward, gradients are unscaled before clipping, a step whose gradients hold
           inf/NaN is skipped (the scale halves) and counted in `skipped_steps`, and the scaler's state (scale, growth
           tracker) travels in snapshots, so a resumed run scales exactly as the uninterrupted one.
+    fp64  float64 weights, batches, gradients and optimizer state (`param_dtype`): slow everywhere, for numerical
+          checks where float32's rounding would hide the answer (2 processes x batch B against 1 x 2B agree to
+          ~1e-12 in float64, to ~1e-4 in float32 after 50 steps, depending on the CPU's kernels).
 
-The TF32 switches are process-wide torch settings; a Precision sets them when it is built on a CUDA device.
+The TF32 switches are process-wide torch settings: `configure_backends()` sets them, once, where a run starts
+(training, or loading a run for inference); building a Precision changes nothing outside it.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ import torch
 
 from danlu.errors import DanluError
 
-PRECISIONS = ("fp32", "tf32", "fp16", "bf16")
+PRECISIONS = ("fp32", "tf32", "fp16", "bf16", "fp64")
 _AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
@@ -50,15 +54,20 @@ class Precision:
                              f"expected fp16, tf32 or fp32 on this GPU")
         self.name, self.device = name, device
         self.dtype: Optional[torch.dtype] = _AUTOCAST_DTYPE.get(name)  # the autocast dtype; None: no autocast
+        self.param_dtype = torch.float64 if name == "fp64" else torch.float32  # weights and input batches
         self.scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
         self.skipped_steps = 0  # steps the loss scaler skipped (inf/NaN gradients); always 0 without a scaler
         self._cache = autocast_cache
         self._scale: Optional[float] = None  # host copy of the scale the next step starts with
-        if device.type == "cuda":
+
+    def configure_backends(self) -> None:
+        """Set torch's process-wide switches for this precision: on CUDA, TF32 for matmuls and cuDNN convolutions
+        on for tf32 and off otherwise (cuDNN would use it for fp32 convolutions by default). Once per run."""
+        if self.device.type == "cuda":
             # the legacy switches, as torch._inductor reads them (mixing them with the newer fp32_precision API
             # raises in torch >= 2.9)
-            torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
-            torch.backends.cudnn.allow_tf32 = name == "tf32"
+            torch.backends.cuda.matmul.allow_tf32 = self.name == "tf32"
+            torch.backends.cudnn.allow_tf32 = self.name == "tf32"
 
     @classmethod
     def for_inference(cls, name: str, device: torch.device | str) -> "Precision":

@@ -38,7 +38,8 @@ from torch import nn
 from danlu.errors import DanluError
 
 CompileSetting = Union[bool, str]  # False | True | "max-autotune"
-COMPILE = (False, True, "max-autotune")
+COMPILE_MODES = (False, True, "max-autotune")  # the recipe's `compile` values
+COMPILE_WORDS = {"off": False, "on": True, "max-autotune": "max-autotune"}  # the same on the command line
 
 
 def has_conv(model: nn.Module) -> bool:
@@ -50,7 +51,7 @@ class Speed:
     def __init__(self, device: torch.device | str, *, compile: CompileSetting = False,
                  channels_last: Union[bool, str] = "auto", cuda_graphs: bool = False, world: int = 1):
         self.device = torch.device(device)
-        if compile not in COMPILE:
+        if compile not in COMPILE_MODES:
             raise DanluError(f"compile: {compile!r} is not a setting; expected false, true or max-autotune")
         if channels_last not in (True, False, "auto"):
             raise DanluError(f"channels_last: {channels_last!r} is not a setting; expected auto, true or false")

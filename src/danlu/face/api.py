@@ -20,30 +20,16 @@ import torch
 
 from danlu.data.decode import BadImage
 from danlu.errors import DanluError
+from danlu.io import write_bytes, write_json
 from danlu.face.detect import FaceOptions, preprocess
 
 ImageLike = Union[str, Path, bytes, np.ndarray]
 
 
-def write_face_info(run_dir: Path, recipe, test: dict[str, Any], held_out: Optional[list[str]] = None) -> None:
-    """face.json of a run: preprocessing (the store's, when it is a face store), threshold (from the last
-    verification on held-out identities, if any), head, and the identities held out of training."""
-    from danlu.engine.checkpoint import write_bytes
-    from danlu.face.prepare import store_face_options
-
-    pre = store_face_options(recipe.data.root) if recipe.data.name == "store" else None
-    info = {"model": recipe.model.name, "head": recipe.model.head or "softmax", "preprocess": pre,
-            "threshold": test.get("threshold"),
-            "threshold_from": (f"training: {test.get('pairs')} pairs of held-out identities"
-                               if test.get("threshold") is not None else None),
-            "held_out_identities": held_out}
-    write_bytes(Path(run_dir) / "face.json", (json.dumps(info, indent=2) + "\n").encode())
-
-
 @dataclass
 class FaceRun:
     """A trained face model with its preprocessing: `embed(images) -> (N, D)` unit embeddings (CPU float32)."""
-    run: Any  # danlu.api.LoadedRun
+    run: Any  # danlu.runs.LoadedRun
     options: FaceOptions  # how faces are cut (the face store's, or the run's input size with the defaults)
     threshold: Optional[float]  # cosine similarity at or above which two faces are one person (None: unknown)
     fingerprint: str  # SHA-256 of the weights file and the preprocessing: what a gallery is tied to
@@ -74,7 +60,8 @@ class FaceRun:
         out = []
         for lo in range(0, len(x), batch):
             xb = self.run.augment(x[lo:lo + batch].to(self.run.device), train=False)
-            out.append(self.run.model.embed(xb).float().cpu())
+            with self.run.precision.autocast():
+                out.append(self.run.model.embed(xb).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, self.dim)
 
     def embed(self, images: list[ImageLike], batch: int = 64) -> torch.Tensor:
@@ -88,21 +75,23 @@ class FaceRun:
 
 def load_face_run(run_dir: Union[str, Path], device: Optional[str] = None) -> FaceRun:
     """A finished face run (a model with `embed`), its preprocessing and threshold."""
-    from danlu.api import load_run
+    from danlu.runs import load_run
 
     return face_run_from(load_run(run_dir, device=device))
 
 
 def face_run_from(run) -> FaceRun:
-    """The FaceRun of an already loaded run (danlu.api.LoadedRun), sharing its model."""
-    from danlu.engine.checkpoint import sha256
+    """The FaceRun of an already loaded run (danlu.runs.LoadedRun), sharing its model."""
+    from danlu.io import sha256
+    from danlu.models import is_face_model
+    from danlu.runs import read_face_info
 
     run_dir = run.run_dir
-    if not hasattr(run.model, "embed"):
+    if not is_face_model(run.model):
         raise DanluError(f"RUN {run_dir}: model '{run.recipe.model.name}' is not a face model; expected a run of "
                          f"inception_resnet_v1 or mobilefacenet (e.g. recipes face_arcface_light)")
     path = Path(run_dir) / "face.json"
-    info = json.loads(path.read_text()) if path.is_file() else {}
+    info = read_face_info(run_dir)
     c, h, _ = run.shape
     opts = FaceOptions.from_dict(info["preprocess"]) if info.get("preprocess") else FaceOptions(size=h, channels=c)
     if (opts.channels, opts.size) != (c, h):
@@ -113,11 +102,11 @@ def face_run_from(run) -> FaceRun:
 
 
 def _save_threshold(run: FaceRun, threshold: float, source: str) -> None:
-    from danlu.engine.checkpoint import write_bytes
+    from danlu.runs import write_face_info
 
     info = {**run.info, "threshold": threshold, "threshold_from": source}
     info.setdefault("preprocess", run.options.to_dict())
-    write_bytes(run.run_dir / "face.json", (json.dumps(info, indent=2) + "\n").encode())
+    write_face_info(run.run_dir, info)
     run.info, run.threshold = info, threshold
 
 
@@ -142,7 +131,7 @@ def pairs(root: Union[str, Path], out: Union[str, Path], n: int = 300, folds: in
     text, info = make_pairs(root, n, folds, seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_bytes(out, text.encode())
     return {**info, "pairs_file": str(out)}
 
 
@@ -173,7 +162,7 @@ def verify(run_dir: Union[str, Path], pairs_file: Union[str, Path], root: Union[
     report = {**result, "run": str(run.run_dir), "pairs_file": str(pairs_file), "root": str(root),
               "images": len(unique), "centre_squares": sum(i["reason"] is not None for i in infos),
               "preprocess": run.options.to_dict(), "roc_png": str(roc_png), "json": str(json_out)}
-    json_out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(json_out, report)
     if save_threshold:
         _save_threshold(run, result["threshold"], f"face verify {pairs_file} ({len(listed)} pairs)")
     return report
@@ -189,11 +178,11 @@ def enroll(run_dir: Union[str, Path], root: Union[str, Path], gallery: Union[str
     """`danlu face enroll RUN DIR --gallery G.sqlite`: every image of DIR/IDENTITY/ into the gallery (made if
     missing). Enrolling a file again updates its embedding; unreadable files are skipped and listed."""
     from danlu.face.gallery import Gallery
-    from danlu.face.verify import _identities
+    from danlu.face.verify import identity_folders
 
     run = load_face_run(run_dir, device)
     g = Gallery(gallery, fingerprint=run.fingerprint, create=True, info=_gallery_info(run))
-    ids = _identities(Path(root), "DIR")
+    ids = identity_folders(Path(root), "DIR")
     items = [(name, p) for name, files in ids.items() for p in files]
     counts = {"added": 0, "updated": 0}
     skipped, centre = [], 0

@@ -75,11 +75,11 @@ def read_image(src: Union[str, Path, bytes, np.ndarray]) -> np.ndarray:
         return np.ascontiguousarray(a[:, :, :3])
     from PIL import Image
 
-    from danlu.data.decode import _to_mode
+    from danlu.data.decode import to_mode
 
     try:
         with Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src) as im:
-            im = _to_mode(im, 3)
+            im = to_mode(im, 3)
             im.load()
             a = np.asarray(im)
     except FileNotFoundError:

@@ -23,7 +23,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from danlu.data.decode import BadImage, default_workers
-from danlu.engine.checkpoint import write_bytes
+from danlu.io import write_bytes
 from danlu.errors import DanluError
 from danlu.face.detect import FaceOptions, preprocess
 
@@ -95,15 +95,3 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
         print(f"face prepare: {report['face_found']} of {total} images with one face; {len(notes)} kept as a centre "
               f"square, {len(skipped)} skipped (each listed with its reason in {path})")
     return {**meta, "report": str(path)}
-
-
-def store_face_options(root: Union[str, Path, None]) -> Optional[dict[str, Any]]:
-    """The face preprocessing a store was prepared with (meta.json source.face), or None for other stores."""
-    if root is None:
-        return None
-    try:
-        meta = json.loads((Path(root) / "meta.json").read_text())
-    except (OSError, ValueError):
-        return None
-    face = meta.get("source", {}).get("face")
-    return dict(face) if isinstance(face, dict) else None

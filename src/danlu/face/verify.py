@@ -101,13 +101,30 @@ def tar_at_far(similarity, same, far: float) -> float:
 
 
 def scores(similarity, same, folds: int = 10, fold_of: Optional[np.ndarray] = None) -> dict[str, Any]:
-    """ten_fold plus TAR at FAR 1e-2 and 1e-3 and the ROC's area."""
+    """ten_fold plus TAR at FAR 1e-2 and 1e-3 and the ROC's area. With D different pairs the lowest FAR the pairs can
+    measure is 1/D (one false accept): a FAR below it is None (not measured), and `lowest_far` = 1/D with
+    `tar_at_lowest_far` says what the pairs do measure (270 different pairs: TAR at FAR 3.7e-3, not at 1e-3)."""
     out = ten_fold(similarity, same, folds, fold_of)
+    lowest = 1.0 / max(out["different_pairs"], 1)
     for far in FARS:
-        out[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(similarity, same, far)
+        out[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(similarity, same, far) if far >= lowest \
+            else None
+    out["lowest_far"], out["tar_at_lowest_far"] = lowest, tar_at_far(similarity, same, lowest)
     f, t, _ = roc(similarity, same)
     out["roc_auc"] = float(np.trapezoid(t, f) if hasattr(np, "trapezoid") else np.trapz(t, f))
     return out
+
+
+def describe_tar(r: dict[str, Any]) -> str:
+    """'TAR 0.812 at FAR 1e-2, 0.640 at FAR 1e-3' from a scores() dict, saying so where the pairs cannot measure a
+    FAR: 'TAR 0.812 at FAR 1e-2, 0.640 at FAR 3.7e-3 (the lowest 270 different pairs measure)'."""
+    parts = [f"{r[f'tar_at_far_{far:.0e}'.replace('e-0', 'e-')]:.4f} at FAR {far:.0e}".replace("e-0", "e-")
+             for far in FARS if r.get(f"tar_at_far_{far:.0e}".replace("e-0", "e-")) is not None]
+    if len(parts) < len(FARS):
+        lowest = f"{r['lowest_far']:.1e}".replace("e-0", "e-")
+        parts.append(f"{r['tar_at_lowest_far']:.4f} at FAR {lowest} (the lowest "
+                     f"{r.get('different_pairs', round(1 / r['lowest_far']))} different pairs measure)")
+    return "TAR " + ", ".join(parts)
 
 
 def draw_roc(similarity, same, out_png: Union[str, Path], title: str = "") -> None:
@@ -117,7 +134,7 @@ def draw_roc(similarity, same, out_png: Union[str, Path], title: str = "") -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from danlu.engine.checkpoint import atomic_write
+    from danlu.io import atomic_write
 
     f, t, _ = roc(similarity, same)
     n_diff = max(int((~np.asarray(same, bool)).sum()), 1)
@@ -181,7 +198,9 @@ def identity_images(folder: Path) -> list[Path]:
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _identities(root: Path, key: str) -> dict[str, list[Path]]:
+def identity_folders(root: Path, key: str) -> dict[str, list[Path]]:
+    """{identity: its image files, sorted} for every non-empty subfolder of `root` (at least 2); `key` names the
+    argument in errors."""
     if not root.is_dir():
         raise DanluError(f"{key} {root}: no such folder; expected a folder with one subfolder of images per identity")
     found = {d.name: identity_images(d) for d in sorted(root.iterdir()) if d.is_dir() and not d.name.startswith(".")}
@@ -197,7 +216,7 @@ def make_pairs(root: Union[str, Path], n: int = 300, folds: int = 10, seed: int 
     folder holds fewer than folds * n distinct same pairs, n shrinks to what it holds (said in the returned info)."""
     if n < 1 or folds < 1:
         raise DanluError(f"--n {n} --folds {folds}: expected positive numbers")
-    ids = _identities(Path(root), "DIR")
+    ids = identity_folders(Path(root), "DIR")
     names = list(ids)
     sizes = [len(ids[k]) for k in names]
     possible = sum(k * (k - 1) // 2 for k in sizes)
@@ -274,11 +293,11 @@ def read_pairs(path: Union[str, Path], root: Union[str, Path]) -> tuple[list[tup
 
 
 def _embedder(model: torch.nn.Module) -> torch.nn.Module:
-    """The module with `.embed` under DDP / torch.compile wrappers."""
-    from danlu.api import _unwrap
+    """The face model under DDP / torch.compile wrappers."""
+    from danlu.models import is_face_model, unwrap
 
-    net = _unwrap(model)
-    if not hasattr(net, "embed"):
+    net = unwrap(model)
+    if not is_face_model(net):
         raise DanluError(f"data.split=identities: model {type(net).__name__} has no embed(); expected a face "
                          f"model (inception_resnet_v1, mobilefacenet)")
     return net
@@ -316,4 +335,6 @@ class VerificationEval:
         r = scores(sim, self.same)
         return {"verification_acc": r["accuracy_mean"], "verification_std": r["accuracy_std"],
                 "threshold": r["threshold"], "tar_at_far_1e-2": r["tar_at_far_1e-2"],
-                "tar_at_far_1e-3": r["tar_at_far_1e-3"], "pairs": r["pairs"], "samples": int(len(emb))}
+                "tar_at_far_1e-3": r["tar_at_far_1e-3"], "lowest_far": r["lowest_far"],
+                "tar_at_lowest_far": r["tar_at_lowest_far"], "different_pairs": r["different_pairs"],
+                "pairs": r["pairs"], "samples": int(len(emb))}

@@ -125,9 +125,9 @@ class InceptionResnetV1Features(nn.Module):
         return self.last_bn(self.last_linear(x))  # (B, embedding_dim)
 
 
-@register_model
+@register_model(face=True)
 def inception_resnet_v1(num_classes: int = 10, in_channels: int = 3, head: str = "softmax", scale: float = 64.0,
-                        embedding_dim: int = 512, dropout: float = 0.6) -> nn.Module:
+                        embedding_dim: int = 512, dropout: float = 0.6, test_flip: bool = True) -> nn.Module:
     """FaceNet's Inception-ResNet-V1 (512-d embedding, 160 px; at least 75 px) with an identity head."""
     return FaceModel(InceptionResnetV1Features(in_channels, embedding_dim, dropout), embedding_dim, num_classes,
-                     head, scale)
+                     head, scale, test_flip)

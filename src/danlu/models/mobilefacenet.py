@@ -68,10 +68,11 @@ class MobileFaceNetFeatures(nn.Module):
         return self.bn(self.linear(x))  # (B, embedding_dim)
 
 
-@register_model
+@register_model(face=True)
 def mobilefacenet(num_classes: int = 10, in_channels: int = 3, head: str = "softmax", scale: float = 64.0,
-                  embedding_dim: int = 128, input_size: int = 112, width_mult: float = 1.0) -> nn.Module:
+                  embedding_dim: int = 128, input_size: int = 112, width_mult: float = 1.0,
+                  test_flip: bool = True) -> nn.Module:
     """MobileFaceNet (128-d embedding, 112 px in the paper; any size here) with an identity head; `width_mult`
     scales every layer's channels (0.25: about 16x fewer operations)."""
     return FaceModel(MobileFaceNetFeatures(in_channels, embedding_dim, input_size, width_mult), embedding_dim,
-                     num_classes, head, scale)
+                     num_classes, head, scale, test_flip)

@@ -1,30 +1,76 @@
 """Model registry: `@register_model` entry points plus every torchvision classifier as `tv:<name>`.
 
 Entry point signature: ``fn(num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module``, registered under
-``fn.__name__``. torchvision is imported lazily (only for `tv:` names and the architectures that reuse its blocks).
+``fn.__name__``; `@register_model(face=True)` marks a face model (an embedding network with an identity head, see
+models/face.py). torchvision is imported lazily (only for `tv:` names and the architectures that reuse its blocks).
+
+    model_info("mobilefacenet").face        # True: the one answer to "is this a face model?" (is_face_model)
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Optional, Union
 
 from torch import nn
 
 from danlu.errors import DanluError, nearest
 
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
 _TV = "tv:"
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Decorator: register `fn` as a model entry point under its function name (timm-style)."""
-    _MODELS[fn.__name__] = fn
-    return fn
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the registry knows of a model name, read once when it is registered."""
+    name: str
+    entry: Optional[Callable[..., nn.Module]]  # None for torchvision's models (tv:NAME)
+    face: bool = False  # a face model: backbone -> unit embedding -> identity head (danlu.models.face.FaceModel)
+    takes_input_size: bool = False  # built for the data's input size (e.g. LeNet's fixed flatten size)
 
 
-def entry_point(name: str) -> Callable[..., nn.Module] | None:
-    """The registered entry point for `name` (None for `tv:` names and unknown names)."""
-    return _MODELS.get(name)
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(fn: Optional[Callable[..., nn.Module]] = None, *, face: bool = False):
+    """Decorator: register `fn` as a model entry point under its function name (timm-style):
+    `@register_model` or `@register_model(face=True)`."""
+    def add(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        takes = "input_size" in inspect.signature(f).parameters
+        _MODELS[f.__name__] = ModelInfo(f.__name__, f, face=face, takes_input_size=takes)
+        return f
+
+    return add(fn) if fn is not None else add
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registry's entry for `name` (a registered name or tv:NAME); DanluError for an unknown name."""
+    if name in _MODELS:
+        return _MODELS[name]
+    if name.startswith(_TV):
+        _check_tv(name)
+        return ModelInfo(name, None)
+    raise _unknown(name)
+
+
+def is_face_model(model: Union[str, nn.Module]) -> bool:
+    """Whether `model` (a model name, or a module, wrapped or not) is a face model: an embedding network with an
+    identity head, whose test metric is verification and whose run folder gets face.json."""
+    if isinstance(model, str):
+        return model_info(model).face
+    from danlu.models.face import FaceModel
+
+    return isinstance(unwrap(model), FaceModel)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
 
 
 @functools.lru_cache(maxsize=1)
@@ -56,13 +102,26 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
     raise DanluError(f"model.in_channels: {type(model).__name__} has no Conv2d whose input channels could be set")
 
 
+def _check_tv(name: str) -> None:
+    if name[len(_TV):] not in _tv_names():
+        raise DanluError(f"model.name: unknown torchvision model {name!r}; expected tv:<name> for a torchvision "
+                         f"classification model, e.g. tv:resnet50" + nearest(name, [_TV + n for n in _tv_names()]))
+
+
+def _unknown(name: str) -> DanluError:
+    # suggest among our names first, then among torchvision's (e.g. 'mobilenet_v2' -> 'tv:mobilenet_v2')
+    exact = name in _tv_names()  # a torchvision name without its prefix: that is the one meant
+    hint = (f" (did you mean '{_TV}{name}'?)" if exact else
+            nearest(name, _MODELS) or nearest(name, [_TV + n for n in _tv_names()]))
+    return DanluError(f"model.name: unknown model {name!r}; expected one of {', '.join(sorted(_MODELS))} "
+                      f"or tv:<torchvision name>" + hint)
+
+
 def _build_tv(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
     import torchvision.models
 
+    _check_tv(name)
     tv_name = name[len(_TV):]
-    if tv_name not in _tv_names():
-        raise DanluError(f"model.name: unknown torchvision model {name!r}; expected tv:<name> for a torchvision "
-                         f"classification model, e.g. tv:resnet50" + nearest(name, [_TV + n for n in _tv_names()]))
     model = torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kw)
     return _replace_first_conv(model, in_channels) if in_channels != 3 else model
 
@@ -71,17 +130,8 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -
     """Build a registered model or a torchvision one ('tv:resnet50'); bad names and arguments raise DanluError."""
     if num_classes < 1 or in_channels < 1:
         raise DanluError(f"model: num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
-    if name.startswith(_TV):
-        build = functools.partial(_build_tv, name)
-    elif name in _MODELS:
-        build = _MODELS[name]
-    else:
-        # Suggest among our names first, then among torchvision's (e.g. 'mobilenet_v2' -> 'tv:mobilenet_v2').
-        exact = name in _tv_names()  # a torchvision name without its prefix: that is the one meant
-        hint = (f" (did you mean '{_TV}{name}'?)" if exact else
-                nearest(name, _MODELS) or nearest(name, [_TV + n for n in _tv_names()]))
-        raise DanluError(f"model.name: unknown model {name!r}; expected one of {', '.join(sorted(_MODELS))} "
-                         f"or tv:<torchvision name>" + hint)
+    info = model_info(name)
+    build = info.entry or functools.partial(_build_tv, name)
     try:
         return build(num_classes=num_classes, in_channels=in_channels, **kw)
     except TypeError as e:  # unexpected / ill-typed keyword, e.g. "ResNet.__init__() got an unexpected keyword 'x'"

@@ -8,7 +8,7 @@ Endpoints: `GET /` the page, `POST /v1/classify`, `GET /v1/model`, `GET /healthz
 run also `POST /v1/faces/embed|verify|identify` (otherwise those answer 404 "not a face model").
 
 Uploads are decoded exactly as the run's training data was (danlu.data.decode: Pillow, the run's channels, resized to
-its input size by `data.resize`) and go through the run's own preprocessing and precision (danlu.predict._forward),
+its input size by `data.resize`) and go through the run's own preprocessing and precision (danlu.predict.forward),
 micro-batched with other requests' images (danlu.serve.batcher). Uploads stay in memory (the body is refused past
 `max_upload_mb`, by its Content-Length before it is read and while it streams), images are refused past `max_pixels`
 before their pixels are decoded, and the server fetches nothing a client names. Every refusal is a 4xx JSON
@@ -76,11 +76,10 @@ def _upload_schema(fields: dict[str, str]) -> dict:
 def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optional[FaceService] = None,
                device: Optional[str] = None, max_batch: int = 64, max_wait_ms: float = 5.0,
                max_upload_mb: float = 10.0, max_pixels: int = MAX_PIXELS, max_images: int = MAX_IMAGES) -> FastAPI:
-    """The app for `run` (a run folder or a danlu.api.LoadedRun). `faces`: the run's FaceService (default: the one
+    """The app for `run` (a run folder or a danlu.runs.LoadedRun). `faces`: the run's FaceService (default: the one
     danlu.face provides for a face run, with `gallery`); None and not a face run: the face endpoints answer 404."""
-    from danlu.api import LoadedRun, _device_name, load_run
-    from danlu.engine.precision import Precision
-    from danlu.predict import _forward
+    from danlu.predict import forward
+    from danlu.runs import LoadedRun, device_name, load_run, version
 
     if max_upload_mb <= 0:
         raise DanluError(f"--max-upload-mb {max_upload_mb}: expected a positive number of MiB")
@@ -91,17 +90,34 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
     loaded: LoadedRun = run if isinstance(run, LoadedRun) else load_run(run, device=device or "auto")
     if faces is None:
         faces = face_service(loaded, gallery)
-    precision = Precision.for_inference(loaded.recipe.precision, loaded.device).name
-    limit = int(max_upload_mb * 1024 * 1024)
-    batchers = {"classify": MicroBatcher(lambda x: _forward(loaded, x), max_batch=max_batch, max_wait_ms=max_wait_ms)}
+    batchers = {"classify": MicroBatcher(lambda x: forward(loaded, x), max_batch=max_batch, max_wait_ms=max_wait_ms)}
     if faces is not None:
         batchers["faces"] = MicroBatcher(faces.embed, max_batch=max_batch, max_wait_ms=max_wait_ms)
+    app = FastAPI(title="danlu serve", version=version(), lifespan=_lifespan(loaded, faces, batchers, max_pixels),
+                  description=f"{loaded.recipe.model.name} from {loaded.run_dir}: classify images"
+                              + (", embed, verify and identify faces" if faces is not None else ""))
+    app.state.run, app.state.faces, app.state.batchers = loaded, faces, batchers
+    app.state.precision = loaded.precision.name
+    _add_error_handlers(app)
+    up = _Uploads(loaded, faces, max_upload_mb, max_pixels, max_images)
+    info = _model_info(loaded, faces, device_name(loaded.device), app.state.precision, max_batch=max_batch,
+                       max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
+                       max_images=max_images)  # fixed for the server's life: built once
+    _add_page_and_classify(app, loaded, faces, batchers["classify"], up, info)
+    if faces is None:
+        _add_not_faces(app, loaded)
+    else:
+        _add_faces(app, faces, batchers["faces"], up)
+    return app
 
+
+def _lifespan(loaded: Any, faces: Optional[FaceService], batchers: dict[str, MicroBatcher], max_pixels: int):
+    """Start the batchers and warm everything up (Pillow's plugins, first-call allocations, lazy inits) before the
+    first request, so the first user's timings are honest ones; stop the batchers at shutdown."""
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for b in batchers.values():
             await b.start()
-        # warm-up (Pillow's plugins, first-call allocations, lazy inits): the first user's timings are honest ones
         await asyncio.to_thread(_decode_all, [("warm-up", _tiny_png())], loaded.shape, loaded.recipe.data.resize,
                                 max_pixels)
         await batchers["classify"].submit(torch.zeros((1, *loaded.shape), dtype=torch.uint8))
@@ -111,11 +127,11 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
         for b in batchers.values():
             await b.stop()
 
-    app = FastAPI(title="danlu serve", version=_version(), lifespan=lifespan,
-                  description=f"{loaded.recipe.model.name} from {loaded.run_dir}: classify images"
-                              + (", embed, verify and identify faces" if faces is not None else ""))
-    app.state.run, app.state.faces, app.state.batchers, app.state.precision = loaded, faces, batchers, precision
+    return lifespan
 
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every refusal as a 4xx JSON {"error": "..."} that names the problem."""
     @app.exception_handler(Refused)
     async def _refused(request: Request, e: Refused) -> JSONResponse:
         return JSONResponse({"error": e.message}, status_code=e.status)
@@ -132,7 +148,17 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
                  f"(got {err.get('input')!r})" for err in e.errors()]
         return JSONResponse({"error": "; ".join(parts)}, status_code=422)
 
-    async def read_form(request: Request, names: tuple[str, ...]) -> FormData:
+
+class _Uploads:
+    """A request's image uploads: the multipart body in memory within the limits, the file fields checked, the
+    images decoded (or their faces cut) in a worker thread as the run's training images were."""
+
+    def __init__(self, loaded: Any, faces: Optional[FaceService], max_upload_mb: float, max_pixels: int,
+                 max_images: int):
+        self.loaded, self.faces, self.mb = loaded, faces, max_upload_mb
+        self.limit, self.max_pixels, self.max_images = int(max_upload_mb * 1024 * 1024), max_pixels, max_images
+
+    async def form(self, request: Request, names: tuple[str, ...]) -> FormData:
         """The multipart body, in memory, refused (413) past the upload limit before or while it is read."""
         from starlette.formparsers import parse_options_header
 
@@ -141,19 +167,20 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
             raise Refused(415, f"content type {ctype or '(none)'!r}: expected multipart/form-data with the image "
                                f"file(s) in field(s) {', '.join(repr(n) for n in names)}")
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            raise Refused(413, f"upload of {int(length) / 2**20:.3g} MiB is over the limit of {max_upload_mb:g} MiB "
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            raise Refused(413, f"upload of {int(length) / 2**20:.3g} MiB is over the limit of {self.mb:g} MiB "
                                f"(--max-upload-mb)")
 
         async def capped() -> AsyncIterator[bytes]:
             seen = 0
             async for chunk in request.stream():
                 seen += len(chunk)
-                if seen > limit:
-                    raise Refused(413, f"upload over the limit of {max_upload_mb:g} MiB (--max-upload-mb)")
+                if seen > self.limit:
+                    raise Refused(413, f"upload over the limit of {self.mb:g} MiB (--max-upload-mb)")
                 yield chunk
 
-        parser = _InMemoryParser(request.headers, capped(), max_files=max_images, max_fields=16, in_memory=limit)
+        parser = _InMemoryParser(request.headers, capped(), max_files=self.max_images, max_fields=16,
+                                 in_memory=self.limit)
         try:
             return await parser.parse()
         except MultiPartException as e:
@@ -162,7 +189,9 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
         except ClientDisconnect:
             raise Refused(400, "the client closed the connection before the upload was complete") from None
 
-    def files_in(form: FormData, name: str, one: bool = False) -> list[UploadFile]:
+    @staticmethod
+    def files(form: FormData, name: str, one: bool = False) -> list[UploadFile]:
+        """The upload(s) in field `name`: present, files (not text), image content types."""
         items = form.getlist(name)
         if not items:
             got = sorted(set(form.keys()))
@@ -180,19 +209,29 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
                                    f"(image/*)")
         return items
 
-    async def decode(uploads: list[UploadFile], shape: tuple[int, int, int]) -> tuple[torch.Tensor, float]:
-        """uploads -> uint8 (N, C, H, W) decoded in a worker thread as training decodes files, and the ms it took."""
+    async def decode(self, uploads: list[UploadFile]) -> tuple[torch.Tensor, float]:
+        """uploads -> uint8 (N, C, H, W) decoded as training decodes files, and the ms it took."""
         blobs = [(u.filename or "upload", await u.read()) for u in uploads]
-        return await asyncio.to_thread(_decode_all, blobs, shape, loaded.recipe.data.resize, max_pixels)
+        return await asyncio.to_thread(_decode_all, blobs, self.loaded.shape, self.loaded.recipe.data.resize,
+                                       self.max_pixels)
 
-    async def face_crops(uploads: list[UploadFile]) -> tuple[torch.Tensor, float]:
-        """uploads -> uint8 (N, C, H, W) face crops, cut in a worker thread as the run's training faces were."""
+    async def face_crops(self, uploads: list[UploadFile]) -> tuple[torch.Tensor, float]:
+        """uploads -> uint8 (N, C, H, W) face crops, cut as the run's training faces were, and the ms it took."""
         blobs = [(u.filename or "upload", await u.read()) for u in uploads]
-        return await asyncio.to_thread(_face_crops, faces, blobs, max_pixels)
+        return await asyncio.to_thread(_face_crops, self.faces, blobs, self.max_pixels)
 
-    def timings(t_start: float, decode_ms: float, b) -> dict[str, float]:
-        return {"decode": round(decode_ms, 3), "queue": round(b.queue_ms, 3), "model": round(b.model_ms, 3),
-                "total": round(1000 * (time.perf_counter() - t_start), 3)}
+
+def _timings(t_start: float, decode_ms: float, b: Any) -> dict[str, float]:
+    return {"decode": round(decode_ms, 3), "queue": round(b.queue_ms, 3), "model": round(b.model_ms, 3),
+            "total": round(1000 * (time.perf_counter() - t_start), 3)}
+
+
+def _add_page_and_classify(app: FastAPI, loaded: Any, faces: Optional[FaceService], batcher: MicroBatcher,
+                           up: _Uploads, info: dict) -> None:
+    """GET / (the page), /static, /healthz, /v1/model and POST /v1/classify."""
+    from danlu.models import is_face_model
+
+    face_model = faces is not None and is_face_model(loaded.model)  # classify cuts faces as training did
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -204,11 +243,6 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    info = _model_info(loaded, faces, _device_name(loaded.device), precision, max_batch=max_batch,
-                       max_wait_ms=max_wait_ms, max_upload_mb=max_upload_mb, max_pixels=max_pixels,
-                       max_images=max_images)  # fixed for the server's life: built once
-    face_model = faces is not None and hasattr(loaded.model, "embed")  # classify cuts faces as training did
-
     @app.get("/v1/model", summary="the served model: classes, recipe summary, device, precision, limits")
     async def model_info() -> dict:
         return info
@@ -217,45 +251,49 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
               openapi_extra=_upload_schema({"file": "image file(s); repeat the field for several"}))
     async def classify(request: Request, top: int = Query(5, ge=1, le=1000, description="classes per image")) -> dict:
         t0 = time.perf_counter()
-        uploads = files_in(await read_form(request, ("file",)), "file")
+        uploads = up.files(await up.form(request, ("file",)), "file")
         # (N, C, H, W) uint8; a face run classifies identities from face crops, cut as its training faces were
-        x, decode_ms = await (face_crops(uploads) if face_model else decode(uploads, loaded.shape))
-        b = await batchers["classify"].submit(x)
+        x, decode_ms = await (up.face_crops(uploads) if face_model else up.decode(uploads))
+        b = await batcher.submit(x)
         values, index = b.rows.topk(min(top, len(loaded.classes)), dim=1)  # (N, k)
         images = [{"file": u.filename, "top": [{"class": loaded.classes[c], "prob": round(p, 6)} for c, p in zip(j, v)]}
                   for u, v, j in zip(uploads, values.tolist(), index.tolist())]
-        return {"images": images, "timings_ms": timings(t0, decode_ms, b), "batch_images": b.batch_images}
+        return {"images": images, "timings_ms": _timings(t0, decode_ms, b), "batch_images": b.batch_images}
 
-    if faces is None:
-        @app.api_route("/v1/faces/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
-        async def not_faces(rest: str) -> None:
-            raise Refused(404, f"this run is not a face model ({loaded.recipe.model.name} from {loaded.run_dir}): "
-                               f"/v1/faces/{rest} needs a face run")
-        return app
+
+def _add_not_faces(app: FastAPI, loaded: Any) -> None:
+    @app.api_route("/v1/faces/{rest:path}", methods=["GET", "POST"], include_in_schema=False)
+    async def not_faces(rest: str) -> None:
+        raise Refused(404, f"this run is not a face model ({loaded.recipe.model.name} from {loaded.run_dir}): "
+                           f"/v1/faces/{rest} needs a face run")
+
+
+def _add_faces(app: FastAPI, faces: FaceService, batcher: MicroBatcher, up: _Uploads) -> None:
+    """POST /v1/faces/embed, /v1/faces/verify and /v1/faces/identify."""
 
     @app.post("/v1/faces/embed", summary="face embeddings (unit length) of one or more uploaded face images",
               openapi_extra=_upload_schema({"file": "face image file(s); repeat the field for several"}))
     async def faces_embed(request: Request) -> dict:
         t0 = time.perf_counter()
-        uploads = files_in(await read_form(request, ("file",)), "file")
-        x, decode_ms = await face_crops(uploads)
-        b = await batchers["faces"].submit(x)  # rows: (N, D)
+        uploads = up.files(await up.form(request, ("file",)), "file")
+        x, decode_ms = await up.face_crops(uploads)
+        b = await batcher.submit(x)  # rows: (N, D)
         return {"images": [{"file": u.filename, "embedding": [round(v, 6) for v in e]}
                            for u, e in zip(uploads, b.rows.tolist())],
-                "dim": int(b.rows.shape[1]), "timings_ms": timings(t0, decode_ms, b), "batch_images": b.batch_images}
+                "dim": int(b.rows.shape[1]), "timings_ms": _timings(t0, decode_ms, b), "batch_images": b.batch_images}
 
     @app.post("/v1/faces/verify", summary="are two face images the same person? (the run's threshold)",
               openapi_extra=_upload_schema({"a": "the first face image", "b": "the second face image"}))
     async def faces_verify(request: Request) -> dict:
         t0 = time.perf_counter()
-        form = await read_form(request, ("a", "b"))
-        uploads = files_in(form, "a", one=True) + files_in(form, "b", one=True)
-        x, decode_ms = await face_crops(uploads)
-        b = await batchers["faces"].submit(x)  # rows: (2, D)
+        form = await up.form(request, ("a", "b"))
+        uploads = up.files(form, "a", one=True) + up.files(form, "b", one=True)
+        x, decode_ms = await up.face_crops(uploads)
+        b = await batcher.submit(x)  # rows: (2, D)
         similarity = float(b.rows[0] @ b.rows[1])  # cosine: the rows are unit vectors
         return {"similarity": round(similarity, 6), "same": similarity >= faces.threshold,
                 "threshold": faces.threshold, "files": [u.filename for u in uploads],
-                "timings_ms": timings(t0, decode_ms, b)}
+                "timings_ms": _timings(t0, decode_ms, b)}
 
     @app.post("/v1/faces/identify", summary="the gallery's nearest names for one or more face images",
               openapi_extra=_upload_schema({"file": "face image file(s); repeat the field for several"}))
@@ -264,9 +302,9 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
         t0 = time.perf_counter()
         if not faces.has_gallery:
             raise Refused(409, "no gallery to identify against; start danlu serve with --gallery G.sqlite")
-        uploads = files_in(await read_form(request, ("file",)), "file")
-        x, decode_ms = await face_crops(uploads)
-        b = await batchers["faces"].submit(x)
+        uploads = up.files(await up.form(request, ("file",)), "file")
+        x, decode_ms = await up.face_crops(uploads)
+        b = await batcher.submit(x)
         found = await asyncio.to_thread(faces.identify, b.rows, top)
         images = []
         for u, matches in zip(uploads, found):
@@ -274,9 +312,7 @@ def create_app(run: Any, *, gallery: Union[str, Path, None] = None, faces: Optio
             images.append({"file": u.filename,
                            "name": best[0] if best and best[1] >= faces.threshold else "unknown",
                            "matches": [{"name": n, "similarity": round(float(s), 6)} for n, s in matches]})
-        return {"images": images, "threshold": faces.threshold, "timings_ms": timings(t0, decode_ms, b)}
-
-    return app
+        return {"images": images, "threshold": faces.threshold, "timings_ms": _timings(t0, decode_ms, b)}
 
 
 def _decode_all(blobs: list[tuple[str, bytes]], shape: tuple[int, int, int], resize: str,
@@ -350,10 +386,6 @@ def _model_info(run, faces: Optional[FaceService], device: str, precision: str, 
             "limits": limits}
 
 
-def _version() -> str:
-    from danlu import __version__
-
-    return __version__
 
 
 def is_loopback(host: str) -> bool:

@@ -8,7 +8,7 @@ written against `FaceService` only.
     faces.identify(emb, top=5)                         # per row: [(name, similarity), ...] best first
 
 The face models themselves (detection and alignment, heads, the verification threshold, the SQLite gallery) live in
-`danlu.face`; `face_service` wraps its `FaceRun` and `Gallery` for a run whose model has `embed` (a face model).
+`danlu.face`; `face_service` wraps its `FaceRun` and `Gallery` for a face run.
 """
 from __future__ import annotations
 
@@ -60,9 +60,11 @@ class _FaceRunService:
 
 
 def face_service(run, gallery: Union[str, Path, None] = None) -> Optional[FaceService]:
-    """The face service of `run` (a danlu.api.LoadedRun), or None when the run is a classifier. A gallery given for a
+    """The face service of `run` (a danlu.runs.LoadedRun), or None when the run is a classifier. A gallery given for a
     run that is not a face model is an error, as is a face run without a verification threshold."""
-    if not hasattr(run.model, "embed"):
+    from danlu.models import is_face_model
+
+    if not is_face_model(run.model):
         if gallery is not None:
             raise DanluError(f"--gallery {gallery}: run {run.run_dir} is not a face model (model "
                              f"{run.recipe.model.name}); expected a face run, or no --gallery")

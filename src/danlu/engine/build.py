@@ -1,0 +1,229 @@
+"""Recipe -> the parts of a training step, in the one order that works. `danlu.train` and `danlu bench` both build
+their step here, so what bench times is what train runs.
+
+    b = build(recipe, train_set, test_set, device, dist)       # b.parts: what train_loop needs; b.model: the plain
+    stats = train_loop(b.parts, build_plan(recipe, b.per_epoch, b.max_iter), log, snapshot, on_test)
+
+The order, and why:
+  1. seed, then the model for the data's channels and classes, then its layout (channels-last): before any DDP
+     wrap, whose gradient buckets follow the parameters' layout at wrap time.
+  2. loaders: this rank's slice of every global batch (data.batch_size x accumulate x processes).
+  3. the LR: optim.lr scaled by the global batch (optim.lr_scaling), then the schedule over the run's iterations.
+  4. optimizer (on the plain module's parameters), precision (autocast, loss scaler, backend switches once),
+     augmentation that draws for the whole global batch, and its generator.
+  5. loss (cross-entropy or a face margin loss) and the test metric (classification or verification).
+  6. the module the loop calls: DDP, then torch.compile or CUDA graphs.
+Config reaches the classes as flat arguments: nothing below this module reads a Recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from danlu.config import Recipe, iters_per_epoch, total_iters
+from danlu.data.imageset import ImageSet
+from danlu.engine.distributed import Dist
+from danlu.engine.loop import Parts, Plan
+from danlu.engine.precision import Precision
+from danlu.engine.speed import Speed
+from danlu.errors import DanluError
+
+
+@dataclass
+class Build:
+    parts: Parts  # what one training step touches (the model there is the wrapped one: DDP, compiled, graphed)
+    model: nn.Module  # the plain module: what snapshots save and the final weights are read from
+    speed: Speed
+    per_epoch: int  # iterations (global batches) per epoch
+    max_iter: int
+    base_lr: float  # optim.lr scaled for the global batch
+    init: Optional[dict[str, Any]] = None  # what model.init loaded (danlu.models.weights.init_from), if it ran
+
+
+def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device, dist: Optional[Dist] = None, *,
+          model: Optional[nn.Module] = None, loader: Any = None, lr: Optional[float] = None,
+          init: bool = True) -> Build:
+    """The parts of `recipe`'s training step on `device`. `model`: train this module instead of the recipe's;
+    `loader`: this training loader instead of the recipe's; `lr`: a constant LR instead of the recipe's schedule
+    (bench overrides these two and nothing else); `init=False`: leave model.init out (a resumed run's weights come
+    from its snapshot)."""
+    dist = dist or Dist(device=device)
+    speed = Speed(device, compile=recipe.compile, channels_last=recipe.channels_last, cuda_graphs=recipe.cuda_graphs,
+                  world=dist.world)
+    precision = Precision(recipe.precision, device, autocast_cache=not recipe.cuda_graphs)
+    precision.configure_backends()
+    torch.manual_seed(recipe.run.seed)  # the initial weights
+    shape = input_shape(recipe, train.shape)  # what the model sees: the data's, resized by data.size
+    if model is None:
+        model = build_model(recipe, shape, len(train.classes))
+    report = None
+    if init and recipe.model.init:
+        from danlu.models.weights import init_from
+
+        report = init_from(model, recipe.model.init)
+    model = speed.layout(model.to(device, precision.param_dtype))
+    train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader)
+    per_epoch = iters_per_epoch(len(train), train_loader.global_batch)
+    max_iter = total_iters(recipe.run, per_epoch)
+    base_lr = scaled_lr(recipe, train_loader.global_batch)
+    lr_at = build_schedule(recipe, base_lr, per_epoch, max_iter) if lr is None else (lambda it: lr)
+    optimizer = build_optimizer(recipe, model, base_lr if lr is None else lr)
+    augment = build_augment(recipe, train).for_rank(dist.rank, dist.world)  # draws for the global batch
+    augment.memory_format, augment.dtype = speed.memory_format, precision.param_dtype  # the weights' layout, dtype
+    generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
+    step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
+                            precision)
+    parts = Parts(step_model, optimizer, build_criterion(recipe), augment, generator, train_loader, test_loader,
+                  precision, dist, lr_at, evaluate=build_evaluator(recipe, test))
+    return Build(parts, model, speed, per_epoch, max_iter, base_lr, report)
+
+
+def build_plan(recipe: Recipe, per_epoch: int, max_iter: int) -> Plan:
+    """When the loop logs, tests and snapshots, from the recipe's `run` section."""
+    r, o = recipe.run, recipe.optim
+    return Plan(max_iter=max_iter, test_interval=r.test_interval or per_epoch, display=r.display,
+                snapshot_every=r.snapshot_every, test_iter=r.test_iter, clip_grad_norm=o.clip_grad_norm,
+                label_smoothing=o.label_smoothing, accumulate=o.accumulate)
+
+
+def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
+    """(train, test) of the recipe's `data` section."""
+    from danlu.data.datasets import load_dataset
+
+    d = recipe.data
+    return load_dataset(d.name, root=d.root, size=d.size, channels=d.channels, num_classes=d.num_classes,
+                        train_size=d.train_size, test_size=d.test_size, val_fraction=d.val_fraction,
+                        split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list,
+                        split=d.split)
+
+
+def input_shape(recipe: Recipe, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
+    """(C, H, W) of the batches the model takes: the data's, resized to data.size where a store or a named set holds
+    another size (folder and list data are decoded at data.size already)."""
+    from danlu.data.decode import as_size
+
+    c, h, w = data_shape
+    return (c, *as_size(recipe.data.size)) if recipe.data.size is not None else (c, h, w)
+
+
+def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
+    """The recipe's model for inputs of `shape` (C, H, W) and `num_classes` outputs (identities, for a face model)."""
+    from danlu.models import create_model, is_face_model, list_models, model_info
+
+    m = recipe.model
+    info = model_info(m.name)
+    kw = dict(m.kwargs)
+    if info.takes_input_size:
+        kw.setdefault("input_size", shape[1])  # models with a fixed flatten size (LeNet) are built for the data's
+    if info.face:  # the identity head (danlu.face.heads)
+        kw.setdefault("head", m.head or "softmax")
+        kw.setdefault("scale", m.scale)
+        if m.embedding_dim is not None:
+            kw.setdefault("embedding_dim", m.embedding_dim)
+        kw.setdefault("test_flip", m.test_flip)
+    elif m.head is not None or m.embedding_dim is not None:
+        faces = [n for n in list_models() if is_face_model(n)]
+        raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
+                         f"{', '.join(faces)} (or no model.head / model.embedding_dim)")
+    return create_model(m.name, num_classes=num_classes, in_channels=shape[0], **kw)
+
+
+def build_loaders(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device, dist: Dist,
+                  loader: Any = None) -> tuple[Any, Any]:
+    """The training loader (a global batch of data.batch_size x accumulate x processes, this rank's share; `loader`
+    if given) and the test loader (sharded over ranks; whole on every rank for face verification, which pairs
+    across the set)."""
+    from danlu.data.loader import make_loader
+
+    d, micro = recipe.data, recipe.optim.accumulate
+    if loader is None:
+        loader = make_loader(train.images, train.labels, d.batch_size * micro, device=device, cache=d.device_cache,
+                             seed=recipe.run.seed, rank=dist.rank, world=dist.world)
+    if len(loader) == 0:
+        raise DanluError(f"data.batch_size={d.batch_size}: x {dist.world} process(es) x optim.accumulate={micro} "
+                         f"is more than the training set ({len(train)} images); expected at most "
+                         f"{len(train) // (dist.world * micro)}")
+    whole = d.split == "identities"
+    test_loader = make_loader(test.images, test.labels, d.test_batch_size or 4 * d.batch_size, device=device,
+                              cache=d.device_cache, shuffle=False, drop_last=False, rank=0 if whole else dist.rank,
+                              world=1 if whole else dist.world)
+    return loader, test_loader
+
+
+def scaled_lr(recipe: Recipe, global_batch: int) -> float:
+    """Goyal et al.'s linear rule (or sqrt): optim.lr x global_batch / optim.reference_batch."""
+    o = recipe.optim
+    ratio = global_batch / (o.reference_batch or recipe.data.batch_size)
+    return o.lr * {"linear": ratio, "sqrt": ratio ** 0.5, "none": 1.0}[o.lr_scaling]
+
+
+def build_schedule(recipe: Recipe, base_lr: float, per_epoch: int, max_iter: int) -> Callable[[int], float]:
+    """lr(iteration) from the recipe's schedule, checked now rather than at the first step."""
+    from danlu.engine.schedule import lr_at
+
+    s, lr = recipe.schedule, recipe.optim.lr
+    warmup = s.warmup or round(s.warmup_epochs * per_epoch)
+
+    def lr_fn(it: int) -> float:
+        return lr_at(it, policy=s.policy, base_lr=base_lr, max_iter=max_iter, iters_per_epoch=per_epoch,
+                     gamma=s.gamma, power=s.power, stepsize=s.stepsize, stepvalues=s.stepvalues, min_lr=s.min_lr,
+                     warmup=warmup, warmup_start=lr if warmup and base_lr != lr else None, pct_start=s.pct_start,
+                     div_factor=s.div_factor, final_div_factor=s.final_div_factor)
+
+    lr_fn(0)
+    return lr_fn
+
+
+def build_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    o = recipe.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+    cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+    return cls(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+
+
+def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
+    """The run's preprocessing and augmentation. Statistics the recipe asks to compute (data.normalize) come from
+    `train`; without it (inference) they stay unset until the run's saved ones are loaded."""
+    from danlu.data.augment import Augment
+    from danlu.data.datasets import channel_stats, pixel_mean  # tensors or a store's memory-mapped shards
+    from danlu.data.decode import as_size
+
+    d, a = recipe.data, recipe.augment
+    mean, std = d.mean, d.std
+    if train is not None and mean is None and d.normalize == "pixel":
+        mean = pixel_mean(train.images, d.scale)  # (C, H, W)
+    elif train is not None and mean is None and d.normalize == "channel":
+        mean, std = channel_stats(train.images, d.scale)
+    size = None if d.size is None else as_size(d.size)
+    if size is not None and isinstance(mean, torch.Tensor) and mean.dim() == 3 and tuple(mean.shape[-2:]) != size:
+        mean = torch.nn.functional.interpolate(mean[None], size=size, mode="bilinear", antialias=True,
+                                               align_corners=False)[0]  # a per-pixel mean at the model's size
+    return Augment(shift=a.shift, flip=a.flip, crop=a.crop, mean=mean, std=std, scale=d.scale, size=size,
+                   resized_crop=a.resized_crop, ratio=a.ratio, rotate=a.rotate, zoom=a.zoom, translate=a.translate,
+                   brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, gamma=a.gamma, ramp=a.ramp,
+                   p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase)
+
+
+def build_criterion(recipe: Recipe) -> nn.Module:
+    """Cross-entropy, or with model.head arcface / cosface the margin loss on the model's scaled-cosine logits."""
+    from danlu.face.heads import build_criterion as criterion
+
+    m = recipe.model
+    return criterion(m.head or "softmax", m.scale, m.margin, recipe.optim.label_smoothing)
+
+
+def build_evaluator(recipe: Recipe, test: ImageSet) -> Callable[..., dict[str, Any]]:
+    """The test metric: classification (engine.loop.evaluate), or for data.split=identities face verification on
+    seeded pairs of the held-out identities (danlu.face.verify.VerificationEval)."""
+    from danlu.engine.loop import evaluate as classification
+
+    if recipe.data.split != "identities":
+        return classification
+    from danlu.face.verify import VerificationEval
+
+    return VerificationEval(test.labels, recipe.data.test_pairs, recipe.data.split_seed)

@@ -1,0 +1,40 @@
+"""Devices: the one place that knows the words for them (`devices.device` in a recipe, `--device` on the command
+line) and turns a word into a torch.device that works here.
+
+    resolve_device("auto")        # cuda when there is a GPU, else cpu
+    resolve_device("cuda:1")      # DanluError naming the GPUs this machine has, if it has no second one
+"""
+from __future__ import annotations
+
+from danlu.errors import DanluError
+
+DEVICE_WORDS = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def check_device(name: str) -> str:
+    """`name` if it is a device word (auto, cpu, cuda, cuda:N), else ValueError saying what is expected."""
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise ValueError(f"expected {', '.join(DEVICE_WORDS[:-1])} or {DEVICE_WORDS[-1]}")
+
+
+def resolve_device(name: str):
+    """'auto' -> the first GPU when there is one, else the CPU; 'cuda' / 'cuda:N' only where CUDA works."""
+    import torch
+
+    try:
+        check_device(name)
+    except ValueError as e:
+        raise DanluError(f"--device {name}: {e}") from None
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DanluError(f"--device {name}: CUDA is not available on this machine; expected cpu or auto")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise DanluError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s); "
+                             f"expected cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        return torch.device("cuda", index)
+    return torch.device(name)
+
