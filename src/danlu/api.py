@@ -251,7 +251,7 @@ def _summary(recipe: Recipe, b, stats, train_data: ImageSet, run_dir: Path, fits
         "classes": train_data.classes, "input_shape": list(train_data.shape), "run_dir": str(run_dir),
         "recipe": recipe.to_dict(), **p.guard.counts(), "skipped_steps": p.precision.skipped_steps,
         **_verification_summary(test), **({"largest_batch_that_fits": fits} if fits else {}),
-        **({"init": b.init} if b.init is not None else {}),
+        **({"init": b.init} if b.init is not None else {}), **_target_summary(recipe, stats),
         "versions": versions(), "finished": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -273,6 +273,17 @@ def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any],
         write_face_info(run_dir, face_info(recipe, test, held_out=held_out))
 
 
+def _target_summary(recipe: Recipe, stats) -> dict[str, Any]:
+    """run.target: whether and where the run reached it (training time only, as train_seconds)."""
+    t = recipe.run.target
+    if t is None:
+        return {}
+    hit = stats.to_target or {}
+    return {"target": {"metric": t.metric, "value": t.value}, "target_reached": bool(hit),
+            "seconds_to_target": round(hit["seconds"], 3) if hit else None,
+            "iterations_to_target": hit.get("iterations"), "images_to_target": hit.get("images")}
+
+
 def _verification_summary(test: dict[str, Any]) -> dict[str, Any]:
     """summary.json's face verification figures (nothing for a classifier)."""
     if "verification_acc" not in test:
@@ -287,7 +298,9 @@ def _done_line(test: dict[str, Any], stats, identities: int, world: int, run_dir
         return (f"done: verification accuracy {test['verification_acc']:.4f} +- {test['verification_std']:.4f} on "
                 f"{test['pairs']} pairs of {identities} held-out identities after {stats.iterations} iterations "
                 f"({stats.train_seconds:.1f} s training); run folder {run_dir}")
-    return (f"done: test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f} "
+    reached = "" if stats.to_target is None else (
+        f"target reached in {stats.to_target['seconds']:.1f} s of training ({stats.to_target['images']} images); ")
+    return (f"done: {reached}test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f} "
             f"after {stats.iterations} iterations ({stats.train_seconds:.1f} s training, "
             f"{stats.images_per_second * world:.0f} img/s); run folder {run_dir}")
 

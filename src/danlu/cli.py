@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
                    "or 0,1 / all (one process per GPU, as --gpus)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe field, e.g. --set optim.lr=0.05 (repeatable)")
+    t.add_argument("--until", metavar="METRIC=VALUE", help="stop at the first evaluation where the test metric reaches "
+                   "VALUE, e.g. acc=0.99 (run.target; summary.json records seconds_to_target)")
     t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest snapshot")
     t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
@@ -142,6 +144,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
+    if a.until is not None:
+        from danlu.config import TARGET_METRICS
+        from danlu.errors import nearest
+
+        metric, sep, value = (t.strip() for t in a.until.partition("="))
+        if not sep or not metric or not value:
+            raise DanluError(f"--until {a.until}: expected METRIC=VALUE, e.g. --until acc=0.99")
+        if metric not in TARGET_METRICS:
+            raise DanluError(f"--until {a.until}: unknown metric '{metric}'; expected one of "
+                             f"{', '.join(TARGET_METRICS)}{nearest(metric, TARGET_METRICS)}")
+        try:
+            float(value)
+        except ValueError:
+            raise DanluError(f"--until {a.until}: '{value}' is not a number; expected e.g. --until acc=0.99") from None
+        a.overrides += [f"run.target.metric={metric}", f"run.target.value={value}"]
     if a.resume and (a.recipe or a.solver or a.out):
         raise DanluError("--resume DIR continues the run in DIR with its own recipe; drop the recipe and --out")
     if a.solver:

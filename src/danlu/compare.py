@@ -65,11 +65,21 @@ def _summary(run: Path) -> dict[str, Any]:
         raise DanluError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
+def _resolved(recipe: dict[str, Any]) -> dict[str, Any]:
+    """A run's recipe with today's defaults filled in (a run made before a field existed ran with its default)."""
+    from danlu.config import build_recipe
+
+    try:
+        return build_recipe(recipe).to_dict()
+    except DanluError:
+        return recipe
+
+
 def _value(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-_DIGITS = {"test accuracy": 4, "test loss": 4, "train time (s)": 1, "images/s": 0}
+_DIGITS = {"test accuracy": 4, "test loss": 4, "train time (s)": 1, "images/s": 0, "to target (s)": 1}
 
 
 def _fmt(v: Any, digits: int = 4) -> str:
@@ -94,7 +104,7 @@ def compare(runs: list[Union[str, Path]], out: Union[str, Path, None] = "compare
         raise DanluError("compare: expected at least one run folder")
     folders = [Path(r) for r in runs]
     summaries = [_summary(f) for f in folders]
-    recipes = [s.get("recipe") or {} for s in summaries]
+    recipes = [_resolved(s.get("recipe") or {}) for s in summaries]
     extra = [{"device": s.get("device"), "world size": s.get("world_size", 1)} for s in summaries]
     keys = differing(recipes, extra)
     labels = []
@@ -109,8 +119,11 @@ def compare(runs: list[Union[str, Path]], out: Union[str, Path, None] = "compare
         rows.append({"run": f.name, "label": lab, "test accuracy": s.get("test_accuracy"), "test loss": s.get("test_loss"),
                      "iterations": s.get("iterations"), "train time (s)": s.get("train_seconds"),
                      "images/s": s.get("images_per_second"), "device": s.get("device"),
-                     "precision": (s.get("recipe") or {}).get("precision"), "world size": s.get("world_size", 1)})
+                     "precision": (s.get("recipe") or {}).get("precision"), "world size": s.get("world_size", 1),
+                     "to target (s)": s.get("seconds_to_target"), "images to target": s.get("images_to_target")})
     columns = COLUMNS if all(r["run"] == r["label"] for r in rows) else COLUMNS[:1] + ("differs",) + COLUMNS[1:]
+    if any("target" in s for s in summaries):  # runs with run.target: where each reached it
+        columns = columns + ("to target (s)", "images to target")
     table = markdown_table([{**r, "differs": r["label"]} for r in rows], columns)
     picture = None
     if out is not None:

@@ -133,6 +133,22 @@ class ScheduleCfg(_Section):
         return v
 
 
+class TargetCfg(_Section):
+    """Stop at the first evaluation where the test metric reaches `value` (at least; at most for a loss)."""
+    metric: str = "acc"  # a test figure: acc, top5, loss, verification_acc
+    value: float
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in TARGET_METRICS:
+            raise ValueError(f"expected one of {', '.join(TARGET_METRICS)}{nearest(v, TARGET_METRICS)}")
+        return v
+
+
+TARGET_METRICS = ("acc", "top5", "loss", "verification_acc")
+
+
 class RunCfg(_Section):
     max_iter: Optional[int] = Field(None, gt=0)
     epochs: Optional[float] = Field(None, gt=0)
@@ -145,6 +161,7 @@ class RunCfg(_Section):
     tensorboard: bool = True
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop with diagnosis.json, or drop the step
     find_batch_size: bool = False  # probe the largest power-of-two batch that fits before training
+    target: Optional[TargetCfg] = None  # stop at the first evaluation reaching it (--until acc=0.99)
 
     @model_validator(mode="after")
     def _one_length(self) -> "RunCfg":

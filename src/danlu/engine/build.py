@@ -86,7 +86,8 @@ def build_plan(recipe: Recipe, per_epoch: int, max_iter: int) -> Plan:
     r, o = recipe.run, recipe.optim
     return Plan(max_iter=max_iter, test_interval=r.test_interval or per_epoch, display=r.display,
                 snapshot_every=r.snapshot_every, test_iter=r.test_iter, clip_grad_norm=o.clip_grad_norm,
-                label_smoothing=o.label_smoothing, accumulate=o.accumulate)
+                label_smoothing=o.label_smoothing, accumulate=o.accumulate,
+                target=(r.target.metric, r.target.value) if r.target is not None else None)
 
 
 def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:

@@ -54,6 +54,7 @@ class Plan:
     label_smoothing: float = 0.0
     warmup_iters: int = 20  # steps left out of the throughput figure (allocator and cache warm-up)
     accumulate: int = 1  # micro-batches per step: the loader's batch (A*B) is cut into A micro-batches of B
+    target: Optional[tuple[str, float]] = None  # (metric, value): stop at the first test event reaching it
 
 
 @dataclass
@@ -62,6 +63,7 @@ class LoopStats:
     train_seconds: float  # time in training steps only (no evaluation, logging or snapshots)
     images_per_second: float  # after the warm-up steps, per process
     last_test: dict[str, float]
+    to_target: Optional[dict[str, float]] = None  # iterations, seconds (training only), images: where it was reached
 
 
 def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[str, Any]], None],
@@ -77,7 +79,7 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     if loop_state:
         meter.load_state_dict(loop_state["meter"])
         clock.load_state_dict(loop_state.get("clock", {}))  # a resumed run reports the whole run's time and rate
-    it, A = start, plan.accumulate
+    it, A, to_target = start, plan.accumulate, None
     model.train()
     while it < plan.max_iter:
         epoch, index = divmod(it, per_epoch)
@@ -120,14 +122,28 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                     log.event({"kind": "test", "iter": it, "epoch": it / per_epoch, **last_test,
                                "time": clock.elapsed()})
                     on_test(last_test)
-            if (plan.snapshot_every and it % plan.snapshot_every == 0) or it == plan.max_iter or p.guard.stop:
+                    if reached(plan.target, last_test):
+                        to_target = {"iterations": it, "seconds": clock.train_seconds,
+                                     "images": clock.all_images * p.dist.world}
+            done = it == plan.max_iter or to_target is not None
+            if (plan.snapshot_every and it % plan.snapshot_every == 0) or done or p.guard.stop:
                 with clock.paused():
                     state = {"meter": meter.state_dict(), "clock": clock.state_dict()}  # meter: sums over all ranks
                     p.guard.check(state["meter"]["loss_sum"].item(), it, lr)  # never snapshot non-finite weights
                     snapshot(it, state)
-            if it >= plan.max_iter:
+            if done:
                 break
-    return LoopStats(it, clock.train_seconds, clock.rate(), last_test)
+        if to_target is not None:
+            break
+    return LoopStats(it, clock.train_seconds, clock.rate(), last_test, to_target)
+
+
+def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
+    """Whether the test figures reach the target (metric, value): at least the value, at most for a loss."""
+    if target is None or test.get(target[0]) is None:
+        return False
+    metric, value = target
+    return test[metric] <= value if metric.endswith("loss") else test[metric] >= value
 
 
 @torch.no_grad()
