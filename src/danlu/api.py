@@ -52,7 +52,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     that holds another run is refused, or with `force` moved aside to `<out>.old-<time>` (never overwritten)."""
     from danlu import runs
     from danlu.engine import faults
-    from danlu.engine.build import build, build_plan
+    from danlu.engine.build import build, build_plan, resolve_precision
     from danlu.engine.devices import resolve_device
     from danlu.engine.distributed import setup as setup_dist
     from danlu.engine.loop import train_loop
@@ -64,6 +64,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                       bucket_mb=recipe.dist.bucket_mb)
     recipe = _share_global_batch(recipe, dist.world, state)
     train_data, test_data = _data(recipe, train_data, test_data)
+    recipe, auto = resolve_precision(recipe, train_data, dist.device, dist)  # auto -> a format, saved as that
     b = build(recipe, train_data, test_data, dist.device, dist, model=model, init=state is None)
     p = b.parts
     fits = _probe_batch(recipe, b, train_data, dist, quiet) if recipe.run.find_batch_size else None
@@ -81,6 +82,8 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     log = RunLog(run_dir, total=b.max_iter, start=start, tensorboard=recipe.run.tensorboard, quiet=quiet,
                  enabled=dist.is_main)
     if not quiet and dist.is_main:
+        if auto is not None:
+            print(f"danlu: {auto}", flush=True)
         if b.init is not None:
             from danlu.models.weights import describe
 
@@ -98,6 +101,8 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     finally:
         log.close()
     summary = _summary(recipe, b, stats, train_data, run_dir, fits)
+    if auto is not None:
+        summary["precision_auto"] = auto
     if dist.is_main:
         _write_run_outputs(run_dir, b.model, summary, curves, recipe, stats.last_test, test_data)
         if not quiet:

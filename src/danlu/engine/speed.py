@@ -172,3 +172,50 @@ def timed(batches: Iterable[Any], counter: Any) -> Iterator[Any]:
         finally:
             counter.wait += time.perf_counter() - t
         yield batch
+
+
+# ---------------------------------------------------------------- is bf16 faster here?
+
+
+def bf16_gain(model: nn.Module, x: torch.Tensor, steps: int = 5, cache_key: Optional[str] = None) -> float:
+    """fp32's step time over bf16's (forward + backward of `model` on the float batch `x`, CPU autocast), the median
+    of `steps` interleaved steps after 2 warm-up steps each. With `cache_key`, the answer is kept per machine
+    ($DANLU_DATA/probes.json) so that every run of the same model and batch here decides alike. The model's
+    buffers (BatchNorm statistics) and gradients are left as they were."""
+    import contextlib
+    import json
+    import statistics
+
+    from danlu.data.catalog import data_home
+    from danlu.io import write_json
+
+    path = data_home() / "probes.json"
+    try:
+        cache = json.loads(path.read_text()) if cache_key and path.is_file() else {}
+    except (OSError, ValueError):
+        cache = {}
+    if cache_key and cache_key in cache:
+        return float(cache[cache_key])
+    saved = [b.detach().clone() for b in model.buffers()]
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for i in range(2 + steps):
+        for name in times:
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
+            t = time.perf_counter()
+            with ctx:
+                out = model(x)
+            out.float().sum().backward()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+    gain = statistics.median(times["fp32"]) / statistics.median(times["bf16"])
+    if cache_key:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(path, {**cache, cache_key: round(gain, 4)})
+        except (OSError, DanluError):
+            pass  # a read-only cache folder: measured again next time
+    return gain
