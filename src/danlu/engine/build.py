@@ -84,7 +84,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
 def resolve_precision(recipe: Recipe, train: ImageSet, device: torch.device,
                       dist: Optional[Dist] = None) -> tuple[Recipe, Optional[str]]:
     """precision: auto -> the recipe with the format it resolves to here, and why (None where it was not auto).
-    On a CPU the probe times the recipe's own model, freshly built, on up to 32 training images; with several
+    On a CPU the probe times the recipe's own model, freshly built, on up to 64 training images; with several
     processes rank 0 decides for all."""
     if recipe.precision != "auto":
         return recipe, None
@@ -96,7 +96,7 @@ def resolve_precision(recipe: Recipe, train: ImageSet, device: torch.device,
     probe = None
     if device.type == "cpu":
         shape = input_shape(recipe, train.shape)
-        n = min(32, recipe.data.batch_size, len(train))
+        n = min(64, recipe.data.batch_size, len(train))
 
         def probe() -> float:
             model = build_model(recipe, shape, len(train.classes)).train()
