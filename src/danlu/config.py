@@ -39,7 +39,9 @@ class ModelCfg(_Section):
     scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
     margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin
     embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
-    test_flip: bool = True  # face models: embed each image fused with its mirror image (verify, embed, serve ...)
+    # at test time also run each image's mirror image: face models add the two embeddings (verify, embed, serve...),
+    # classifiers average the two logits; null: on for face models, off for classifiers (a flipped digit is another)
+    test_flip: Optional[bool] = None
     # start from these weights (a run folder, a .safetensors or a .pt/.pth file): layers that do not fit (the
     # classifier for other classes) are named and keep their fresh initialization
     init: Optional[str] = None

@@ -217,7 +217,7 @@ def face_info(recipe: Recipe, test: dict[str, Any], held_out: Optional[list[str]
 
     pre = (store_source(recipe.data.root) or {}).get("face") if recipe.data.name == "store" else None
     return {"model": recipe.model.name, "head": recipe.model.head or "softmax", "preprocess": pre,
-            "test_flip": recipe.model.test_flip,
+            "test_flip": recipe.model.test_flip is not False,
             "threshold": test.get("threshold"),
             "threshold_from": (f"training: {test.get('pairs')} pairs of held-out identities"
                                if test.get("threshold") is not None else None),

@@ -157,7 +157,7 @@ def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -
         kw.setdefault("scale", m.scale)
         if m.embedding_dim is not None:
             kw.setdefault("embedding_dim", m.embedding_dim)
-        kw.setdefault("test_flip", m.test_flip)
+        kw.setdefault("test_flip", m.test_flip is not False)
     elif m.head is not None or m.embedding_dim is not None:
         faces = [n for n in list_models() if is_face_model(n)]
         raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
@@ -252,12 +252,15 @@ def build_criterion(recipe: Recipe) -> nn.Module:
 
 
 def build_evaluator(recipe: Recipe, test: ImageSet) -> Callable[..., dict[str, Any]]:
-    """The test metric: classification (engine.loop.evaluate), or for data.split=identities face verification on
-    seeded pairs of the held-out identities (danlu.face.verify.VerificationEval)."""
+    """The test metric: classification (engine.loop.evaluate; with model.test_flip, of the logits averaged over each
+    image and its mirror image), or for data.split=identities face verification on seeded pairs of the held-out
+    identities (danlu.face.verify.VerificationEval)."""
+    import functools
+
     from danlu.engine.loop import evaluate as classification
 
     if recipe.data.split != "identities":
-        return classification
+        return functools.partial(classification, flip=True) if recipe.model.test_flip else classification
     from danlu.face.verify import VerificationEval
 
     return VerificationEval(test.labels, recipe.data.test_pairs, recipe.data.split_seed)

@@ -148,17 +148,21 @@ def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
-             max_batches: Optional[int] = None, label_smoothing: float = 0.0) -> dict[str, Any]:
+             max_batches: Optional[int] = None, label_smoothing: float = 0.0, flip: bool = False) -> dict[str, Any]:
     """Loss (the training objective, so train and test curves compare), top-1 and (with more than 5 classes) top-5
-    over the test set, every sample counted once."""
+    over the test set, every sample counted once; with `flip`, of the logits averaged over each image and its
+    mirror image (test-time augmentation, model.test_flip)."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=loader.device)  # (loss sum, top1, top5, n)
     for i, (x, y) in enumerate(loader.epoch(0)):
         if max_batches is not None and i >= max_batches:
             break
+        x = augment(x, train=False)
         with precision.autocast():
-            logits = model(augment(x, train=False))  # (B, classes)
+            logits = model(x) if not flip else model(torch.cat([x, x.flip(-1)]))  # (B, classes) or (2B, classes)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; fp64 stays
+        if flip:
+            logits = (logits[:len(y)] + logits[len(y):]) / 2
         k = min(5, logits.shape[1])
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hit = topk == y[:, None]
