@@ -48,7 +48,7 @@ def test_tensorboard_events_are_written(cli, tmp_path):
     ["--set", "model.name=nosuchnet"],
     ["--set", "data.name=nosuchdata"],
     ["--device", "tpu"],
-    ["--set", "optim.lr=0"],
+    ["--set", "optim.lr=-0.5"],
     ["--set", "data.batch_size=0"],
     ["--set", "data.batch_size=-8"],
     ["--set", "run.max_iter=0"],

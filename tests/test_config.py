@@ -32,7 +32,7 @@ def test_resolved_recipe_round_trips_through_yaml():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("optim.lr=-1", ["--set optim.lr=-1", "greater than 0"]),
+    ("optim.lr=-1", ["--set optim.lr=-1", "greater than or equal to 0"]),
     ("optim.lrr=0.1", ["optim.lrr", "did you mean 'lr'"]),
     ("run.max_iter=abc", ["run.max_iter=abc", "integer"]),
     ("schedule.policy=cosin", ["cosin", "did you mean 'cosine'"]),

@@ -99,7 +99,7 @@ class AugmentCfg(_Section):
 
 class OptimCfg(_Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, ge=0)  # 0: the weights stay as they are (e.g. to evaluate a model.init start)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
