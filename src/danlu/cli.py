@@ -280,6 +280,9 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
                     help="histogram equalization (default hist)")
     fp.add_argument("--margin", type=float, default=0.2, help="crop = face box grown by this share (default 0.2)")
     fp.add_argument("--detector", default="haar", help="haar (OpenCV's bundled cascade, default) or a YuNet .onnx")
+    fp.add_argument("--crop", choices=["auto", "face", "full"], default="auto",
+                    help="face: the detected face; full: every image's centre square (already-cropped faces); auto "
+                    "(default): full where the detector finds a clear face in fewer than half of the images")
     fp.add_argument("--no-face", choices=["center", "skip"], default="center",
                     help="an image with no face (or several of one size): keep a centre square (default) or skip it;"
                     " either way it is listed in STORE/prepare_report.json")
@@ -329,7 +332,7 @@ def _cmd_face(a: argparse.Namespace) -> int:
     c = a.face_command
     if c == "prepare":
         prepare_faces(a.raw, a.out, size=a.size, channels=a.channels, align=a.align, equalize=a.equalize,
-                           margin=a.margin, detector=a.detector, no_face=a.no_face, shard_mb=a.shard_mb,
+                           margin=a.margin, detector=a.detector, crop=a.crop, no_face=a.no_face, shard_mb=a.shard_mb,
                            workers=a.workers, quiet=a.quiet)
     elif c == "pairs":
         r = face.pairs(a.dir, a.out, n=a.n, folds=a.folds, seed=a.seed)
