@@ -164,6 +164,9 @@ class RunCfg(_Section):
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop with diagnosis.json, or drop the step
     find_batch_size: bool = False  # probe the largest power-of-two batch that fits before training
     target: Optional[TargetCfg] = None  # stop at the first evaluation reaching it (--until acc=0.99)
+    # with epochs: train on at least this many images, so a small set gets more epochs than a large one (240 face
+    # crops and 24,000 images see the same 40,000 images; a large set runs its epochs)
+    min_images: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _one_length(self) -> "RunCfg":
@@ -383,5 +386,8 @@ def iters_per_epoch(train_size: int, global_batch: int) -> int:
     return max(1, train_size // global_batch)
 
 
-def total_iters(run: RunCfg, per_epoch: int) -> int:
-    return run.max_iter if run.max_iter is not None else max(1, math.ceil(run.epochs * per_epoch))
+def total_iters(run: RunCfg, per_epoch: int, global_batch: int = 1) -> int:
+    """run.max_iter, or run.epochs of `per_epoch` iterations, at least run.min_images / global_batch."""
+    if run.max_iter is not None:
+        return run.max_iter
+    return max(1, math.ceil(run.epochs * per_epoch), math.ceil(run.min_images / global_batch))

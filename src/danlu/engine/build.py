@@ -67,7 +67,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     model = speed.layout(model.to(device, precision.param_dtype))
     train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader)
     per_epoch = iters_per_epoch(len(train), train_loader.global_batch)
-    max_iter = total_iters(recipe.run, per_epoch)
+    max_iter = total_iters(recipe.run, per_epoch, train_loader.global_batch)
     base_lr = scaled_lr(recipe, train_loader.global_batch)
     lr_at = build_schedule(recipe, base_lr, per_epoch, max_iter) if lr is None else (lambda it: lr)
     optimizer = build_optimizer(recipe, model, base_lr if lr is None else lr)
