@@ -91,7 +91,7 @@ def resolve_precision(recipe: Recipe, train: ImageSet, device: torch.device,
     from danlu.config import build_recipe
     from danlu.engine.precision import resolve_auto
     from danlu.engine.speed import bf16_gain
-    from danlu.runs import cpu_model
+    from danlu.engine.devices import cpu_model
 
     probe = None
     if device.type == "cpu":
