@@ -112,13 +112,13 @@ def open_stream(url: str, what: str = "shard"):
             raise DanluError(f"data.root: {what} {url} not found") from None
         except Exception as e:  # noqa: BLE001 - credentials, network: the store's own words, one line
             raise DanluError(f"data.root: {what} {url}: cannot open it ({type(e).__name__}: {e})") from None
-    from webdataset import gopen
+    from webdataset.gopen import gopen, gopen_schemes
 
-    if scheme not in gopen.gopen_schemes:
+    if scheme not in gopen_schemes:
         raise DanluError(f"data.root={url}: unknown scheme '{scheme}:'; expected a folder, http(s)://, pipe:, or "
                          f"with fsspec installed {', '.join(s + '://' for s in _FSSPEC[:3])}")
     try:
-        return gopen.gopen(url, "rb")
+        return gopen(url, "rb")
     except Exception as e:  # noqa: BLE001
         raise DanluError(f"data.root: {what} {url}: cannot open it ({e})") from None
 
@@ -201,6 +201,27 @@ class _Raw:
     reason: str  # why there is no label ('' with one)
 
 
+class _Tail:
+    """A read-only stream that remembers its last 1024 bytes: a whole tar ends with two zero blocks, a tar cut at a
+    member boundary does not (Python's tarfile reads both as a normal end)."""
+
+    def __init__(self, f):  # noqa: ANN001
+        self.f, self.tail = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.tail = (self.tail + data[-1024:])[-1024:]
+        return data
+
+    def whole(self) -> bool:
+        while self.read(1 << 16):  # what tarfile left unread after the first zero block
+            pass
+        return self.tail == bytes(1024)
+
+    def __getattr__(self, name: str) -> Any:  # close(), status, ...: the wrapped stream's
+        return getattr(self.f, name)
+
+
 def _samples(url: str, label_key: str) -> tuple[list[_Raw], Optional[str]]:
     """Every sample of one shard in file order (webdataset's tar iterator and key grouping), and the error that ended
     the shard early (a truncated or corrupt tar), if one did."""
@@ -212,7 +233,7 @@ def _samples(url: str, label_key: str) -> tuple[list[_Raw], Optional[str]]:
         errors.append(exn)
         return False
 
-    stream = open_stream(url)
+    stream = _Tail(open_stream(url))
     out = []
     try:
         files = tar_file_expander([{"url": url, "stream": stream}], handler=stop)
@@ -220,10 +241,12 @@ def _samples(url: str, label_key: str) -> tuple[list[_Raw], Optional[str]]:
             ext = next((k for k in IMAGE_KEYS if k in s), "")
             text, reason = raw_label(s, label_key)
             out.append(_Raw(s["__key__"], bytes(s[ext]) if ext else None, ext, text, reason))
+        whole = not errors and stream.whole()
     finally:
         _close(stream, url, "shard")
     if not errors:
-        return out, None
+        return out, None if whole else (f"shard ends early (no end-of-archive blocks: truncated); {len(out)} "
+                                         f"samples read before")
     e = errors[0]
     msg = str(e.args[0] if e.args else e).split(" @ ")[0].strip() or type(e).__name__
     return out, f"shard ends early ({type(e).__name__}: {msg[:120]}); {len(out)} samples read before"
@@ -582,7 +605,9 @@ def load_shards(root: Optional[str], *, size=None, channels: Optional[int] = Non
 
 
 def warn_skipped(skipped: list[dict[str, Any]], when: str = "") -> None:
-    """One line: how many samples were skipped, the first and why, where the full list is."""
+    """One line: how many samples of the shards were skipped, the first and why, where the full list is (files that
+    prepare skipped were said then, and stay listed in the report)."""
+    skipped = [e for e in skipped if "shard" in e]
     if skipped:
         first = skipped[0]
         where = _short(first["shard"]) + (f" {first['key']}" if first.get("key") else "")
