@@ -894,10 +894,10 @@ def _decode_cuda(picked: list, images: ShardImages, device: torch.device) -> tup
 
 def _resize_on_device(im: torch.Tensor, h: int, w: int, resize: str) -> torch.Tensor:
     """(C, H0, W0) uint8 -> (C, h, w) uint8: decode.decode_image's geometry (crop: cover then centre), on the device."""
-    from danlu.data.decode import _resized
+    from danlu.data.decode import cover_size
 
     H0, W0 = im.shape[-2:]
-    rw, rh = _resized(W0, H0, h, w) if resize == "crop" else (w, h)
+    rw, rh = cover_size(W0, H0, h, w) if resize == "crop" else (w, h)
     x = torch.nn.functional.interpolate(im[None].float(), size=(rh, rw), mode="bilinear", antialias=True,
                                         align_corners=False)[0]
     top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
