@@ -111,7 +111,7 @@ def test_prepare_writes_shards_that_webdataset_and_tar_read_with_an_index(tmp_pa
 
 
 def test_prepare_refuses_a_used_folder_and_keep_original_keeps_the_bytes(tmp_path):
-    src = class_folder(tmp_path / "p", classes=("a", "b"), per_class=3, ext=".png")
+    src = class_folder(tmp_path / "p", classes=("a", "b"), per_class=3, ext=".jpg")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "x").write_text("mine")
     with pytest.raises(DanluError, match="not empty"):
@@ -119,7 +119,7 @@ def test_prepare_refuses_a_used_folder_and_keep_original_keeps_the_bytes(tmp_pat
     prepare_shards(src, tmp_path / "o", keep_original=True, quiet=True)
     got = {json.loads(s["json"])["path"]: s for s in webdataset.WebDataset(str(tmp_path / "o" / "train-000000.tar"),
                                                                            shardshuffle=False)}
-    assert got["a/000.png"]["png"] == (src / "a" / "000.png").read_bytes()
+    assert got["a/000.jpg"]["jpg"] == (src / "a" / "000.jpg").read_bytes()
     again = prepare_shards(src, tmp_path / "o", keep_original=True, quiet=True)  # the same: nothing to do
     assert again["splits"]["train"]["count"] == 6
 
@@ -158,6 +158,16 @@ def test_an_epoch_is_every_sample_once_in_an_order_of_seed_and_epoch(shards):
     shard_of = {i: k for k, (lo, hi) in enumerate(zip([0, 9, 22, 27, 38, 46, 58], [9, 22, 27, 38, 46, 58, 65]))
                 for i in range(lo, hi)}
     assert len({shard_of[i] for i in ids[:8]}) >= 2
+    # both parts of the order change with the epoch: the shards' order, and each shard's samples' order (one
+    # stream: batches are the epoch's sequence itself)
+    one, _ = _load(shards, streams=1)
+    seqs = [[i for x, _ in _epoch(one, 8, epoch=e) for i in _ids(x)] for e in range(3)]
+    assert len({tuple(dict.fromkeys(shard_of[i] for i in s)) for s in seqs}) == 3
+    for k in range(7):
+        full = [[i for i in s if shard_of[i] == k] for s in seqs]
+        full = [f for f in full if len(f) == max(map(len, full))]
+        if len(full) > 1:
+            assert len({tuple(f) for f in full}) == len(full), k  # not in the same order twice
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -306,6 +316,18 @@ def test_bad_samples_and_a_truncated_shard_are_counted_skips_never_a_hang(tmp_pa
         batches = list(loader.epoch(0))
     ids = [i for x, _ in batches for i in _ids(x)]
     assert 10 not in ids and len(ids) == len(train) // 8 * 8  # the bad image replaced by a good one of its stream
+    assert all(torch.equal(x[:, 2, 0, 0].long(), 40 * y) for x, y in batches)  # ... with its label, not zeros
+    # with 4 streams the stand-in comes from the bad image's own stream: 1 and 4 processes still see the same batches
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train4, _ = load_dataset("wds", root=str(root), size=(10, 12), streams=4)
+        for epoch in range(3):
+            one = list(make_loader(train4.images, None, 8, device="cpu").epoch(epoch))
+            four = [list(make_loader(train4.images, None, 2, device="cpu", rank=r, world=4).epoch(epoch))
+                    for r in range(4)]
+            for i, (x, y) in enumerate(one):
+                assert torch.equal(torch.cat([four[r][i][0] for r in range(4)]), x)
+                assert torch.equal(torch.cat([four[r][i][1] for r in range(4)]), y)
     assert list(loader.skipped) == [(str(root / "train-000001.tar"), "s000010")]
 
 

@@ -36,8 +36,8 @@ Decoding: `decode="cpu"` in a thread pool (Pillow releases the GIL; a JPEG at le
 reduced DCT scale, `decode.decode_image`), `"cuda"` batched with `torchvision.io.decode_jpeg(..., device="cuda")`
 (nvJPEG; PNG/WebP and what nvJPEG refuses fall back to the CPU), `"auto"`: cuda on a CUDA device. A background thread
 reads shards ahead and queues the decoding of the next batches while the step runs. An image that does not decode is
-replaced by another image of its stream's share of the batch (the same on any number of processes), counted, and
-listed in data_report.json at the end of the run.
+replaced by another image of its stream's share of the batch (the same on any number of processes; where that share
+holds no other good image, of this process's batch), counted, and listed in data_report.json at the end of the run.
 """
 from __future__ import annotations
 
@@ -821,7 +821,8 @@ class ShardLoader:
 
     def _mend(self, x: torch.Tensor, labels: np.ndarray, streams: np.ndarray, bad: dict[int, str],
               picked: list) -> None:
-        """Replace each row that did not decode by the next good row of its stream (cyclically), or zeros."""
+        """Replace each row that did not decode by the next good row of its stream's share of the batch (cyclically;
+        the same on any number of processes), else by the next good row of this rank's batch, else by zeros."""
         for i, reason in sorted(bad.items()):
             url, key = picked[i][0], picked[i][1]
             entry = {"shard": url, "key": key, "reason": reason}
@@ -829,8 +830,9 @@ class ShardLoader:
                 warnings.warn(f"data: {_short(url)} {key}: {reason}; replaced by another image of its batch (every "
                               f"such sample is listed in data_report.json in the run folder)", stacklevel=4)
             self.skipped.setdefault((url, key), entry)
-            same = np.flatnonzero(streams == streams[i])
-            good = [j for j in np.roll(same, -int(np.searchsorted(same, i))) if j not in bad]
+            good = []
+            for rows in (np.flatnonzero(streams == streams[i]), np.arange(len(streams))):
+                good = good or [j for j in np.roll(rows, -int(np.searchsorted(rows, i))) if j not in bad]
             if good:
                 x[i] = x[good[0]]
                 labels[i] = labels[good[0]]
