@@ -273,6 +273,7 @@ def _cmd_data(a: argparse.Namespace) -> int:
                 if "train" in r else f"{'':<44}")
         print(f"  {r['name']:<14} {what}  {r['state']:<34} {r['about']}")
     print("  folder, list, store  your own images: data.root (see README, 'Your own images')")
+    print("  wds                  WebDataset tar shards, from a folder or a URL: data.root (README, 'Data at scale')")
     return 0
 
 

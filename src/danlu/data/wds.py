@@ -372,7 +372,14 @@ def open_source(root: Optional[str], label_key: str = "cls", quiet: bool = False
     """The shards of data.root with their counts: from index.json, or by scanning every shard once."""
     kind, found, index_url = find_shards(root)
     if index_url is not None:
-        return _from_index(root, index_url, read_index(index_url), label_key)
+        try:
+            index = read_index(index_url)
+        except DanluError as e:
+            if kind != "url-folder":
+                raise
+            raise DanluError(f"{e}; expected a URL folder with the index.json that danlu prepare --format wds writes, "
+                             f"or a brace pattern of its .tar shards (https://host/train-{{000000..000127}}.tar)") from None
+        return _from_index(root, index_url, index, label_key)
     return scan(root, found, label_key, quiet=quiet)
 
 
@@ -574,7 +581,7 @@ def load_shards(root: Optional[str], *, size=None, channels: Optional[int] = Non
     hw, c = as_size(size), channels or 3
     train_shards = src.splits["train"]
     if "test" in src.splits:
-        test_shards, test_from = src.splits["test"], "the val/ (or test/) shards"
+        test_shards, test_from = src.splits["test"], "the val (or test) shards"
     else:
         train_shards, test_shards = hold_out(train_shards, val_fraction, split_seed, root)
         test_from = (f"held-out shards: data.val_fraction={val_fraction} of {len(src.splits['train'])} shards, "
@@ -756,7 +763,8 @@ class ShardLoader:
             first = list(dict.fromkeys(int(k) for nd in need for k in nd))  # shards in the order they are needed
             last = {int(k): j for j, nd in enumerate(need) for k in np.unique(nd)}
             ahead = self.streams // self.world + 2 if self.drop_last else 2  # shards read ahead of the batch's own
-            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="danlu-wds-read") as reader:
+            reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="danlu-wds-read")
+            try:
                 live: dict[int, Future] = {}
                 nxt = 0
                 for j, rws in enumerate(rows):
@@ -775,6 +783,8 @@ class ShardLoader:
                         del live[k]
                     if not put(item):
                         return
+            finally:  # leaving early (a break, an error): the reads not started yet are dropped
+                reader.shutdown(wait=True, cancel_futures=True)
             put(_END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(e)
