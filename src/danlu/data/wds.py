@@ -683,7 +683,7 @@ class ShardLoader:
         """Batches per epoch (for each rank): N // G in training; in testing, enough for the largest rank's share."""
         if self.drop_last:
             return self.n // self.global_batch
-        return -(-(-(-self.n // self.world)) // self.batch_size)
+        return math.ceil(math.ceil(self.n / self.world) / self.batch_size)
 
     def _share(self) -> tuple[int, int]:
         """Test mode: (first position, count) of this rank's contiguous share of the N samples."""

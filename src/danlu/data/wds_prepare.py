@@ -90,7 +90,7 @@ def prepare_shards(src: Union[str, Path], out: Union[str, Path], *, size: Option
     from danlu.data.decode import default_workers
     from danlu.data.folder import scan_folder
     from danlu.data.lists import scan_lists
-    from danlu.io import sha256, write_json
+    from danlu.io import write_json
 
     if size is not None and size < 1:
         raise DanluError(f"--size {size}: expected a positive shorter side in pixels")
@@ -128,15 +128,10 @@ def prepare_shards(src: Union[str, Path], out: Union[str, Path], *, size: Option
             shards: list[dict[str, Any]] = []
             per_class = [0] * len(files.classes)
 
-            def finished(fname: str, writer_box: list) -> None:  # ShardWriter's post: one shard is closed
-                p = Path(fname)
-                shards.append({"file": p.name, "count": writer_box[0].count, "bytes": p.stat().st_size,
-                               "sha256": sha256(p)})
-
-            box: list = []
+            done_shards = _Finished(shards)
             writer = ShardWriter(str(out / (SHARD_PATTERN % split)), maxsize=int(shard_mb * 2**20), maxcount=10**9,
-                                 verbose=0, encoder=False, mtime=mtime, post=lambda f: finished(f, box))
-            box.append(writer)
+                                 verbose=0, encoder=False, mtime=mtime, post=done_shards)
+            done_shards.writer = writer
             chunk = max(64, workers * 16)
             try:
                 for lo in range(0, len(order), chunk):
@@ -179,6 +174,20 @@ def prepare_shards(src: Union[str, Path], out: Union[str, Path], *, size: Option
               + f", {mb:.1f} MiB" + (f", {len(skipped)} skipped (listed in {out}/{INDEX_NAME})" if skipped else "")
               + f"; {done} images in {seconds:.1f} s")
     return index
+
+
+class _Finished:
+    """ShardWriter's `post`: called as each shard is closed, while its writer's count is still that shard's."""
+
+    def __init__(self, records: list[dict[str, Any]]):
+        self.records, self.writer = records, None
+
+    def __call__(self, fname: str) -> None:
+        from danlu.io import sha256
+
+        p = Path(fname)
+        self.records.append({"file": p.name, "count": self.writer.count, "bytes": p.stat().st_size,
+                             "sha256": sha256(p)})
 
 
 def _try(fn, *args):  # noqa: ANN001, ANN202
