@@ -400,12 +400,12 @@ def test_s3_urls_need_fsspec_and_read_through_it(tmp_path, monkeypatch):
     server.start()
     try:
         host, port = server.get_host_and_port()
-        for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-                     "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        for k, v in {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}.items():
             monkeypatch.setenv(k, v)
         import fsspec
 
-        fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": f"http://{host}:{port}"})
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://{host}:{port}"})  # every s3:// open
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.mkdir("bucket")
         write_shards(tmp_path / "s", [5, 5])
         for p in (tmp_path / "s").iterdir():

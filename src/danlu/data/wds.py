@@ -520,24 +520,27 @@ class ShardImages:
         return sum(s.count for s in self.shards)
 
     def head(self, n: int) -> np.ndarray:
-        """The first n images (N, C, H, W) uint8 in the shards' own order, decoded on the CPU (kept for reuse)."""
-        from danlu.data.decode import BadImage, decode_image
+        """The first n images (N, C, H, W) uint8 in the shards' own order, decoded on the CPU in threads (an image
+        that does not decode: zeros). Up to 256 are kept for the probes that ask again."""
+        from danlu.data.decode import default_workers
 
         n = min(n, len(self))
-        if self._head is None or len(self._head) < n:
-            rows: list[np.ndarray] = []
-            for shard in self.shards:
-                for _, data, _ in read_shard(shard.url, self.labels)[0]:
-                    try:
-                        rows.append(decode_image(io.BytesIO(data), self.size, self.channels, self.resize))
-                    except BadImage:
-                        rows.append(np.zeros((self.channels, *self.size), np.uint8))
-                    if len(rows) >= n:
-                        break
-                if len(rows) >= n:
-                    break
-            self._head = np.stack(rows) if rows else np.zeros((0, self.channels, *self.size), np.uint8)
-        return self._head[:n]
+        if self._head is not None and len(self._head) >= n:
+            return self._head[:n]
+        data: list[bytes] = []
+        for shard in self.shards:
+            data += [d for _, d, _ in read_shard(shard.url, self.labels)[0][:n - len(data)]]
+            if len(data) >= n:
+                break
+        out = np.zeros((len(data), self.channels, *self.size), np.uint8)
+        picked = [(None, None, d, 0) for d in data]
+        step = max(1, math.ceil(len(data) / (4 * (self.workers or default_workers()))))
+        with ThreadPoolExecutor(max_workers=self.workers or default_workers()) as pool:
+            list(pool.map(lambda lo: _decode_rows(picked, out, lo, min(len(data), lo + step), self),
+                          range(0, len(data), step)))
+        if n <= 256:
+            self._head = out
+        return out
 
     def gather(self, rows, out: Optional[np.ndarray] = None) -> np.ndarray:  # noqa: ANN001
         rows = np.asarray(rows, dtype=np.int64)
