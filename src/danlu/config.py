@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -48,8 +49,11 @@ class ModelCfg(_Section):
 
 
 class DataCfg(_Section):
-    name: str = "mnist5k"  # mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store
-    root: Optional[str] = None  # folder: class subfolders; list: what paths are relative to; store: its folder
+    # mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store | wds
+    name: str = "mnist5k"
+    # folder: class subfolders; list: what paths are relative to; store: its folder; wds: a folder of .tar shards,
+    # a brace pattern (shards/train-{000000..000127}.tar) or a URL (https://, s3://, gs://, pipe:)
+    root: Optional[str] = None
     train_list: Optional[str] = None  # list: Caffe 'path label' lines or a CSV with a header (path,label)
     val_list: Optional[str] = None  # list: the test split (default: split train_list by val_fraction)
     resize: Literal["crop", "exact"] = "crop"  # folder/list: shorter side + centre crop, or stretch to data.size
@@ -71,6 +75,25 @@ class DataCfg(_Section):
     normalize: Literal["none", "channel", "pixel"] = "none"  # pixel: subtract the per-pixel mean image (Keras article)
     mean: Optional[list[float]] = None  # explicit per-channel mean/std in scaled units (overrides normalize)
     std: Optional[list[float]] = None
+    # wds (WebDataset tar shards, data/wds.py)
+    label_key: str = "cls"  # the label's file in a sample: cls, txt, another extension, or json:FIELD
+    streams: int = Field(8, ge=1)  # the epoch's order is K streams; the number of processes must divide it
+    decode: Literal["auto", "cpu", "cuda"] = "auto"  # auto: nvJPEG on a CUDA device, else Pillow threads
+    workers: Optional[int] = Field(None, ge=1)  # decoding threads per process (default: every core)
+
+    @field_validator("label_key")
+    @classmethod
+    def _label_key(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*|json:[^\s.]+(\.[^\s.]+)*", v):
+            raise ValueError("expected a sample's file extension (cls, txt) or json:FIELD")
+        return v
+
+    @model_validator(mode="after")
+    def _wds_split(self) -> "DataCfg":
+        if self.name == "wds" and self.split == "identities":
+            raise ValueError("data.split=identities: data.name=wds streams its shards and cannot hold back "
+                             "identities; expected data.split=images")
+        return self
 
 
 class AugmentCfg(_Section):
