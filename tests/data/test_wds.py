@@ -17,7 +17,10 @@ from danlu.data.datasets import channel_stats, load_dataset
 from danlu.data.loader import make_loader
 from danlu.data.wds_prepare import inspect_shards, prepare_shards
 from danlu.errors import DanluError
-from datafiles import class_folder, file_server, write_image  # noqa: F401 (file_server: a fixture)
+import datafiles
+from datafiles import class_folder
+
+file_server = datafiles.file_server  # the shared fixture, found by pytest under this name
 
 
 def _png(value: int, label: int, size=(10, 12)) -> bytes:

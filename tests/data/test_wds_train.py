@@ -10,7 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli, sets
-from datafiles import class_folder, file_server  # noqa: F401 (file_server: a fixture)
+import datafiles
+from datafiles import class_folder
+
+file_server = datafiles.file_server  # the shared fixture, found by pytest under this name
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 # LeNet on 16 px colour images, flip on (its draws must follow the global batch), 4 streams; 72 training samples in
