@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300, help="pairs of each kind per fold for the generated pairs")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    ap.add_argument("--equalize", default="hist", choices=["hist", "clahe", "none"])
+    ap.add_argument("--equalize", default="hist", choices=["hist", "clahe", "tantriggs", "none"])
     ap.add_argument("--align", action="store_true")
     ap.add_argument("--crop", default="auto", choices=["auto", "face", "full"], help="as danlu face prepare's")
     ap.add_argument("--components", type=int, default=100)
