@@ -94,7 +94,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         with p.guard.signals():  # SIGTERM / SIGINT: finish the step, snapshot, raise faults.Stopped
             stats = train_loop(p, build_plan(recipe, b.per_epoch, b.max_iter), log,
                                p.guard.after(_snapshotter(recipe, b, run_dir), b.max_iter, run_dir),
-                               on_test=lambda _: curves.draw(), start=start,
+                               on_test=_on_test(recipe, b, run_dir, curves), start=start,
                                loop_state=state.get("loop") if state else None)
     except torch.OutOfMemoryError:
         raise faults.out_of_memory(recipe.data.batch_size, dist.device, fits) from None
@@ -104,8 +104,10 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     if auto is not None:
         summary["precision_auto"] = auto
     if dist.is_main:
-        _write_run_outputs(run_dir, b.model, summary, curves, recipe, stats.last_test, test_data)
+        _write_run_outputs(run_dir, b.model, summary, curves, recipe, stats.last_test, test_data, p.ema)
         if not quiet:
+            if summary.get("early_stop"):
+                print(f"danlu: run.early_stop: {summary['early_stop']}", flush=True)
             print(_done_line(stats.last_test, stats, len(test_data.classes), dist.world, run_dir), flush=True)
     test = stats.last_test
     acc = test.get("acc", test.get("verification_acc"))  # face runs: verification accuracy
@@ -123,6 +125,8 @@ def _resolve(recipe: RecipeLike, overrides: Optional[list[str]], resume: Union[s
     state = None
     if resume is not None:
         state, snap_path = checkpoint.load_latest(Path(resume))
+        # runs from before optim.wd_exclude_norm_bias existed decayed every parameter: continue them that way
+        state["recipe"].get("optim", {}).setdefault("wd_exclude_norm_bias", False)
         resolved, where = load_recipe(state["recipe"], overrides), f"--resume {resume}: {snap_path.name}"
     elif isinstance(recipe, Recipe):
         resolved, where = (load_recipe(recipe.to_dict(), overrides) if overrides else recipe), recipe_name(recipe)
@@ -186,7 +190,15 @@ def _restore(state: dict[str, Any], where: str, recipe: Recipe, b) -> int:
     if saved != recipe.optim.name:
         raise DanluError(f"{where}: holds {saved} optimizer state; optim.name={recipe.optim.name} cannot continue it "
                          f"(expected {saved})")
-    p.optimizer.load_state_dict(state["optimizer"])
+    try:
+        p.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # another number or size of parameter groups
+        raise DanluError(f"{where}: its optimizer state does not fit this recipe's parameter groups ({e}); expected "
+                         f"the run's own optim.wd_exclude_norm_bias and optim.head_lr_mult") from None
+    if p.ema is not None and "ema" in state:
+        p.ema.load_state_dict(state["ema"])
+    elif p.ema is not None:  # switched on at resume: the average starts from the snapshot's weights
+        p.ema.reset()
     p.precision.load_state_dict(state.get("precision", {}))
     if p.generator is not None and "augment_rng" in state:
         p.generator.set_state(state["augment_rng"].to("cpu"))
@@ -211,9 +223,32 @@ def _snapshotter(recipe: Recipe, b, run_dir: Path):
                  "guard": p.guard.state_dict()}
         if p.generator is not None:
             state["augment_rng"] = p.generator.get_state()
+        if p.ema is not None:
+            state["ema"] = p.ema.state_dict()
         checkpoint.save_snapshot(run_dir / "snapshots", state, it, recipe.run.keep_snapshots)
 
     return snapshot
+
+
+def _on_test(recipe: Recipe, b, run_dir: Path, curves) -> Any:
+    """After each test event: redraw the curves; with run.keep_best, when the event is the best so far, keep its
+    weights as best.safetensors and say which in best.json (rank 0)."""
+    from safetensors.torch import save
+
+    from danlu.io import write_bytes, write_json
+
+    p = b.parts
+
+    def on_test(test: dict[str, Any]) -> None:
+        curves.draw()
+        if recipe.run.keep_best and p.best.improved and p.dist.is_main:
+            write_bytes(run_dir / "best.safetensors",
+                        save({k: v.contiguous() for k, v in b.model.state_dict().items()}))
+            write_json(run_dir / "best.json", {"iteration": p.best.iteration, "epoch": p.best.iteration / b.per_epoch,
+                                               "metric": p.best.metric, "value": p.best.value,
+                                               **{k: v for k, v in test.items() if isinstance(v, (int, float))}})
+
+    return on_test
 
 
 def _write_run_inputs(run_dir: Path, recipe: Recipe, train_data: ImageSet, augment, start: int) -> None:
@@ -257,13 +292,15 @@ def _summary(recipe: Recipe, b, stats, train_data: ImageSet, run_dir: Path, fits
         "recipe": recipe.to_dict(), **p.guard.counts(), "skipped_steps": p.precision.skipped_steps,
         **_verification_summary(test), **({"largest_batch_that_fits": fits} if fits else {}),
         **({"init": b.init} if b.init is not None else {}), **_target_summary(recipe, stats),
+        **_best_summary(recipe, p.best, stats), **_ema_summary(test),
         "versions": versions(), "finished": datetime.now().isoformat(timespec="seconds"),
     }
 
 
 def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any], curves, recipe: Recipe,
-                       test: dict[str, Any], test_data: ImageSet) -> None:
-    """The final weights (safetensors), the curves, summary.json and, for a face model, face.json."""
+                       test: dict[str, Any], test_data: ImageSet, ema=None) -> None:
+    """The final weights (safetensors; with optim.ema their average too), the curves, summary.json and, for a face
+    model, face.json."""
     from safetensors.torch import save
 
     from danlu.io import write_bytes, write_json
@@ -271,6 +308,8 @@ def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any],
     from danlu.runs import face_info, write_face_info
 
     write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    if ema is not None:
+        write_bytes(run_dir / "model_ema.safetensors", save({k: v.contiguous() for k, v in ema.state_dict().items()}))
     curves.draw(force=True)
     write_json(run_dir / "summary.json", summary)
     if is_face_model(model):  # what embedding new images needs (danlu.face)
@@ -287,6 +326,25 @@ def _target_summary(recipe: Recipe, stats) -> dict[str, Any]:
     return {"target": {"metric": t.metric, "value": t.value}, "target_reached": bool(hit),
             "seconds_to_target": round(hit["seconds"], 3) if hit else None,
             "iterations_to_target": hit.get("iterations"), "images_to_target": hit.get("images")}
+
+
+def _best_summary(recipe: Recipe, best, stats) -> dict[str, Any]:
+    """run.keep_best / run.early_stop: the best test event and whether the run stopped early."""
+    r = recipe.run
+    if not r.keep_best and r.early_stop is None:
+        return {}
+    out = {"best": {"metric": best.metric, "value": best.value, "iteration": best.iteration}}
+    if r.early_stop is not None:
+        out["early_stopped"] = stats.early_stopped
+        out["early_stop"] = (f"stopped at iteration {stats.iterations}: {r.early_stop} test events without a better "
+                             f"{best.metric} than {best.value:.4f} (iteration {best.iteration})"
+                             if stats.early_stopped else None)
+    return out
+
+
+def _ema_summary(test: dict[str, Any]) -> dict[str, Any]:
+    """optim.ema: the average's final test figures."""
+    return {f"test_{k}": test[k] for k in ("ema_acc", "ema_loss", "ema_verification_acc") if k in test}
 
 
 def _verification_summary(test: dict[str, Any]) -> dict[str, Any]:

@@ -387,6 +387,10 @@ class Augment:
             y = _erase(y, p["erase"], p["erase_box"])
         return y
 
+    def train_batch(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """A training batch: uint8 (B, C, H, W) and labels (B,) -> float (B, C, H, W) augmented, and the labels."""
+        return self(x, generator, train=True), labels
+
     def _warp(self, y: Tensor, p: dict[str, Tensor]) -> Tensor:
         """Step 3: one affine warp per sample (resized crop, rotation, zoom, translation), y (B, C, h, w)."""
         if not self._affine:

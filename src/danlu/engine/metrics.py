@@ -27,6 +27,9 @@ class Meter:
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """y: (B,) labels, or (B, classes) soft labels (mixup, cutmix), of which the dominant one counts."""
+        if y.dim() == 2:
+            y = y.argmax(1)
         self.loss_sum += loss.detach() * y.shape[0]
         self.correct += (logits.argmax(1) == y).sum()
         self.n += y.shape[0]
@@ -59,6 +62,47 @@ class Meter:
             self.loss_sum.zero_(), self.correct.zero_()
             self.n = 0
         return (loss_sum / n, correct / n, n) if n else (float("nan"), float("nan"), 0)
+
+
+class Best:
+    """The best test figure so far and how many test events since it improved (run.keep_best, run.early_stop).
+    `metric`: a test figure (acc, top5, loss, verification_acc; lower is better for a loss); `patience`: test events
+    without a better one after which `exhausted` is set (None: never).
+
+        best = Best("acc", patience=3)
+        if best.update(it, test): ...        # this event is the best so far: keep its weights
+        if best.exhausted: stop
+    """
+
+    def __init__(self, metric: str, patience: Optional[int] = None):
+        self.metric, self.patience = metric, patience
+        self.value: Optional[float] = None
+        self.iteration: Optional[int] = None
+        self.since = 0  # test events since the best one
+        self.improved = False  # whether the last update was the best so far
+
+    def update(self, it: int, test: dict[str, Any]) -> bool:
+        v = test.get(self.metric)
+        if v is None:
+            self.improved = False
+            return False
+        self.improved = self.value is None or (v < self.value if self.metric.endswith("loss") else v > self.value)
+        if self.improved:
+            self.value, self.iteration, self.since = float(v), it, 0
+        else:
+            self.since += 1
+        return self.improved
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "iteration": self.iteration, "since": self.since}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value, self.iteration = state.get("value"), state.get("iteration")
+        self.since = int(state.get("since", 0))
 
 
 class RunLog:
@@ -115,7 +159,8 @@ def _line(r: dict[str, Any], total: int) -> str:
                 f"{r['verification_std']:.4f} ({r['pairs']} pairs)  {describe_tar(r)}")
     if r["kind"] == "test":
         top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
-        return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}"
+        ema = f"  (ema: loss {r['ema_loss']:.4f}  acc {r['ema_acc']:.4f})" if r.get("ema_acc") is not None else ""
+        return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}{ema}"
     return (f"[train] iter {r['iter']:>6}/{total}  epoch {r['epoch']:.2f}  lr {r['lr']:.3g}  loss {r['loss']:.4f}  "
             f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s{_gpu(r)}")
 

@@ -64,6 +64,24 @@ def is_face_model(model: Union[str, nn.Module]) -> bool:
     return isinstance(unwrap(model), FaceModel)
 
 
+def classifier_name(model: nn.Module, num_classes: int) -> Optional[str]:
+    """The name of the module that produces the class scores: a face model's `head`, else the last nn.Linear (or 1x1
+    nn.Conv2d, as SqueezeNet's) with `num_classes` outputs; None where there is none. Fine-tuning's "head"
+    (model.freeze: backbone, optim.head_lr_mult).
+
+        classifier_name(create_model("tv:resnet18", num_classes=2), 2)      # 'fc'
+    """
+    model = unwrap(model)
+    if is_face_model(model):
+        return "head"
+    found = None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes) or (
+                isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.kernel_size == (1, 1)):
+            found = name
+    return found
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DistributedDataParallel / torch.compile wrappers."""
     while True:
