@@ -293,7 +293,9 @@ def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
     return Augment(shift=a.shift, flip=a.flip, crop=a.crop, mean=mean, std=std, scale=d.scale, size=size,
                    resized_crop=a.resized_crop, ratio=a.ratio, rotate=a.rotate, zoom=a.zoom, translate=a.translate,
                    brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, gamma=a.gamma, ramp=a.ramp,
-                   p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase)
+                   p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase,
+                   trivial=a.trivial, mixup=a.mixup, cutmix=a.cutmix, mix_p=a.mix_p,
+                   num_classes=None if train is None else len(train.classes))
 
 
 def build_criterion(recipe: Recipe) -> nn.Module:
