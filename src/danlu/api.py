@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -299,15 +300,21 @@ def _summary(recipe: Recipe, b, stats, train_data: ImageSet, run_dir: Path, fits
 
 def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any], curves, recipe: Recipe,
                        test: dict[str, Any], test_data: ImageSet, ema=None) -> None:
-    """The final weights (safetensors; with optim.ema their average too), the curves, summary.json and, for a face
-    model, face.json."""
+    """The final weights (safetensors; with optim.ema their average too), the curves, summary.json, for a classifier
+    confusion.json / confusion.png (per-class accuracy and the confusion matrix of the last test event) and, for a
+    face model, face.json."""
     from safetensors.torch import save
 
+    from danlu.engine.metrics import class_report
     from danlu.io import write_bytes, write_json
     from danlu.models import is_face_model
+    from danlu.report import write_class_report
     from danlu.runs import face_info, write_face_info
 
     write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    report = class_report(test, test_data.classes)
+    if report is not None:  # per-class accuracy and the confusion matrix of the last test event
+        write_class_report(report, run_dir)
     if ema is not None:
         write_bytes(run_dir / "model_ema.safetensors", save({k: v.contiguous() for k, v in ema.state_dict().items()}))
     curves.draw(force=True)
@@ -369,13 +376,16 @@ def _done_line(test: dict[str, Any], stats, identities: int, world: int, run_dir
 
 
 def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides: Optional[list[str]] = None,
-             device: Optional[str] = None, test_data: Optional[ImageSet] = None) -> dict[str, Any]:
+             device: Optional[str] = None, test_data: Optional[ImageSet] = None,
+             write_report: bool = False) -> dict[str, Any]:
     """Evaluate a run's final weights (or newest snapshot) on its test set, or on another dataset (`data`): the
-    classification figures (acc, top5, loss) or, for a face run split by identities, verification on pairs of its
-    held-out identities (verification_acc, ...)."""
+    classification figures (acc, top5, loss, and per_class accuracy with the `worst` classes) or, for a face run
+    split by identities, verification on pairs of its held-out identities (verification_acc, ...). `write_report`:
+    also write eval_confusion.json / .png (eval_<data>_confusion with `data`) into the run folder (`danlu eval`)."""
     from danlu.data.loader import make_loader
     from danlu.engine.build import build_evaluator
     from danlu.engine.distributed import Dist
+    from danlu.engine.metrics import class_report
 
     extra = list(overrides or []) + ([f"data.name={data}"] if data else [])
     run = load_run(run_dir, overrides=extra, device=device, load_data=test_data is None or bool(extra))
@@ -386,7 +396,19 @@ def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides
                          drop_last=False)
     result = build_evaluator(recipe, test_data)(run.model, loader, run.augment, run.precision, Dist(device=dev),
                                                 label_smoothing=recipe.optim.label_smoothing)
-    return {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
+    out = {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
+    report = class_report(result, test_data.classes)
+    if report is not None:
+        out.update(per_class=report["per_class"], worst=report["worst"])
+    if report is not None and write_report:
+        from danlu.report import write_class_report
+
+        stem = f"eval_{data}_confusion" if data else "eval_confusion"
+        try:
+            out["report_files"] = [str(f) for f in write_class_report(report, run.run_dir, stem)]
+        except (OSError, DanluError) as e:  # a read-only run folder: the figures are still shown
+            warnings.warn(f"{run.run_dir}: cannot write {stem}.json ({e})")
+    return out
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

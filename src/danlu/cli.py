@@ -186,11 +186,18 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_eval(a: argparse.Namespace) -> int:
     from danlu.api import evaluate
 
-    r = evaluate(a.run, data=a.data, overrides=a.overrides, device=a.device)
+    r = evaluate(a.run, data=a.data, overrides=a.overrides, device=a.device, write_report=True)
     if a.json:
         print(json.dumps(r, indent=2))
-    else:
-        print(_eval_line(r))
+        return 0
+    print(_eval_line(r))
+    if r.get("worst"):
+        from danlu.engine.metrics import worst_lines
+
+        print(f"worst classes (of {len(r['per_class'])}):")
+        print("\n".join(worst_lines(r)))
+    if r.get("report_files"):
+        print(f"per-class accuracy and confusion matrix: {', '.join(r['report_files'])}")
     return 0
 
 

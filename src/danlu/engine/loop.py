@@ -21,7 +21,7 @@ from danlu.data.loader import DeviceLoader
 from danlu.engine.distributed import Dist
 from danlu.engine.faults import Diverged, Guard  # noqa: F401 (Diverged: raised here, re-exported)
 from danlu.engine.ema import EMA
-from danlu.engine.metrics import Best, Meter, RunLog
+from danlu.engine.metrics import CONFUSION_MAX_CLASSES, Best, Meter, RunLog, TestFigures
 from danlu.engine.precision import Precision
 from danlu.engine.speed import DeviceMonitor
 
@@ -166,27 +166,41 @@ def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
-             max_batches: Optional[int] = None, label_smoothing: float = 0.0) -> dict[str, Any]:
+             max_batches: Optional[int] = None, label_smoothing: float = 0.0) -> TestFigures:
     """Loss (the training objective, so train and test curves compare), top-1 and (with more than 5 classes) top-5
-    over the test set, every sample counted once."""
+    over the test set, every sample counted once; per class (not logged, see TestFigures) the images, the correct
+    ones and, up to CONFUSION_MAX_CLASSES classes, the confusion matrix."""
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=loader.device)  # (loss sum, top1, top5, n)
+    per_class = confusion = None
     for i, (x, y) in enumerate(loader.epoch(0)):
         if max_batches is not None and i >= max_batches:
             break
         with precision.autocast():
             logits = model(augment(x, train=False))  # (B, classes)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; fp64 stays
-        k = min(5, logits.shape[1])
+        C = logits.shape[1]
+        k = min(5, C)
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hit = topk == y[:, None]
         loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
         n = torch.tensor(float(len(y)), device=sums.device, dtype=torch.float64)
         sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), n])
+        if per_class is None:
+            per_class = torch.zeros(C, 2, dtype=torch.float64, device=sums.device)  # (images, correct) per class
+            confusion = torch.zeros(C * C, dtype=torch.int64, device=sums.device) if C <= CONFUSION_MAX_CLASSES \
+                else None
+        per_class += torch.stack([torch.bincount(y, minlength=C).double(), torch.bincount(y, hit[:, 0].double(), C)],
+                                 1)
+        if confusion is not None:  # rows: the true class, columns: the predicted one
+            confusion += torch.bincount(y * C + topk[:, 0], minlength=C * C)
     loss, top1, top5, n = dist.all_reduce_sum(sums).tolist()
     n = max(n, 1)
-    return {"loss": loss / n, "acc": top1 / n, "top5": (top5 / n) if logits.shape[1] > 5 else None,
-            "samples": int(n)}
+    figures = TestFigures(loss=loss / n, acc=top1 / n, top5=(top5 / n) if logits.shape[1] > 5 else None,
+                          samples=int(n))
+    figures.per_class = dist.all_reduce_sum(per_class).long().cpu()
+    figures.confusion = None if confusion is None else dist.all_reduce_sum(confusion).view(C, C).cpu()
+    return figures
 
 
 class _Clock:

@@ -64,6 +64,57 @@ class Meter:
         return (loss_sum / n, correct / n, n) if n else (float("nan"), float("nan"), 0)
 
 
+CONFUSION_MAX_CLASSES = 1000  # evaluation counts a confusion matrix up to this many classes (8 MB of counts)
+
+
+class TestFigures(dict):
+    """A classification test event's figures (loss, acc, top5, samples: what metrics.jsonl logs) and, beside them
+    as attributes, never logged: `per_class`, (classes, 2) int64 images and correct ones per class; `confusion`,
+    (classes, classes) int64 counts, rows the true class and columns the predicted one (None above
+    CONFUSION_MAX_CLASSES classes). class_report turns them into what a person reads."""
+    per_class: Optional[torch.Tensor] = None
+    confusion: Optional[torch.Tensor] = None
+
+
+def class_report(figures: Any, classes: list[str], worst: int = 5) -> Optional[dict[str, Any]]:
+    """Per-class accuracy and the confusion matrix of a test event, as JSON (None for figures without them, e.g. face
+    verification): classes, per_class [{class, images, correct, accuracy, confused_with, confused}] (confused_with:
+    the class most often predicted instead, and how often), worst (the `worst` lowest accuracies, most images
+    first among equals), confusion (rows: true class, columns: predicted; None above CONFUSION_MAX_CLASSES)."""
+    counts = getattr(figures, "per_class", None)
+    if counts is None:
+        return None
+    conf = getattr(figures, "confusion", None)
+    rows = []
+    for c, (images, correct) in enumerate(counts.tolist()):
+        row = {"class": classes[c] if c < len(classes) else str(c), "images": images, "correct": correct,
+               "accuracy": correct / images if images else None, "confused_with": None, "confused": 0}
+        if conf is not None:
+            off = conf[c].clone()
+            off[c] = -1
+            j = int(off.argmax())
+            if off[j] > 0:
+                row["confused_with"], row["confused"] = (classes[j] if j < len(classes) else str(j)), int(off[j])
+        rows.append(row)
+    seen = [r for r in rows if r["images"]]
+    ranked = sorted(seen, key=lambda r: (r["accuracy"], -r["images"], r["class"]))[:worst]
+    return {"classes": [r["class"] for r in rows], "accuracy": figures.get("acc"), "samples": figures.get("samples"),
+            "per_class": rows, "worst": [r["class"] for r in ranked],
+            "confusion": None if conf is None else conf.tolist()}
+
+
+def worst_lines(report: dict[str, Any]) -> list[str]:
+    """The worst classes, one line each: '  cat  0.6100 of 100 images, most often taken for dog (23)'."""
+    by_name = {r["class"]: r for r in report["per_class"]}
+    width = max((len(n) for n in report["worst"]), default=0)
+    lines = []
+    for name in report["worst"]:
+        r = by_name[name]
+        taken = f", most often taken for {r['confused_with']} ({r['confused']})" if r["confused_with"] else ""
+        lines.append(f"  {name:<{width}}  {r['accuracy']:.4f} of {r['images']} images{taken}")
+    return lines
+
+
 class Best:
     """The best test figure so far and how many test events since it improved (run.keep_best, run.early_stop).
     `metric`: a test figure (acc, top5, loss, verification_acc; lower is better for a loss); `patience`: test events
