@@ -5,8 +5,9 @@ their step here, so what bench times is what train runs.
     stats = train_loop(b.parts, build_plan(recipe, b.per_epoch, b.max_iter), log, snapshot, on_test)
 
 The order, and why:
-  1. seed, then the model for the data's channels and classes, then its layout (channels-last): before any DDP
-     wrap, whose gradient buckets follow the parameters' layout at wrap time.
+  1. seed, then the model for the data's channels and classes, its starting weights (model.init, or
+     model.pretrained: the library's published ones), then its layout (channels-last): before any DDP wrap, whose
+     gradient buckets follow the parameters' layout at wrap time.
   2. loaders: this rank's slice of every global batch (data.batch_size x accumulate x processes).
   3. the LR: optim.lr scaled by the global batch (optim.lr_scaling), then the schedule over the run's iterations.
   4. the frozen part (model.freeze, before DDP registers what trains), the optimizer over parameter groups (no
@@ -70,6 +71,8 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
         from danlu.models.weights import init_from
 
         report = init_from(model, recipe.model.init)
+    if init and recipe.model.pretrained:
+        report = _load_pretrained(recipe, model, shape, len(train.classes), dist)
     model = speed.layout(model.to(device, precision.param_dtype))
     head = _head(recipe, model, len(train.classes))
     frozen = freeze(model, recipe.model.freeze, head) if recipe.model.freeze else []
@@ -173,7 +176,29 @@ def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -
         faces = [n for n in list_models() if is_face_model(n)]
         raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
                          f"{', '.join(faces)} (or no model.head / model.embedding_dim)")
+    if m.pretrained:  # what the published weights were trained with (torchvision's Inception: its input transform)
+        from danlu.models.pretrained import pretrained_kwargs
+
+        kw = {**pretrained_kwargs(m.name), **kw}
     return create_model(m.name, num_classes=num_classes, in_channels=shape[0], **kw)
+
+
+def _load_pretrained(recipe: Recipe, model: nn.Module, shape: tuple[int, int, int], num_classes: int,
+                     dist: Dist) -> dict[str, Any]:
+    """model.pretrained: the library's published weights into `model`. With several processes rank 0 downloads
+    first (into the shared cache) and the others then read the file."""
+    import sys
+
+    from danlu.models.pretrained import load_pretrained
+
+    if not dist.is_main:
+        dist.barrier()
+    try:
+        return load_pretrained(model, recipe.model.name, num_classes, shape[0],
+                               progress=dist.is_main and sys.stderr.isatty())
+    finally:
+        if dist.is_main:
+            dist.barrier()
 
 
 def build_loaders(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device, dist: Dist,
