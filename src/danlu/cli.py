@@ -192,7 +192,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         return 0
     print(_eval_line(r))
     if r.get("worst"):
-        from danlu.engine.metrics import worst_lines
+        from danlu.report import worst_lines
 
         print(f"worst classes (of {len(r['per_class'])}):")
         print("\n".join(worst_lines(r)))

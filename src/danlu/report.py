@@ -89,6 +89,18 @@ def draw_confusion(report: dict[str, Any], out_png: Path, title: str = "") -> No
     plt.close(fig)
 
 
+def worst_lines(report: dict[str, Any]) -> list[str]:
+    """The worst classes, one line each: '  cat  0.6100 of 100 images, most often taken for dog (23)'."""
+    by_name = {r["class"]: r for r in report["per_class"]}
+    width = max((len(n) for n in report["worst"]), default=0)
+    lines = []
+    for name in report["worst"]:
+        r = by_name[name]
+        taken = f", most often taken for {r['confused_with']} ({r['confused']})" if r["confused_with"] else ""
+        lines.append(f"  {name:<{width}}  {r['accuracy']:.4f} of {r['images']} images{taken}")
+    return lines
+
+
 def write_class_report(report: dict[str, Any], folder: Path, stem: str = "confusion") -> list[Path]:
     """STEM.json (per-class accuracy, worst classes, the confusion matrix) and STEM.png (the matrix, where there is
     one) in `folder`; returns the files written."""

@@ -11,9 +11,9 @@ from danlu.data.augment import Augment
 from danlu.data.loader import make_loader
 from danlu.engine import loop
 from danlu.engine.distributed import Dist
-from danlu.engine.metrics import class_report, worst_lines
+from danlu.engine.metrics import class_report
 from danlu.engine.precision import Precision
-from danlu.report import write_class_report
+from danlu.report import worst_lines, write_class_report
 
 
 def _evaluate(num_classes=4, n=50, batch=16):

@@ -103,18 +103,6 @@ def class_report(figures: Any, classes: list[str], worst: int = 5) -> Optional[d
             "confusion": None if conf is None else conf.tolist()}
 
 
-def worst_lines(report: dict[str, Any]) -> list[str]:
-    """The worst classes, one line each: '  cat  0.6100 of 100 images, most often taken for dog (23)'."""
-    by_name = {r["class"]: r for r in report["per_class"]}
-    width = max((len(n) for n in report["worst"]), default=0)
-    lines = []
-    for name in report["worst"]:
-        r = by_name[name]
-        taken = f", most often taken for {r['confused_with']} ({r['confused']})" if r["confused_with"] else ""
-        lines.append(f"  {name:<{width}}  {r['accuracy']:.4f} of {r['images']} images{taken}")
-    return lines
-
-
 class Best:
     """The best test figure so far and how many test events since it improved (run.keep_best, run.early_stop).
     `metric`: a test figure (acc, top5, loss, verification_acc; lower is better for a loss); `patience`: test events
