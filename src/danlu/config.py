@@ -58,6 +58,8 @@ class ModelCfg(_Section):
             return None
         if isinstance(v, str) and v != "backbone":
             return [v]  # one prefix
+        if not (v == "backbone" or (isinstance(v, list) and all(isinstance(p, str) and p for p in v))):
+            raise ValueError("expected backbone or a list of parameter-name prefixes, e.g. [conv1, layer1]")
         return v
 
     @model_validator(mode="after")
