@@ -227,3 +227,24 @@ def test_unknown_timm_models_and_tags(timm):
         create_model("timm:resnet19", num_classes=2)
     with pytest.raises(DanluError, match=r"timm:resnet18.nope: Invalid pretrained tag"):
         published("timm:resnet18.nope")
+
+
+def test_with_several_processes_rank_0_fetches_before_the_others_read(monkeypatch):
+    from danlu.engine.build import _load_pretrained
+
+    calls = []
+    monkeypatch.setattr(pretrained, "load_pretrained", lambda *a, **k: calls.append("load") or {})
+
+    class Rank:
+        def __init__(self, main):
+            self.is_main = main
+
+        def barrier(self):
+            calls.append("barrier")
+
+    recipe = load_recipe(overrides=["model.name=tv:resnet18", "model.pretrained=true"])
+    _load_pretrained(recipe, None, (3, 32, 32), 2, Rank(True))
+    assert calls == ["load", "barrier"]
+    calls.clear()
+    _load_pretrained(recipe, None, (3, 32, 32), 2, Rank(False))
+    assert calls == ["barrier", "load"]
