@@ -190,7 +190,8 @@ def test_timm_weights_placed_in_the_folder_load_through_timms_loader(timm, torch
     torch_home.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in ref.items()}, str(src.path))
     recipe = load_recipe(overrides=["model.name=timm:resnet18", "model.pretrained=true", "model.freeze=backbone",
-                                    "data.name=synthetic", "data.size=32", "data.channels=1", "data.num_classes=2", "precision=fp32"])
+                                    "data.name=synthetic", "data.size=32", "data.channels=1", "data.num_classes=2",
+                                    "precision=fp32"])
     train, test = danlu.load_dataset("synthetic", size=32, channels=1, num_classes=2, train_size=64, test_size=16)
     b = build(recipe, train, test, torch.device("cpu"))
     got = b.model.state_dict()

@@ -1,10 +1,12 @@
 """The training loop, on one screen. It knows nothing of dtypes or process counts: `precision` and `dist` hide both.
 
-One step: uint8 batch on the device -> augment + normalize (batched, on the device) -> forward + loss under the
-precision's autocast -> backward -> clip + step -> LR for the next iteration. Around it: meters, display events,
-evaluation every `test_interval`, a snapshot every `snapshot_every` (all at iteration boundaries, so a snapshot at
-iteration k resumes exactly like the uninterrupted run continues from k). `p.guard` (engine/faults.py) holds the
-NaN policy and stop requests: a SIGTERM adds a snapshot at the next boundary, after which the run stops.
+One step: the schedule sets each parameter group's LR (and unfreezes, at its iteration) -> uint8 batch on the device
+-> augment + normalize (batched, on the device; mixup / cutmix turn the labels soft) -> forward + loss under the
+precision's autocast -> backward -> clip + step -> the weights' average (optim.ema). Around it: meters, display events,
+evaluation every `test_interval` (run.early_stop ends the run after that many without a better one), a snapshot every
+`snapshot_every` (all at iteration boundaries, so a snapshot at iteration k resumes exactly like the uninterrupted run
+continues from k). `p.guard` (engine/faults.py) holds the NaN policy and stop requests: a SIGTERM adds a snapshot at
+the next boundary, after which the run stops.
 """
 from __future__ import annotations
 

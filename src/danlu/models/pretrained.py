@@ -1,7 +1,7 @@
 """Published weights (`model.pretrained: true`): torchvision's DEFAULT weights for `tv:NAME`, timm's default tag (or
 the tag in the name, `timm:resnet18.a1_in1k`) for `timm:NAME`.
 
-    src = published("tv:resnet18")    # url, file resnet18-f37072fd.pth, sha256 'f37072fd', folder $TORCH_HOME/hub/checkpoints
+    src = published("tv:resnet18")    # url, resnet18-f37072fd.pth, sha256 'f37072fd', $TORCH_HOME/hub/checkpoints
     report = load_pretrained(model, "tv:resnet18", num_classes=2, in_channels=1)   # what loaded, adapted, stayed fresh
 
 A file is downloaded once, by the library's own downloader with its hash check (torch.hub's download_url_to_file,
@@ -32,7 +32,8 @@ _HASH = re.compile(r"-([a-f0-9]{6,})\.")  # torch.hub's HASH_REGEX: the SHA-256 
 # torchvision's builders set these when they load weights (the weights were trained with them)
 _TV_KWARGS = {"inception_v3": {"transform_input": True}, "googlenet": {"transform_input": True}}
 # torchvision's DenseNet weights use old key names (torchvision.models.densenet._load_state_dict)
-_DENSENET_KEYS = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_DENSENET_KEYS = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                            r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
 @dataclass(frozen=True)
