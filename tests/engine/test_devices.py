@@ -43,3 +43,45 @@ def test_a_torch_without_the_mps_backend(monkeypatch):
 def test_unknown_word_names_the_words():
     with pytest.raises(DanluError, match="expected auto, cpu, cuda, mps or cuda:N"):
         resolve_device("metal")
+
+
+class _NoFloat64(torch.overrides.TorchFunctionMode):
+    """As on Apple's GPU (mps), which has no float64: any torch call that makes a float64 tensor fails."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64:
+                raise AssertionError(f"{func} made a float64 tensor")
+        return out
+
+
+def test_the_step_keeps_its_books_without_float64_where_the_device_has_none(monkeypatch):
+    """Augmentation draws (every op on), the training meter and evaluation in float32 on a device like mps; the CPU
+    stands in for it here (mps exists only on Apple silicon)."""
+    from danlu.data.augment import Augment
+    from danlu.data.loader import make_loader
+    from danlu.engine.distributed import Dist
+    from danlu.engine.loop import evaluate
+    from danlu.engine.metrics import Meter
+    from danlu.engine.precision import Precision
+
+    monkeypatch.setattr(devices, "NO_FLOAT64", {"mps", "cpu"})
+    assert devices.wide_float(torch.device("cpu")) == torch.float32
+    assert devices.wide_float(torch.device("mps")) == torch.float32
+    x = torch.randint(0, 256, (8, 3, 12, 12), dtype=torch.uint8)
+    y = torch.arange(8) % 3
+    aug = Augment(flip=True, crop=2, resized_crop=(0.5, 1.0), rotate=10, brightness=0.2, contrast=0.2, saturation=0.2,
+                  gamma=0.2, ramp=0.2, grayscale=0.3, blur=1.0, blur_p=0.5, erase=0.5, trivial=True, mixup=0.4,
+                  cutmix=1.0, num_classes=3, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2])
+    aug.wide = devices.wide_float(x.device)  # as engine/build.py sets it
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 12 * 12, 3))
+    meter = Meter(x.device)
+    loader = make_loader(x, y, 4, device="cpu", shuffle=False, drop_last=False)
+    with _NoFloat64():
+        xb, soft = aug.train_batch(x, y, torch.Generator().manual_seed(0))
+        meter.add(torch.tensor(1.0), model(xb), soft)
+        figures = evaluate(model, loader, aug, Precision("fp32", "cpu"), Dist())
+    assert xb.dtype == soft.dtype == torch.float32 and meter.read()[2] == 8 and figures["samples"] == 8
+    with pytest.raises(AssertionError, match="float64"), _NoFloat64():  # the mode catches what it should
+        torch.zeros(2, dtype=torch.float64)

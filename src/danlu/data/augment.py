@@ -117,7 +117,8 @@ def affine_theta(p: dict[str, Tensor], h: int, w: int, area: tuple[float, float]
     shearing."""
     ref = next(iter(p.values()))
     B, dev = ref.shape[0], ref.device
-    one, zero = torch.ones(B, dtype=torch.float64, device=dev), torch.zeros(B, dtype=torch.float64, device=dev)
+    wide = next(v.dtype for v in p.values() if v.is_floating_point())  # the draws' (Augment.wide)
+    one, zero = torch.ones(B, dtype=wide, device=dev), torch.zeros(B, dtype=wide, device=dev)
     bw, bh, cx, cy = one, one, zero, zero  # box half-size and centre, in normalized units of the image
     if "rrc" in p:
         bw, bh, cx, cy = _box(p["rrc"], h, w, area, ratio)
@@ -128,7 +129,7 @@ def affine_theta(p: dict[str, Tensor], h: int, w: int, area: tuple[float, float]
     # source (box units) = [[cos, -sin a], [sin / a, cos]] @ (u, v) + 2 (tx, ty); then image = box * (bw, bh) + c
     theta = torch.stack([torch.stack([bw * cos, -bw * sin * a, bw * 2 * tx + cx], 1),
                          torch.stack([bh * sin / a, bh * cos, bh * 2 * ty + cy], 1)], 1)
-    return theta  # (B, 2, 3) float64
+    return theta  # (B, 2, 3) float64 (float32 on mps)
 
 
 def _box(d: Tensor, h: int, w: int, area: tuple[float, float],
@@ -180,9 +181,10 @@ def _gaussian_blur(y: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
     The kernel spans 3 sigma_max on each side."""
     B, C, h, w = y.shape
     r = max(1, min(math.ceil(3 * sigma_max), (min(h, w) - 1)))
-    t = torch.arange(-r, r + 1, device=y.device, dtype=torch.float64)  # (k,)
-    s = sigma.to(torch.float64)[:, None]
-    k = torch.where(s > 0, torch.exp(-0.5 * (t / s.clamp_min(1e-12)) ** 2), (t == 0).to(torch.float64))  # (B, k)
+    wide = sigma.dtype  # the draws' (Augment.wide)
+    t = torch.arange(-r, r + 1, device=y.device, dtype=wide)  # (k,)
+    s = sigma[:, None]
+    k = torch.where(s > 0, torch.exp(-0.5 * (t / s.clamp_min(1e-12)) ** 2), (t == 0).to(wide))  # (B, k)
     k = (k / k.sum(1, keepdim=True)).to(y.dtype).repeat_interleave(C, 0)  # (B*C, k)
     z = F.pad(y.reshape(1, B * C, h, w), (r, r, r, r), mode="reflect")
     z = F.conv2d(z, k[:, None, :, None], groups=B * C)  # vertical
@@ -200,8 +202,8 @@ def _erase(y: Tensor, on: Tensor, d: Tensor) -> Tensor:
     ew = (area / aspect).sqrt().round().clamp(1, w)
     top = (d[:, 2] * (h - eh + 1)).floor()
     left = (d[:, 3] * (w - ew + 1)).floor()
-    rows = torch.arange(h, device=y.device, dtype=torch.float64)[None, :]  # (1, h)
-    cols = torch.arange(w, device=y.device, dtype=torch.float64)[None, :]
+    rows = torch.arange(h, device=y.device, dtype=d.dtype)[None, :]  # (1, h)
+    cols = torch.arange(w, device=y.device, dtype=d.dtype)[None, :]
     mr = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, h)
     mc = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, w)
     mask = (mr[:, :, None] & mc[:, None, :] & on[:, None, None])[:, None]  # (B, 1, h, w)
@@ -214,8 +216,8 @@ def trivial_theta(op: Tensor, m: Tensor, h: int, w: int) -> Tensor:
     reads the input at M (u, v) - t: rotate M = [[cos, -sin], [sin, cos]] (135 m degrees), shear_x [[1, s], [0, 1]]
     and shear_y [[1, 0], [s, 1]] (s = 0.99 m), translate t = 0.14 m of the side; the identity for other ops."""
     B, dev = op.shape[0], op.device
-    m = m.to(torch.float64)
-    zero, one = torch.zeros(B, dtype=torch.float64, device=dev), torch.ones(B, dtype=torch.float64, device=dev)
+    wide = m.dtype  # the draws' (Augment.wide)
+    zero, one = torch.zeros(B, dtype=wide, device=dev), torch.ones(B, dtype=wide, device=dev)
 
     def is_(name: str) -> Tensor:
         return op == TRIVIAL_OPS.index(name)
@@ -279,15 +281,15 @@ def _mix(y: Tensor, labels: Tensor, p: dict[str, Tensor], num_classes: int) -> t
     B, _, h, w = y.shape
     idx = torch.arange(B, device=y.device)
     j = torch.where((idx ^ 1) < B, idx ^ 1, idx)  # an odd last image pairs with itself
-    lam = torch.where(p["mix"], p["lam"], 1.0)  # (B,) float64
+    lam = torch.where(p["mix"], p["lam"], 1.0)  # (B,) float64 (float32 on mps)
     cut = p["cut"] & p["mix"]
     r = torch.sqrt(1 - lam)  # timm's rand_bbox: cut sides int(side * sqrt(1 - lam)), centre uniform, clipped
     ch, cw = torch.floor(h * r), torch.floor(w * r)
     cy, cx = torch.floor(p["box"][:, 0] * h), torch.floor(p["box"][:, 1] * w)
     y0, y1 = (cy - torch.floor(ch / 2)).clamp(0, h), (cy + torch.floor(ch / 2)).clamp(0, h)
     x0, x1 = (cx - torch.floor(cw / 2)).clamp(0, w), (cx + torch.floor(cw / 2)).clamp(0, w)
-    rows = torch.arange(h, device=y.device, dtype=torch.float64)[None, :]
-    cols = torch.arange(w, device=y.device, dtype=torch.float64)[None, :]
+    rows = torch.arange(h, device=y.device, dtype=lam.dtype)[None, :]
+    cols = torch.arange(w, device=y.device, dtype=lam.dtype)[None, :]
     box = (((rows >= y0[:, None]) & (rows < y1[:, None]))[:, :, None]
            & ((cols >= x0[:, None]) & (cols < x1[:, None]))[:, None, :] & cut[:, None, None])[:, None]  # (B,1,h,w)
     lam = torch.where(cut, 1 - (y1 - y0) * (x1 - x0) / (h * w), lam)  # the share of image i left
@@ -360,6 +362,9 @@ class Augment:
         # weights are; preserve_format keeps the uint8 batch's (contiguous NCHW) layout
         self.memory_format = torch.preserve_format
         self.dtype = torch.float32  # of the batches handed to the model (float64 for precision fp64)
+        # of the random draws and the geometry computed from them: float64 for exact references; engine/build.py
+        # sets float32 on a device without float64 (mps)
+        self.wide = torch.float64
         self.rank, self.world = 0, 1  # training batches are this share of a global batch (see for_rank)
 
     def for_rank(self, rank: int, world: int) -> "Augment":
@@ -414,19 +419,20 @@ class Augment:
         """Per-sample random parameters, each (B,) on ``device``: oy, ox (crop), dy, dx (shift), flip (bool).
         Drawn on the generator's device in this fixed order, only for the enabled ops."""
         gdev = generator.device if generator is not None else device
+        wide = self.wide
         first = B * self.rank  # this rank's share of the B * world draws (see for_rank)
 
         def randint(lo: int, hi: int) -> Tensor:  # uniform integers in [lo, hi], shape (B,)
             draws = torch.randint(lo, hi + 1, (B * self.world,), generator=generator, device=gdev)
             return draws[first:first + B].to(device)
 
-        def rand(n: int = 1) -> Tensor:  # uniform in [0, 1), shape (B,) or (B, n), float64 for exact references
-            draws = torch.rand((B * self.world, n), generator=generator, device=gdev, dtype=torch.float64)
+        def rand(n: int = 1) -> Tensor:  # uniform in [0, 1), shape (B,) or (B, n), `wide`
+            draws = torch.rand((B * self.world, n), generator=generator, device=gdev, dtype=wide)
             out = draws[first:first + B].to(device)
             return out[:, 0] if n == 1 else out
 
-        def randn(n: int) -> Tensor:  # standard normal, (B, n) float64
-            draws = torch.randn((B * self.world, n), generator=generator, device=gdev, dtype=torch.float64)
+        def randn(n: int) -> Tensor:  # standard normal, (B, n) `wide`
+            draws = torch.randn((B * self.world, n), generator=generator, device=gdev, dtype=wide)
             return draws[first:first + B].to(device)
 
         p: dict[str, Tensor] = {}
@@ -472,8 +478,8 @@ class Augment:
             p["mix"] = rand() < self.mix_p
             both = bool(self.mixup and self.cutmix)
             p["cut"] = rand() < 0.5 if both else torch.full((B,), not self.mixup, dtype=torch.bool, device=device)
-            alpha = torch.where(p["cut"], torch.tensor(self.cutmix, dtype=torch.float64, device=device),
-                                torch.tensor(self.mixup, dtype=torch.float64, device=device))  # (B,)
+            alpha = torch.where(p["cut"], torch.tensor(self.cutmix, dtype=wide, device=device),
+                                torch.tensor(self.mixup, dtype=wide, device=device))  # (B,)
             g = [_gamma(alpha, randn(_GAMMA_TRIES), rand(_GAMMA_TRIES), 1 - rand()) for _ in range(2)]
             p["lam"] = g[0] / (g[0] + g[1]).clamp_min(1e-300)  # Beta(alpha, alpha)
             p["box"] = rand(2)  # cutmix: the box's centre (row, column) as shares of the side

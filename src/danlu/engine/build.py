@@ -28,6 +28,7 @@ from torch import nn
 
 from danlu.config import Recipe, iters_per_epoch, total_iters
 from danlu.data.imageset import ImageSet
+from danlu.engine.devices import wide_float
 from danlu.engine.distributed import Dist
 from danlu.engine.ema import EMA
 from danlu.engine.loop import Parts, Plan
@@ -86,6 +87,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     ema = EMA(model, recipe.optim.ema) if recipe.optim.ema else None  # before any wrap: the plain module's weights
     augment = build_augment(recipe, train).for_rank(dist.rank, dist.world)  # draws for the global batch
     augment.memory_format, augment.dtype = speed.memory_format, precision.param_dtype  # the weights' layout, dtype
+    augment.wide = wide_float(device)  # its draws: float64, float32 where the device has none (mps)
     generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
                             precision)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from danlu.errors import DanluError
 
 DEVICE_WORDS = ("auto", "cpu", "cuda", "mps", "cuda:N")
+NO_FLOAT64 = {"mps"}  # device types without float64 tensors (Apple's Metal)
 
 
 def check_device(name: str) -> str:
@@ -52,3 +53,14 @@ def resolve_device(name: str):
                              f"expected cuda:0..cuda:{torch.cuda.device_count() - 1}")
         return torch.device("cuda", index)
     return torch.device(name)
+
+
+def wide_float(device):
+    """The float type of danlu's bookkeeping on `device` (meters, evaluation sums, augmentation draws): float64, or
+    float32 where the device has no float64 (mps).
+
+        wide_float(torch.device("cuda"))      # torch.float64
+    """
+    import torch
+
+    return torch.float32 if torch.device(device).type in NO_FLOAT64 else torch.float64

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from danlu.data.augment import Augment
 from danlu.data.loader import DeviceLoader
+from danlu.engine.devices import wide_float
 from danlu.engine.distributed import Dist
 from danlu.engine.faults import Diverged, Guard  # noqa: F401 (Diverged: raised here, re-exported)
 from danlu.engine.ema import EMA
@@ -173,7 +174,8 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, pre
     over the test set, every sample counted once; per class (not logged, see TestFigures) the images, the correct
     ones and, up to CONFUSION_MAX_CLASSES classes, the confusion matrix."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=loader.device)  # (loss sum, top1, top5, n)
+    wide = wide_float(loader.device)  # float64; float32 on mps, which has none
+    sums = torch.zeros(4, dtype=wide, device=loader.device)  # (loss sum, top1, top5, n)
     per_class = confusion = None
     for i, (x, y) in enumerate(loader.epoch(0)):
         if max_batches is not None and i >= max_batches:
@@ -186,13 +188,13 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, pre
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hit = topk == y[:, None]
         loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
-        n = torch.tensor(float(len(y)), device=sums.device, dtype=torch.float64)
-        sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), n])
+        n = torch.tensor(float(len(y)), device=sums.device, dtype=wide)
+        sums += torch.stack([loss.to(wide), hit[:, 0].sum().to(wide), hit.any(1).sum().to(wide), n])
         if per_class is None:
-            per_class = torch.zeros(C, 2, dtype=torch.float64, device=sums.device)  # (images, correct) per class
+            per_class = torch.zeros(C, 2, dtype=wide, device=sums.device)  # (images, correct) per class
             confusion = torch.zeros(C * C, dtype=torch.int64, device=sums.device) if C <= CONFUSION_MAX_CLASSES \
                 else None
-        per_class += torch.stack([torch.bincount(y, minlength=C).double(), torch.bincount(y, hit[:, 0].double(), C)],
+        per_class += torch.stack([torch.bincount(y, minlength=C).to(wide), torch.bincount(y, hit[:, 0].to(wide), C)],
                                  1)
         if confusion is not None:  # rows: the true class, columns: the predicted one
             confusion += torch.bincount(y * C + topk[:, 0], minlength=C * C)

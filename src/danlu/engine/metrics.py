@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from danlu.engine.devices import wide_float
+
 
 class Meter:
     """Running sums of loss, correct predictions and samples (device tensors; no sync per step).
@@ -20,7 +22,7 @@ class Meter:
     rank calls them at the same points); `read(local=True)`, for the progress bar, stays on this rank."""
 
     def __init__(self, device: torch.device, dist: Optional[Any] = None):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss * batch
+        self.loss_sum = torch.zeros((), dtype=wide_float(device), device=device)  # sum of loss * batch
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.n = 0
         self.dist = dist  # danlu.engine.distributed.Dist, or None: this process alone
@@ -38,8 +40,8 @@ class Meter:
         """(loss sum, correct, samples), over all ranks unless `local`."""
         if local or self.dist is None or not self.dist.grouped:
             return self.loss_sum.item(), int(self.correct.item()), self.n
-        t = torch.stack([self.loss_sum, self.correct.double(),
-                         torch.tensor(float(self.n), dtype=torch.float64, device=self.loss_sum.device)])  # (3,)
+        t = torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype),
+                         torch.tensor(float(self.n), dtype=self.loss_sum.dtype, device=self.loss_sum.device)])  # (3,)
         loss_sum, correct, n = self.dist.all_reduce_sum(t).tolist()
         return loss_sum, int(correct), int(n)
 
@@ -52,7 +54,7 @@ class Meter:
         """Sums over all ranks: rank 0 holds them, the others start from zero (their sum is the saved one)."""
         if self.dist is not None and not self.dist.is_main:
             return
-        self.loss_sum.copy_(state["loss_sum"]), self.correct.copy_(state["correct"])
+        self.loss_sum.copy_(state["loss_sum"].to(self.loss_sum.dtype)), self.correct.copy_(state["correct"])
         self.n = int(state["n"])
 
     def read(self, reset: bool = True, local: bool = False) -> tuple[float, float, int]:
