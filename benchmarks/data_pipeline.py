@@ -18,7 +18,16 @@ Every figure is the median over --repeats of the images per second over --epochs
 (for (c): the workers are started and have run one epoch). Nothing trains: the step is the batch arriving on the
 device as normalized float32, which is what a training step consumes (the `*_uint8_only` rows: the loader's uint8
 batches without the augmentation, to show where the time goes). The target is (a) >= 5x (c); a miss is
-reported, not an error. The share of the CPU used by other processes during each measurement is printed beside it:
+reported, not an error.
+
+Compressed shards (issue 17), in the same run, at --size with random resized crop + flip:
+  (d) danlu from WebDataset shards: `danlu prepare --format wds --keep-original` (the same JPEG bytes, in tar shards),
+      then epochs of the streamed ShardLoader (every image decoded again each epoch, in threads, at a reduced JPEG
+      scale where the source is at least twice --size) through Augment(resized_crop=(0.08, 1), flip, normalize) on the
+      device; `d_wds_uint8_only`: the loader alone. On CUDA also `d_wds_nvjpeg` (data.decode=cuda).
+  (e) torchvision: `ImageFolder` + `transforms.v2` (decode, RandomResizedCrop(size), RandomHorizontalFlip, ToDtype,
+      Normalize) + `DataLoader(num_workers=2, ...)`, the same transforms on the CPU workers.
+Target: (d) >= 2x (e) on 2 CPU cores; on a GPU, d_wds_nvjpeg >= 3,000 images/s at 224 px. The share of the CPU used by other processes during each measurement is printed beside it:
 on a shared machine, figures measured beside someone else's job are not to be trusted.
 """
 from __future__ import annotations
@@ -43,8 +52,10 @@ from danlu.data.augment import Augment
 from danlu.data.datasets import channel_stats, load_dataset
 from danlu.data.loader import make_loader
 from danlu.data.datasets import prepare
+from danlu.data.wds_prepare import prepare_shards
 
 TARGET = 5.0
+TARGET_WDS = 2.0
 PAD = 16
 
 
@@ -151,6 +162,18 @@ def torchvision_loader(root: Path, size: int, batch: int, mean, std, device: tor
                                        pin_memory=device.type == "cuda", persistent_workers=True)
 
 
+def torchvision_rrc_loader(root: Path, size: int, batch: int, mean, std, device: torch.device):
+    """(e): ImageFolder + RandomResizedCrop + flip on the CPU workers, as the wds rows do on the device."""
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms import v2
+
+    tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True),
+                     v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    ds = ImageFolder(str(root), transform=tf)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=2,
+                                       pin_memory=device.type == "cuda", persistent_workers=True)
+
+
 def torchvision_epochs(loader, device: torch.device, epochs: int, warmup: int = 1) -> float:
     n, t0 = 0, None
     for e in range(warmup + epochs):
@@ -170,7 +193,7 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--jpeg-size", type=int, default=256)
     p.add_argument("--size", type=int, default=224, help="training size (prepare --size, Resize for torchvision)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=int, default=64, help="a multiple of 8 (data.streams) for the wds rows")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs per measurement (after one warm-up epoch)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -179,7 +202,7 @@ def main() -> int:
     a = p.parse_args()
     device = torch.device(a.device)
     work = Path(a.workdir) if a.workdir else Path(tempfile.mkdtemp(prefix="danlu-bench-data-"))
-    folder, store = work / "jpegs", work / "store"
+    folder, store, shards = work / "jpegs", work / "store", work / "shards"
     try:
         if not folder.is_dir():
             print(f"generating {a.images} JPEGs {a.jpeg_size}x{a.jpeg_size} in {folder} ...", flush=True)
@@ -196,13 +219,29 @@ def main() -> int:
               f"{prep['jpeg_mb']} MiB ({prep['store_mb'] / prep['jpeg_mb']:.1f}x); other load {load.share:.0%}",
               flush=True)
 
+        shutil.rmtree(shards, ignore_errors=True)
+        with OtherLoad() as load:
+            t0 = time.perf_counter()
+            prepare_shards(folder, shards, keep_original=True, shard_mb=max(0.05, folder_bytes(folder) / 2**20 / 16),
+                           quiet=True)  # about 16 shards: one is held out for testing
+            wds_seconds = time.perf_counter() - t0
+        prep["wds"] = {"images_per_second": round(a.images / wds_seconds, 1), "shards_mb": round(folder_bytes(shards) / 2**20, 1),
+                       "other_load": round(load.share, 3)}
+        print(f"prepare --format wds: {prep['wds']['images_per_second']} images/s; shards {prep['wds']['shards_mb']} MiB",
+              flush=True)
+
         train, _ = load_dataset("store", root=str(store), val_fraction=0.01)  # 99% of it: the epochs below
         mean, std = channel_stats(train.images)
         augment = Augment(flip=True, crop=PAD, mean=mean, std=std)
         results: dict[str, list[tuple[float, float]]] = {k: [] for k in (
             "a_store_resident", "a_store_streamed", "b_folder_first_epoch", "b_folder_later_epochs", "c_torchvision",
             "a_resident_uint8_only", "a_streamed_uint8_only")}
+        wtrain, _ = load_dataset("wds", root=str(shards), size=a.size, val_fraction=0.01)  # 1 shard held out
+        rrc = Augment(flip=True, resized_crop=(0.08, 1.0), mean=mean, std=std)
+        results.update({k: [] for k in ("d_wds_rrc_flip", "e_torchvision_rrc_flip", "d_wds_uint8_only",
+                                        *(["d_wds_nvjpeg"] if device.type == "cuda" else []))})
         tv = torchvision_loader(folder, a.size, a.batch, mean, std, device)
+        tv_rrc = torchvision_rrc_loader(folder, a.size, a.batch, mean, std, device)
         for r in range(a.repeats):
             with OtherLoad() as load:
                 ips = danlu_epochs(train.images, train.labels, a.batch, device, True, augment, a.epochs)
@@ -228,10 +267,20 @@ def main() -> int:
                 with OtherLoad() as load:
                     ips = danlu_epochs(train.images, train.labels, a.batch, device, cache, None, a.epochs)
                 results[key].append((ips, load.share))
+            for key, aug, decode in (("d_wds_rrc_flip", rrc, "auto"), ("d_wds_uint8_only", None, "auto"),
+                                     *([("d_wds_nvjpeg", rrc, "cuda")] if device.type == "cuda" else [])):
+                wtrain.images.decode = decode if device.type == "cuda" else "cpu"
+                with OtherLoad() as load:
+                    ips = danlu_epochs(wtrain.images, None, a.batch, device, False, aug, a.epochs)
+                results[key].append((ips, load.share))
+            with OtherLoad() as load:
+                ips = torchvision_epochs(tv_rrc, device, a.epochs, warmup=1 if r == 0 else 0)
+            results["e_torchvision_rrc_flip"].append((ips, load.share))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.0f} img/s (other load {v[-1][1]:.0%})"
                                                  for k, v in results.items()), flush=True)
         med = {k: round(statistics.median(x for x, _ in v), 1) for k, v in results.items()}
         ratio = med["a_store_resident"] / med["c_torchvision"]
+        wds_ratio = med["d_wds_rrc_flip"] / med["e_torchvision_rrc_flip"]
         out = {
             "benchmark": "data_pipeline", "device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
                                                                  if device.type == "cuda" else ""),
@@ -239,7 +288,8 @@ def main() -> int:
                                                   "repeats")},
             "images_per_second": med, "a_over_c": round(ratio, 2),
             "a_streamed_over_c": round(med["a_store_streamed"] / med["c_torchvision"], 2),
-            "target_a_over_c": TARGET, "prepare": prep,
+            "target_a_over_c": TARGET, "d_over_e": round(wds_ratio, 2), "target_d_over_e": TARGET_WDS,
+            "prepare": prep,
             "other_load_max": round(max(s for v in results.values() for _, s in v), 3),
             "rounds": {k: [[round(x, 1), round(s, 3)] for x, s in v] for k, v in results.items()},
             "environment": {"date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -249,10 +299,13 @@ def main() -> int:
                             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                             "command": " ".join([Path(sys.executable).name, *sys.argv])},
         }
-        print(json.dumps({k: out[k] for k in ("images_per_second", "a_over_c", "a_streamed_over_c", "prepare",
-                                              "other_load_max")}, indent=1))
+        print(json.dumps({k: out[k] for k in ("images_per_second", "a_over_c", "a_streamed_over_c", "d_over_e",
+                                              "prepare", "other_load_max")}, indent=1))
         verdict = "met" if ratio >= TARGET else "MISSED"
         print(f"(a) store / (c) torchvision = {ratio:.2f}x (target >= {TARGET:.0f}x: {verdict})")
+        verdict = "met" if wds_ratio >= TARGET_WDS else "MISSED"
+        print(f"(d) wds shards / (e) torchvision, random resized crop + flip = {wds_ratio:.2f}x (target >= "
+              f"{TARGET_WDS:.0f}x: {verdict})")
         if a.json:
             Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     finally:

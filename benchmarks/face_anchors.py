@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from danlu.face.detect import FaceOptions, preprocess, read_image
+from danlu.face.detect import FaceOptions, crop_policy, preprocess, read_image
 from danlu.face.verify import identity_images, make_pairs, read_pairs, scores
 from danlu.runs import environment
 
@@ -85,15 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300, help="pairs of each kind per fold for the generated pairs")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    ap.add_argument("--equalize", default="hist", choices=["hist", "clahe", "none"])
+    ap.add_argument("--equalize", default="hist", choices=["hist", "clahe", "tantriggs", "none"])
     ap.add_argument("--align", action="store_true")
+    ap.add_argument("--crop", default="auto", choices=["auto", "face", "full"], help="as danlu face prepare's")
     ap.add_argument("--components", type=int, default=100)
     ap.add_argument("--max-train-images", type=int, default=4000, help="PCA on at most this many (seeded sample)")
     ap.add_argument("--json", help="write the figures here")
     a = ap.parse_args(argv)
 
     t0 = time.perf_counter()
-    opts = FaceOptions(size=a.size, channels=a.channels, align=a.align, equalize=a.equalize)
+    train_paths = [p for d in sorted(Path(a.train).iterdir()) if d.is_dir() for p in identity_images(d)]
+    crop = a.crop if a.crop != "auto" else crop_policy(train_paths)[0]  # decided on the training set, as prepare
+    opts = FaceOptions(size=a.size, channels=a.channels, align=a.align, equalize=a.equalize, crop=crop)
     pairs_file = a.pairs
     if pairs_file is None:  # danlu face pairs TEST --n N: beside the JSON, else in a temporary folder
         import tempfile
@@ -109,7 +112,6 @@ def main(argv: list[str] | None = None) -> int:
     ib = np.array([row[y] for _, y, _ in listed])
     same = np.array([s for _, _, s in listed])
     test_x, infos = crops(unique, opts)
-    train_paths = [p for d in sorted(Path(a.train).iterdir()) if d.is_dir() for p in identity_images(d)]
     rng = np.random.default_rng(0)
     if len(train_paths) > a.max_train_images:
         train_paths = [train_paths[i] for i in sorted(rng.choice(len(train_paths), a.max_train_images, False))]
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlib: {why}", file=sys.stderr)
 
     print(f"{len(listed)} pairs ({int(same.sum())} same) of {len(unique)} images from {a.test}; crops "
-          f"{a.channels}x{a.size}x{a.size}, equalize {a.equalize}{', aligned' if a.align else ''}")
+          f"{a.channels}x{a.size}x{a.size}, crop {crop}, equalize {a.equalize}{', aligned' if a.align else ''}")
     print(f"| method | accuracy (mean +- std over {folds} folds) | ROC AUC |")
     print("|---|---|---|")
     for name, r in results.items():

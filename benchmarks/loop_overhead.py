@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import danlu
-from danlu.runs import cpu_model
+from danlu.engine.devices import cpu_model
 from danlu.data.datasets import ImageSet, load_dataset
 
 TARGET = 0.97

@@ -59,6 +59,40 @@ def test_reduced_bench_writes_every_field(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+# step seconds chosen so that every figure is a round number: danlu's median 27.5 ms (sorted: 10, 20, 25, 30, 40,
+# 50 ms), p90 45 ms (between 40 and 50, numpy's linear rule), mean 29.1667 ms; the plain loop's median 33 ms
+DANLU_STEPS = [0.010, 0.050, 0.020, 0.030, 0.040, 0.025]
+PLAIN_STEPS = [0.030, 0.036, 0.033, 0.040, 0.031]
+
+
+@pytest.mark.parametrize("procs", [1, 2])
+def test_row_figures_follow_from_the_step_times(monkeypatch, procs):
+    """measure() on known step times (timing stubbed): every figure of the row is what it is computed from."""
+    import danlu.launch
+    from danlu.bench import matrix
+
+    timings = {"danlu": DANLU_STEPS, "plain": PLAIN_STEPS, "wait": 0.0175, "peak_memory_mb": None,
+               "channels_last": False, "skipped_steps": 0, "device": "cpu (stub)"}
+    monkeypatch.setattr(matrix, "time_both", lambda combo, cfg: dict(timings))
+    monkeypatch.setattr(danlu.launch, "run_workers", lambda fn, combo, cfg, procs, gpus: [dict(timings)] * procs)
+    monkeypatch.setattr(matrix, "peak_tflops", lambda device, precision: (2.0, "stub"))
+    cfg = {"model": "lenet", "size": 16, "channels": 1, "classes": 10, "batch": 8, "steps": 6, "warmup": 1,
+           "device": "cpu", "channels_last": "auto", "loader": "device"}
+    row = bench.measure(bench.Combo("fp32", "off", False, procs), cfg, 10 ** 9, lambda msg: None)
+    assert (row["procs"], row["global_batch"], row["steps"]) == (procs, 8 * procs, 6)
+    assert row["ms_per_step_median"] == 27.5 and row["ms_per_step_p90"] == 45.0
+    assert row["ms_per_step_mean"] == pytest.approx(175 / 6, abs=1e-3)
+    assert row["images_per_second"] == pytest.approx(8 * procs / 0.0275, abs=0.01)  # batch x procs / median step
+    assert row["plain_ms_per_step_median"] == 33.0
+    assert row["plain_images_per_second"] == pytest.approx(8 * procs / 0.033, abs=0.01)
+    assert row["vs_plain_loop"] == pytest.approx(0.033 / 0.0275, abs=1e-4)  # > 1: danlu's step is the faster
+    assert row["data_wait_share"] == pytest.approx(0.0175 / 0.175, abs=1e-4)  # loader waits / all danlu step time
+    tflops = 10 ** 9 * procs / 0.0275 / 1e12  # every process does a step's FLOPs each median step
+    assert row["tflops"] == pytest.approx(tflops, rel=1e-3)
+    assert row["mfu"] == pytest.approx(tflops / 2.0, rel=1e-3)  # the CPU's peak is shared, not multiplied
+    assert (row["peak_tflops"], row["peak_source"]) == (2.0, "stub")
+
+
 def test_lenet_flops_at_28px_match_the_hand_count():
     recipe = bench.bench_recipe("lenet", 28, 1, 10, 64, bench.Combo("fp32", "off", False, 1), "auto", torch.device("cpu"))
     train = ImageSet(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), torch.zeros(1), [str(i) for i in range(10)])
@@ -89,6 +123,13 @@ def test_bad_bench_flags_exit_2(capsys, args, message):
                  *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_bench_precision_auto_is_measured_or_refused_up_front(capsys):
+    rc = main(["bench", "--model", "lenet", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
+               "--compile", "off", "--precision", "auto", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 0 or (rc == 2 and "warm-up" not in err and "one of fp32, tf32, fp16, bf16, fp64" in err), err
 
 
 def test_two_processes_time_rank_zero_and_count_both(tmp_path):

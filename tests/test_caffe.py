@@ -7,7 +7,7 @@ import torch
 
 from conftest import ROOT, sets
 from danlu.caffe import gpu_flag, parse_solver_text
-from danlu.config import OptimCfg, load_recipe
+from danlu.config import load_recipe
 from danlu.errors import DanluError
 
 # Caffe's examples/mnist/lenet_solver.prototxt as the article prints it
@@ -103,13 +103,13 @@ def test_unknown_fields_warn_naming_each(tmp_path):
 
 
 def test_iter_size_is_gradient_accumulation(tmp_path):
-    path = solver(tmp_path, 'net: "examples/mnist/lenet_train_test.prototxt"\niter_size: 4\nmax_iter: 10\n')
-    if "accumulate" in OptimCfg.model_fields:
-        r, _ = load(path)
-        assert r.optim.accumulate == 4
-    else:
-        with pytest.raises(DanluError, match=r"line 2: iter_size: 4: gradient accumulation is not supported"):
-            load(path)
+    net = 'net: "examples/mnist/lenet_train_test.prototxt"\n'
+    r, _ = load(solver(tmp_path, net + "iter_size: 4\nmax_iter: 10\n"))
+    assert r.optim.accumulate == 4  # Caffe's iter_size: 4 micro-batches of data.batch_size per step
+    r, _ = load(solver(tmp_path, net + "iter_size: 1\nmax_iter: 10\n"))
+    assert r.optim.accumulate == 1
+    with pytest.raises(DanluError, match=r"line 2: iter_size: 0: expected a value greater than or equal to 1"):
+        load(solver(tmp_path, net + "iter_size: 0\nmax_iter: 10\n"))
 
 
 @pytest.mark.parametrize("text, words", [
@@ -126,7 +126,7 @@ def test_iter_size_is_gradient_accumulation(tmp_path):
     ('# danlu: model=lenet data=synthetic\ntype: "AdaGrad"\n', ["line 2", "AdaGrad", "SGD, Nesterov or Adam"]),
     ("base_lr: 0.01\n", ["no net", "# danlu: model=NAME data=NAME"]),
     ('net: "my_net.prototxt"\n', ["line 1", "my_net.prototxt", "# danlu: model=NAME data=NAME"]),
-    ('# danlu: model=lenet data=synthetic\nbase_lr: -0.01\nmax_iter: 5\n', ["line 2", "base_lr: -0.01", "greater than 0"]),
+    ('# danlu: model=lenet data=synthetic\nbase_lr: -0.01\nmax_iter: 5\n', ["line 2", "base_lr: -0.01", "greater than or equal to 0"]),
     ('# danlu: model=lenet data=synthetic modl.name=x\nmax_iter: 5\n', ["line 1", "# danlu: modl.name=x",
                                                                      "did you mean 'model'"]),
     ('net: "examples/mnist/lenet_train_test.prototxt"\n', ["no max_iter"]),

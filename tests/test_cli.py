@@ -48,7 +48,7 @@ def test_tensorboard_events_are_written(cli, tmp_path):
     ["--set", "model.name=nosuchnet"],
     ["--set", "data.name=nosuchdata"],
     ["--device", "tpu"],
-    ["--set", "optim.lr=0"],
+    ["--set", "optim.lr=-0.5"],
     ["--set", "data.batch_size=0"],
     ["--set", "data.batch_size=-8"],
     ["--set", "run.max_iter=0"],
@@ -103,3 +103,37 @@ def test_a_diverging_loss_stops_the_run_with_the_reason(cli, tmp_path):
     r = cli("train", "--out", str(tmp_path / "run"), *sets(*TINY, "optim.lr=50", "run.max_iter=200"))
     assert r.returncode == 2 and "diverged" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_eval_of_a_face_run_prints_its_verification_figures(tmp_path, capsys):
+    """`danlu eval RUN` without --json on a face run: one line with the verification figures (it used to look for
+    a classifier's 'acc' and fail with KeyError), the same figures --json gives."""
+    import re
+
+    import torch
+
+    import danlu
+    from danlu.cli import main
+
+    out = tmp_path / "face"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: MobileFaceNet's many small ops stall on two threads under load
+    try:
+        danlu.train("face_arcface_light", overrides=[
+            "data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.train_size=64", "data.test_size=32",
+            "data.batch_size=8", "data.test_pairs=10", "data.size=32", "model.kwargs={width_mult: 0.25}",
+            "precision=fp32", "run.max_iter=4", "run.tensorboard=false", "run.snapshot_every=0"],
+            out=out, device="cpu", quiet=True)
+        capsys.readouterr()
+        assert main(["eval", str(out), "--device", "cpu", "--json"]) == 0
+        figures = json.loads(capsys.readouterr().out)
+        assert main(["eval", str(out), "--device", "cpu"]) == 0
+        line = capsys.readouterr().out.strip()
+    finally:
+        torch.set_num_threads(threads)
+    assert "\n" not in line and line.startswith(f"{out} on synthetic ({figures['samples']} images): ")
+    m = re.search(r"verification accuracy ([\d.]+) \+- ([\d.]+) on (\d+) pairs of held-out identities, "
+                  r"threshold (-?[\d.]+); TAR ", line)
+    assert m, line
+    assert m.groups() == (f"{figures['verification_acc']:.4f}", f"{figures['verification_std']:.4f}",
+                          str(figures["pairs"]), f"{figures['threshold']:.4f}")

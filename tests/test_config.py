@@ -32,7 +32,7 @@ def test_resolved_recipe_round_trips_through_yaml():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("optim.lr=-1", ["--set optim.lr=-1", "greater than 0"]),
+    ("optim.lr=-1", ["--set optim.lr=-1", "greater than or equal to 0"]),
     ("optim.lrr=0.1", ["optim.lrr", "did you mean 'lr'"]),
     ("run.max_iter=abc", ["run.max_iter=abc", "integer"]),
     ("schedule.policy=cosin", ["cosin", "did you mean 'cosine'"]),
@@ -82,3 +82,16 @@ def test_both_lengths_in_one_file_is_an_error(tmp_path):
 def test_missing_recipe_lists_the_shipped_ones():
     with pytest.raises(DanluError, match="lenet_mnist5k"):
         load_recipe("no_such_recipe.yaml")
+
+
+def test_min_images_gives_a_small_set_more_epochs_and_leaves_a_large_one_alone(tmp_path):
+    import danlu
+    from danlu.config import total_iters
+
+    run = load_recipe("lenet_mnist5k", ["run.epochs=2", "run.min_images=640"]).run
+    assert total_iters(run, per_epoch=3, global_batch=64) == 10  # 640 images / 64 > 2 epochs of 3
+    assert total_iters(run, per_epoch=50, global_batch=64) == 100  # 2 epochs of 50 already see more
+    train, test = danlu.load_dataset("synthetic", train_size=128, test_size=32)
+    r = danlu.train({"run": {"epochs": 1, "min_images": 640, "tensorboard": False}, "data": {"batch_size": 32},
+                     "devices": {"device": "cpu"}}, train_data=train, test_data=test, out=tmp_path / "r", quiet=True)
+    assert r.iterations == 20 and r.summary["epochs"] == 5.0  # 128 images: 4 iterations an epoch, 640 / 32 = 20

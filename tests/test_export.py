@@ -1,5 +1,6 @@
 """`danlu export`: ONNX (checked here in onnxruntime, independently), TorchScript, safetensors; mismatched weights."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -52,10 +53,15 @@ def test_torchscript_and_safetensors(run_dir, tmp_path):
     pixels = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
     r = export(run_dir, "torchscript", tmp_path / "m.pt")
     assert r.max_abs_diff < 1e-4
-    with pytest.warns(FutureWarning):  # torch 2.14 marks TorchScript deprecated
-        module = torch.jit.load(str(tmp_path / "m.pt"))
+    extra = {"danlu.json": ""}
+    with warnings.catch_warnings():  # newer torch versions mark TorchScript deprecated (a warning); it still loads
+        warnings.simplefilter("ignore")
+        module = torch.jit.load(str(tmp_path / "m.pt"), _extra_files=extra)
     with torch.no_grad():
         assert (module(pixels.float()) - reference(run_dir, pixels)).abs().max() < 1e-5
+    meta = json.loads(extra["danlu.json"])  # what a user needs beside the module travels inside the file
+    assert json.loads(meta["classes"]) == [f"class_{i}" for i in range(10)] and meta["danlu_model"] == "lenet"
+    assert json.loads(meta["input_shape"]) == [1, 28, 28]
 
     export(run_dir, "safetensors", tmp_path / "m.safetensors")
     from safetensors import safe_open

@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis) for what users type: any recipe file, any --set item, any solver.prototxt either
 becomes a valid recipe or fails with a one-line DanluError (which the CLI turns into exit code 2), never another
 exception. Bounded (max_examples, no database) so the whole file runs in seconds."""
+import json
 import math
 import tempfile
 from pathlib import Path
@@ -13,7 +14,10 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from conftest import run_cli
+from danlu.caffe import read_solver  # imported plainly: an import regression is a failure, not a skip
 from danlu.config import Recipe, build_recipe, load_recipe
+from danlu.engine.precision import PRECISIONS
+from danlu.engine.schedule import POLICIES
 from danlu.errors import DanluError
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -118,6 +122,75 @@ def test_any_value_for_a_recipe_key_parses_or_fails_with_one_line(key, value):
     _valid_or_one_line(lambda: load_recipe("lenet_mnist5k", [f"{key}={value}"]))
 
 
+# ---------------------------------------------------------------- valid inputs are accepted
+# The properties above hold even if every input were rejected; these generate recipes known to be valid and require
+# that they load, with the values that were written.
+
+POSITIVE = st.floats(1e-6, 10.0, allow_nan=False, allow_infinity=False)
+VALID_SECTIONS = {
+    "model": st.fixed_dictionaries({"name": st.sampled_from(["lenet", "resnet18", "minigooglenet"])}),
+    "data": st.fixed_dictionaries({}, optional={"name": st.sampled_from(["synthetic", "mnist5k", "cifar10"]),
+                                                "batch_size": st.integers(1, 4096),
+                                                "val_fraction": st.floats(0.01, 0.99),
+                                                "normalize": st.sampled_from(["none", "channel", "pixel"])}),
+    "augment": st.fixed_dictionaries({}, optional={"flip": st.booleans(), "crop": st.integers(0, 8),
+                                                   "shift": st.floats(0.0, 0.5), "rotate": st.floats(0.0, 180.0)}),
+    "optim": st.fixed_dictionaries({"lr": POSITIVE},
+                                   optional={"name": st.sampled_from(["sgd", "adam", "adamw"]),
+                                             "momentum": st.floats(0.0, 0.99), "weight_decay": st.floats(0.0, 0.1),
+                                             "accumulate": st.integers(1, 16), "nesterov": st.booleans()}),
+    "schedule": st.fixed_dictionaries({"policy": st.sampled_from(POLICIES)},
+                                      optional={"gamma": st.floats(0.0, 1.0), "stepsize": st.integers(0, 10**6),
+                                                "warmup": st.integers(0, 1000)}),
+    "run": st.one_of(st.fixed_dictionaries({"max_iter": st.integers(1, 10**9)}),
+                     st.fixed_dictionaries({"epochs": st.floats(0.01, 1000.0)})).flatmap(
+        lambda d: st.fixed_dictionaries({k: st.just(v) for k, v in d.items()},
+                                        optional={"display": st.integers(1, 1000), "seed": st.integers(0, 2**31),
+                                                  "snapshot_every": st.integers(0, 10**6)})),
+    "precision": st.sampled_from([p for p in PRECISIONS]),
+}
+VALID_TREES = st.fixed_dictionaries({}, optional=VALID_SECTIONS)
+
+
+def _flat(tree, prefix=""):
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}"""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _value(recipe, key):
+    node = recipe
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+@FUZZ
+@given(tree=VALID_TREES)
+def test_any_valid_recipe_loads_with_its_values(folder, tree):
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    for recipe in (_valid_or_one_line(lambda: load_recipe(str(path))), _valid_or_one_line(lambda: load_recipe(tree))):
+        assert recipe is not None, tree  # rejected a valid recipe
+        for key, value in _flat(tree).items():
+            assert _value(recipe, key) == value, key
+
+
+@FUZZ
+@given(tree=VALID_TREES)
+def test_any_valid_set_items_load_with_their_values(tree):
+    items = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in _flat(tree).items()]
+    recipe = _valid_or_one_line(lambda: load_recipe("lenet_mnist5k", items))
+    assert recipe is not None, items  # rejected valid --set items
+    for key, value in _flat(tree).items():
+        assert _value(recipe, key) == value, key  # json.dumps writes a float's shortest repr: read back exactly
+
+
 # ---------------------------------------------------------------- Caffe solver.prototxt
 
 SOLVER_FIELDS = ["net", "base_lr", "momentum", "weight_decay", "lr_policy", "gamma", "power", "stepsize",
@@ -138,10 +211,48 @@ SOLVER_LINES = st.lists(st.tuples(st.sampled_from(SOLVER_FIELDS) | TEXT, st.samp
 @given(text=TEXT | SOLVER_LINES)
 @pytest.mark.filterwarnings("ignore:.*solver field")  # unknown fields are named in a warning, then ignored
 def test_any_solver_text_parses_or_fails_with_one_line(folder, text):
-    pytest.importorskip("danlu.caffe")
     path = folder / "solver.prototxt"
     path.write_text(text, encoding="utf-8")
     _valid_or_one_line(lambda: load_recipe(str(path)))
+
+
+CAFFE_POLICIES = ["fixed", "step", "exp", "inv", "multistep", "poly", "sigmoid"]
+# a valid Caffe solver for Caffe's own LeNet net: field -> (strategy, how it is written, recipe key)
+VALID_SOLVER_FIELDS = {
+    "base_lr": (POSITIVE, repr, "optim.lr"),
+    "momentum": (st.floats(0.0, 0.99), repr, "optim.momentum"),
+    "weight_decay": (st.floats(0.0, 0.1), repr, "optim.weight_decay"),
+    "lr_policy": (st.sampled_from(CAFFE_POLICIES), lambda v: f'"{v}"', "schedule.policy"),
+    "gamma": (st.floats(0.0, 1.0), repr, "schedule.gamma"),
+    "power": (st.floats(0.0, 2.0), repr, "schedule.power"),
+    "stepsize": (st.integers(0, 10**6), str, "schedule.stepsize"),
+    "test_iter": (st.integers(1, 10**4), str, "run.test_iter"),
+    "test_interval": (st.integers(1, 10**6), str, "run.test_interval"),
+    "display": (st.integers(1, 10**4), str, "run.display"),
+    "snapshot": (st.integers(0, 10**6), str, "run.snapshot_every"),
+    "random_seed": (st.integers(0, 2**31), str, "run.seed"),
+    "iter_size": (st.integers(1, 8), str, "optim.accumulate"),
+    "solver_mode": (st.sampled_from(["CPU", "GPU"]), str, "devices.device"),
+}
+VALID_SOLVERS = st.tuples(st.integers(1, 10**9), st.fixed_dictionaries(
+    {}, optional={k: strategy for k, (strategy, _, _) in VALID_SOLVER_FIELDS.items()}))
+
+
+@FUZZ
+@given(solver=VALID_SOLVERS)
+def test_any_valid_solver_loads_with_its_values(folder, solver):
+    max_iter, fields = solver
+    lines = ['net: "examples/mnist/lenet_train_test.prototxt"', f"max_iter: {max_iter}"]
+    lines += [f"{k}: {VALID_SOLVER_FIELDS[k][1](v)}" for k, v in fields.items()]
+    path = folder / "solver.prototxt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    recipe = _valid_or_one_line(lambda: load_recipe(str(path)))
+    assert recipe is not None, lines  # rejected a valid solver
+    assert read_solver(path).tree["model"] == {"name": "lenet"}
+    assert (recipe.model.name, recipe.data.name, recipe.run.max_iter) == ("lenet", "mnist", max_iter)
+    for k, v in fields.items():
+        expect = {"CPU": "cpu", "GPU": "cuda"}.get(v, v) if k == "solver_mode" else v
+        assert _value(recipe, VALID_SOLVER_FIELDS[k][2]) == expect, k
 
 
 def test_the_cli_turns_a_fuzzed_failure_into_exit_2_and_one_line(tmp_path):
@@ -162,8 +273,6 @@ def test_deeply_nested_input_is_one_line_not_a_recursion_error(folder, name, tex
     if name == "--set":
         assert _valid_or_one_line(lambda: load_recipe("lenet_mnist5k", [text])) is None
         return
-    if name.endswith(".prototxt"):
-        pytest.importorskip("danlu.caffe")
     path = folder / name
     path.write_text(text)
     assert _valid_or_one_line(lambda: load_recipe(str(path))) is None

@@ -1,35 +1,61 @@
-"""The articles' recipes: each runs a 20-iteration smoke version offline (small stand-in data, same everything else)."""
+"""The articles' recipes: each runs a short smoke version offline with its own model (small stand-in data, same
+everything else), and a regression run of the real CLI whose logged losses are pinned."""
+import json
 import math
 
 import pytest
+import torch
 
 import danlu
+from conftest import TINY, run_cli, sets
 from danlu.config import list_recipes, load_recipe
 
-FAST = ["run.max_iter=20", "run.display=10", "run.tensorboard=false", "run.snapshot_every=0"]
+FAST = ["run.display=1", "run.tensorboard=false", "run.snapshot_every=0"]
 
-# recipe -> the stand-in data of its smoke run: the real sets need downloads or are large, and small images keep 20
-# iterations fast on a CPU. The smoke run checks that the recipe's model, optimizer, schedule, augmentation and
-# precision run together, not what they reach (docs/RESULTS.md has the full runs).
+# recipe -> the stand-in data of its smoke run: the real sets need downloads or are large, and small images keep the
+# runs fast on a CPU. Every smoke run trains the recipe's own model at the recipe's precision: it checks that the
+# model, optimizer, schedule, augmentation and precision run together, not what they reach (docs/RESULTS.md has the
+# full runs).
+_SYNTH = ["data.name=synthetic", "data.channels=3", "data.test_size=16"]
 SMOKE = {
-    "lenet_mnist": ["data.name=mnist5k"],
-    "minigooglenet_cifar10": ["data.name=synthetic", "data.size=16", "data.channels=3", "data.train_size=80",
-                              "data.test_size=16", "data.batch_size=4"],
-    "resnet18_food_amp": ["data.name=synthetic", "data.size=16", "data.channels=3", "data.num_classes=3",
-                          "data.train_size=80", "data.test_size=16", "data.batch_size=4"],
+    "lenet_mnist": ["data.name=mnist5k", "run.max_iter=20"],
+    "minigooglenet_cifar10": _SYNTH + ["data.size=16", "data.train_size=80", "data.batch_size=4", "run.max_iter=20"],
+    "resnet18_food_amp": _SYNTH + ["data.size=16", "data.num_classes=3", "data.train_size=80", "data.batch_size=4",
+                                   "run.max_iter=20"],
+    # bf16 autocast convolutions of torchvision's ResNet-18 (11M parameters) cost ~0.3 s a step on one CPU thread
+    "resnet18_food_amp_bf16": _SYNTH + ["data.size=8", "data.num_classes=3", "data.train_size=48",
+                                        "data.batch_size=4", "run.max_iter=8"],
+    # fp16 on a CPU is slower still (~0.5 s a step at 8 px), and the loss scaler, starting at 2^16, skips the first
+    # 6-7 steps (inf gradients) while the scale halves: 9 iterations take at least one real optimizer step
+    "resnet18_food_amp_fp16": _SYNTH + ["data.size=8", "data.num_classes=3", "data.train_size=48",
+                                        "data.batch_size=4", "run.max_iter=9"],
 }
 # The face recipes train on a face store; their smoke runs use synthetic identities split by identity, so the test
-# metric is verification on held-out identities as in a real run. Inception-ResNet-V1 (23M parameters, at least
-# 75 px) in float16 costs minutes for 20 CPU steps, so its smoke run trains a slim MobileFaceNet with the recipe's
-# head, optimizer and precision (tests/models and tests/face check Inception-ResNet-V1 itself).
-_FACES = ["data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.train_size=64", "data.test_size=32",
-          "data.batch_size=4", "data.test_pairs=20", "data.size=32", "model.kwargs={width_mult: 0.25}"]
-SMOKE["face_inception_resnet_v1"] = _FACES + ["model.name=mobilefacenet", "model.embedding_dim=128"]
-SMOKE["face_arcface_light"] = _FACES
-# The precision variants equal the base but for `precision` (tested below), and the base runs ResNet-18 above; their
-# smoke runs train a small model in that precision (ResNet-18's 11M parameters cost ~1 s a step on 2 CPU cores, and
-# float16 convolutions on a CPU several times more).
-SMOKE["resnet18_food_amp_fp16"] = SMOKE["resnet18_food_amp_bf16"] = SMOKE["resnet18_food_amp"] + ["model.name=lenet"]
+# metric is verification on held-out identities as in a real run.
+_FACES = ["data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.test_pairs=10"]
+SMOKE["face_arcface_light"] = _FACES + ["data.train_size=64", "data.test_size=32", "data.batch_size=4",
+                                        "data.size=32", "model.kwargs={width_mult: 0.25}", "run.max_iter=20"]
+# Inception-ResNet-V1 (23M parameters) takes 75 px at least, and float16 convolutions on a CPU are slow: ~1.3 s a step
+# at batch 2 on one thread. The loss scaler skips the first 5 steps (scale 2^16 -> 2^11), so 7 iterations, not 20:
+# two real steps.
+SMOKE["face_inception_resnet_v1"] = _FACES + ["data.train_size=32", "data.test_size=8", "data.batch_size=2",
+                                              "data.size=75", "run.max_iter=7"]
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread. With two threads on 2 cores shared with other processes, every parallel region waits for
+    a thread the scheduler has put aside: measured with two busy processes beside it, a MobileFaceNet fp16 step took
+    0.15 to 13 s on two threads and 0.04 to 0.11 s on one (0.03 s either way on idle cores), which is what made the
+    face smoke runs take minutes under load. Small models lose nothing on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _events(run_dir, kind):
+    return [e for e in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if e["kind"] == kind]
 
 
 def test_every_article_recipe_has_a_smoke_run():
@@ -38,13 +64,50 @@ def test_every_article_recipe_has_a_smoke_run():
 
 
 @pytest.mark.parametrize("name", sorted(SMOKE))
-def test_twenty_iterations(name, tmp_path):
+def test_smoke_run_of_the_recipes_own_model(name, tmp_path, one_thread):
+    recipe = load_recipe(name)
+    iters = int(next(o for o in SMOKE[name] if o.startswith("run.max_iter=")).split("=")[1])
     r = danlu.train(name, overrides=SMOKE[name] + FAST, out=tmp_path / "run", device="cpu", quiet=True)
-    assert r.iterations == 20 and (math.isfinite(r.test_loss) or 0 <= r.summary["test_verification_accuracy"] <= 1)
-    want = load_recipe(name).precision  # auto is resolved when the run starts, and saved as what it became
-    assert r.summary["recipe"]["precision"] == want if want != "auto" else \
-        r.summary["recipe"]["precision"] in ("fp32", "bf16") and "precision auto ->" in r.summary["precision_auto"]
+    s = r.summary
+    assert r.iterations == iters
+    assert s["recipe"]["model"] == {**s["recipe"]["model"], "name": recipe.model.name}  # the recipe's own model
+    train = _events(tmp_path / "run", "train")
+    assert [e["iter"] for e in train] == list(range(1, iters + 1))  # run.display=1: every step logged
+    assert all(math.isfinite(e["loss"]) and e["loss"] > 0 for e in train), [e["loss"] for e in train]
+    assert s["skipped_steps"] < iters  # at least one optimizer step was taken (fp16: the loss scaler skips some)
+    test = _events(tmp_path / "run", "test")[-1]  # the last evaluation, at the end
+    assert test["iter"] == iters
+    if recipe.model.head is not None:  # a face model: verification on pairs of held-out identities
+        assert 0 <= s["test_verification_accuracy"] <= 1 and test["verification_acc"] == pytest.approx(
+            s["test_verification_accuracy"], abs=1e-6)
+    else:
+        assert math.isfinite(r.test_loss) and r.test_loss > 0 and 0 <= r.test_accuracy <= 1
+        assert (test["loss"], test["acc"]) == (pytest.approx(r.test_loss, abs=1e-6),
+                                               pytest.approx(r.test_accuracy, abs=1e-6))
+    want = recipe.precision  # auto is resolved when the run starts, and saved as what it became
+    assert s["recipe"]["precision"] == want if want != "auto" else \
+        s["recipe"]["precision"] in ("fp32", "bf16") and "precision auto ->" in s["precision_auto"]
     assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+# The logged training losses of `python -m danlu train` on the tiny seeded recipe (LeNet, 512 synthetic digits, batch
+# 32, seed 0) in float64, one display window of 5 steps each. Recorded on 2026-12-01 with torch 2.14.1 on a 2-core
+# AMD EPYC CPU. float64 makes the run's rounding error ~1e-12, far below the 6 decimals metrics.jsonl keeps, so the
+# values hold on any CPU (different kernels, thread counts); the tolerance of 2e-6 is one unit of the last logged
+# decimal, for a value that sits on a rounding boundary, plus margin. A change here is a change in what danlu
+# computes (initialization, data order, augmentation, loss, optimizer, schedule): if it is meant, record the values
+# again and say why in the commit.
+REGRESSION_LOSSES = {5: 2.405981, 10: 2.299113, 15: 2.332231, 20: 2.202702}
+
+
+def test_the_cli_logs_the_recorded_losses(tmp_path):
+    r = run_cli("train", "--out", str(tmp_path / "run"), "--device", "cpu", "--quiet",
+                *sets(*TINY, "run.max_iter=20", "run.display=5", "run.seed=0", "precision=fp64",
+                      "run.snapshot_every=0"), env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    train = _events(tmp_path / "run", "train")
+    assert {e["iter"]: e["loss"] for e in train} == pytest.approx(REGRESSION_LOSSES, abs=2e-6, rel=0)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["recipe"]["precision"] == "fp64"
 
 
 def test_the_articles_values():

@@ -101,6 +101,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         raise faults.out_of_memory(recipe.data.batch_size, dist.device, fits) from None
     finally:
         log.close()
+    _report_decode_skips(run_dir, train_data, p)
     summary = _summary(recipe, b, stats, train_data, run_dir, fits)
     if auto is not None:
         summary["precision_auto"] = auto
@@ -267,6 +268,23 @@ def _write_run_inputs(run_dir: Path, recipe: Recipe, train_data: ImageSet, augme
 
         write_report(run_dir, train_data.report)
     write_preprocess(run_dir, augment)
+
+
+def _report_decode_skips(run_dir: Path, train_data: ImageSet, p) -> None:
+    """Streamed shards: the images that did not decode while training or testing (found by each rank's loaders,
+    gathered from every rank) join data_report.json's skipped list. Every rank calls this (a collective)."""
+    loaders = [lo for lo in (p.train_loader, p.test_loader) if hasattr(lo, "skipped")]
+    report = getattr(train_data, "report", None)
+    if not loaders or report is None:
+        return
+    every = p.dist.all_gather_object([e for lo in loaders for e in lo.skipped.values()])
+    found = {(e["shard"], e["key"]): {**e, "when": "decoding"} for rank in every for e in rank}
+    if p.dist.is_main and found:
+        from danlu.data.folder import write_report
+
+        report["skipped"] = report["skipped"] + sorted(found.values(), key=lambda e: (e["shard"], e["key"]))
+        report["skipped_count"] = len(report["skipped"])
+        write_report(run_dir, report)
 
 
 def _start_line(recipe: Recipe, train_data: ImageSet, test_data: ImageSet, b, start: int, run_dir: Path) -> str:

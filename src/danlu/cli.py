@@ -80,20 +80,38 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", metavar="PNG", help="the picture (default compare.png; '-' for none)",
                    default="compare.png")
 
-    d = sub.add_parser("data", help="the dataset catalog: `data list` (known and cached), `data get NAME` (download)")
+    d = sub.add_parser("data", help="the dataset catalog: `data list` (known and cached), `data get NAME` (download),"
+                       " `data inspect PATH` (tar shards)")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dsub.add_parser("list", help="known datasets, what is cached and where ($DANLU_DATA)")
     dsub.add_parser("get", help="download and verify a dataset ahead of time").add_argument("name")
+    di = dsub.add_parser("inspect", help="WebDataset shards: counts, classes, shard sizes and a contact sheet (PNG)")
+    di.add_argument("path", metavar="PATH", help="a folder of .tar shards, a brace pattern or a URL (as data.root)")
+    di.add_argument("-o", "--out", default="inspect.png", metavar="PNG", help="the contact sheet (default "
+                    "inspect.png; '-' for none)")
+    di.add_argument("--samples", type=int, default=16, metavar="N", help="images on the contact sheet (default 16)")
+    di.add_argument("--label-key", default="cls", metavar="KEY", help="the label's file: cls (default), txt, or "
+                    "json:FIELD (as data.label_key)")
+    di.add_argument("--write-index", action="store_true", help="save the counts as PATH/index.json (a local folder "
+                    "without one), so training need not scan the shards")
+    di.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    pp = sub.add_parser("prepare", help="decode a folder (or a named set) once into a memory-mapped store")
+    pp = sub.add_parser("prepare", help="a folder (or a named set) once into a memory-mapped store, or into "
+                        "WebDataset tar shards (--format wds)")
     pp.add_argument("src", metavar="SRC", help="a folder of class subfolders (or train/ and val/), or a named set")
-    pp.add_argument("-o", "--out", required=True, metavar="STORE", help="the store folder to write")
+    pp.add_argument("-o", "--out", required=True, metavar="OUT", help="the store (or shards) folder to write")
+    pp.add_argument("--format", choices=["store", "wds"], default="store", help="store: decoded uint8 shards, "
+                    "memory-mapped (default); wds: WebDataset .tar shards of JPEGs with .cls labels and index.json")
     pp.add_argument("--size", type=int, nargs="+", metavar="N", help="image size: N, or H W (default 224 for folders,"
-                    " the native size for named sets)")
+                    " the native size for named sets); --format wds: the largest shorter side (default: as is)")
     pp.add_argument("--channels", type=int, choices=[1, 3], help="3 (RGB, default) or 1 (grayscale)")
     pp.add_argument("--resize", choices=["crop", "exact"], default="crop",
                     help="crop: shorter side + centre crop (default); exact: stretch")
-    pp.add_argument("--shard-mb", type=float, default=256, metavar="MB", help="shard size in MiB (default 256)")
+    pp.add_argument("--quality", type=int, default=90, metavar="Q", help="--format wds: JPEG quality (default 90)")
+    pp.add_argument("--keep-original", action="store_true", help="--format wds: the files' own bytes (JPEG, PNG, "
+                    "WebP; other formats as PNG), not re-encoded")
+    pp.add_argument("--shard-mb", type=float, metavar="MB", help="shard size in MiB (default 256; 64 for --format "
+                    "wds)")
     pp.add_argument("--train-list", metavar="FILE", help="SRC is the root of the paths in this list file")
     pp.add_argument("--val-list", metavar="FILE", help="with --train-list: the test split's list")
     pp.add_argument("--quiet", action="store_true", help="no progress output")
@@ -251,6 +269,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
 def _cmd_data(a: argparse.Namespace) -> int:
     from danlu.data.catalog import catalog_status, data_home, fetch
 
+    if a.data_command == "inspect":
+        return _cmd_inspect(a)
     if a.data_command == "get":
         print(f"{a.name}: ready in {fetch(a.name)}")
         return 0
@@ -260,16 +280,65 @@ def _cmd_data(a: argparse.Namespace) -> int:
                 if "train" in r else f"{'':<44}")
         print(f"  {r['name']:<14} {what}  {r['state']:<34} {r['about']}")
     print("  folder, list, store  your own images: data.root (see README, 'Your own images')")
+    print("  wds                  WebDataset tar shards, from a folder or a URL: data.root (README, 'Data at scale')")
+    return 0
+
+
+def _cmd_inspect(a: argparse.Namespace) -> int:
+    from danlu.data.wds_prepare import inspect_shards
+
+    if a.samples < 0:
+        raise DanluError(f"--samples {a.samples}: expected 0 or more")
+    r = inspect_shards(a.path, out_png=None if a.out == "-" else a.out, samples=a.samples, label_key=a.label_key,
+                       write_index=a.write_index)
+    if a.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{r['root']}: counts from {r['counts_from']}; {len(r['classes'])} classes: "
+          f"{', '.join(r['classes'][:10])}{' ...' if len(r['classes']) > 10 else ''}")
+    for split, sp in r["splits"].items():
+        size = (f", {sp['shard_mb'][0]} / {sp['shard_mb'][1]} / {sp['shard_mb'][2]} MiB a shard (min / median / max)"
+                if sp["shard_mb"] else "")
+        per = sp["samples_per_shard"]
+        print(f"  {split}: {sp['samples']} samples in {sp['shards']} shard(s), {per[0]} / {per[1]} / {per[2]} "
+              f"samples a shard{size}")
+        if sp.get("per_class"):
+            print("    per class: " + ", ".join(f"{c} {n}" for c, n in list(sp["per_class"].items())[:10])
+                  + (" ..." if len(sp["per_class"]) > 10 else ""))
+    if r["skipped_count"]:
+        first = r["skipped"][0]
+        print(f"  skipped {r['skipped_count']} sample(s) (first: {first['shard']} {first.get('key', '')}: "
+              f"{first['reason']})")
+    if r.get("index"):
+        print(f"  index: {r['index']}")
+    if r.get("contact_sheet"):
+        print(f"  contact sheet: {r['contact_sheet']}")
     return 0
 
 
 def _cmd_prepare(a: argparse.Namespace) -> int:
-    from danlu.data.datasets import prepare
-
     if a.size is not None and len(a.size) > 2:
         raise DanluError(f"--size {' '.join(map(str, a.size))}: expected N or H W")
     size = None if a.size is None else (a.size[0] if len(a.size) == 1 else tuple(a.size))
-    prepare(a.src, a.out, size=size, channels=a.channels, resize=a.resize, shard_mb=a.shard_mb,
+    if a.format == "wds":
+        from danlu.data.wds_prepare import prepare_shards
+
+        if size is not None and not isinstance(size, int):
+            raise DanluError(f"--size {' '.join(map(str, a.size))}: --format wds takes one number, the largest "
+                             f"shorter side (the reader crops to data.size)")
+        if a.resize != "crop":
+            raise DanluError(f"--resize {a.resize}: --format wds keeps the aspect ratio (data.resize applies when "
+                             f"training); expected no --resize")
+        prepare_shards(a.src, a.out, size=size, quality=a.quality, keep_original=a.keep_original,
+                       shard_mb=a.shard_mb or 64, channels=a.channels or 3, train_list=a.train_list,
+                       val_list=a.val_list, quiet=a.quiet)
+        return 0
+    from danlu.data.datasets import prepare
+
+    if a.quality != 90 or a.keep_original:
+        raise DanluError(f"{'--keep-original' if a.keep_original else f'--quality {a.quality}'}: only for --format "
+                         f"wds; expected --format wds (a store holds decoded pixels)")
+    prepare(a.src, a.out, size=size, channels=a.channels, resize=a.resize, shard_mb=a.shard_mb or 256,
             train_list=a.train_list, val_list=a.val_list, quiet=a.quiet)
     return 0
 
@@ -283,10 +352,13 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
     fp.add_argument("--size", type=int, default=160, help="face crop side in pixels (default 160)")
     fp.add_argument("--channels", type=int, choices=[1, 3], default=3, help="3 (RGB, default) or 1 (gray)")
     fp.add_argument("--align", action="store_true", help="rotate so the eye line is level")
-    fp.add_argument("--equalize", choices=["hist", "clahe", "none"], default="hist",
+    fp.add_argument("--equalize", choices=["hist", "clahe", "tantriggs", "none"], default="hist",
                     help="histogram equalization (default hist)")
     fp.add_argument("--margin", type=float, default=0.2, help="crop = face box grown by this share (default 0.2)")
     fp.add_argument("--detector", default="haar", help="haar (OpenCV's bundled cascade, default) or a YuNet .onnx")
+    fp.add_argument("--crop", choices=["auto", "face", "full"], default="auto",
+                    help="face: the detected face; full: every image's centre square (already-cropped faces); auto "
+                    "(default): full where the detector finds a clear face in fewer than half of the images")
     fp.add_argument("--no-face", choices=["center", "skip"], default="center",
                     help="an image with no face (or several of one size): keep a centre square (default) or skip it;"
                     " either way it is listed in STORE/prepare_report.json")
@@ -336,7 +408,7 @@ def _cmd_face(a: argparse.Namespace) -> int:
     c = a.face_command
     if c == "prepare":
         prepare_faces(a.raw, a.out, size=a.size, channels=a.channels, align=a.align, equalize=a.equalize,
-                           margin=a.margin, detector=a.detector, no_face=a.no_face, shard_mb=a.shard_mb,
+                           margin=a.margin, detector=a.detector, crop=a.crop, no_face=a.no_face, shard_mb=a.shard_mb,
                            workers=a.workers, quiet=a.quiet)
     elif c == "pairs":
         r = face.pairs(a.dir, a.out, n=a.n, folds=a.folds, seed=a.seed)

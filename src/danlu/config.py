@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -39,7 +40,9 @@ class ModelCfg(_Section):
     scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
     margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin
     embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
-    test_flip: bool = True  # face models: embed each image fused with its mirror image (verify, embed, serve ...)
+    # at test time also run each image's mirror image: face models add the two embeddings (verify, embed, serve...),
+    # classifiers average the two logits; null: on for face models, off for classifiers (a flipped digit is another)
+    test_flip: Optional[bool] = None
     # start from these weights (a run folder, a .safetensors or a .pt/.pth file): layers that do not fit (the
     # classifier for other classes) are named and keep their fresh initialization
     init: Optional[str] = None
@@ -74,8 +77,11 @@ class ModelCfg(_Section):
 
 
 class DataCfg(_Section):
-    name: str = "mnist5k"  # mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store
-    root: Optional[str] = None  # folder: class subfolders; list: what paths are relative to; store: its folder
+    # mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store | wds
+    name: str = "mnist5k"
+    # folder: class subfolders; list: what paths are relative to; store: its folder; wds: a folder of .tar shards,
+    # a brace pattern (shards/train-{000000..000127}.tar) or a URL (https://, s3://, gs://, pipe:)
+    root: Optional[str] = None
     train_list: Optional[str] = None  # list: Caffe 'path label' lines or a CSV with a header (path,label)
     val_list: Optional[str] = None  # list: the test split (default: split train_list by val_fraction)
     resize: Literal["crop", "exact"] = "crop"  # folder/list: shorter side + centre crop, or stretch to data.size
@@ -97,6 +103,25 @@ class DataCfg(_Section):
     normalize: Literal["none", "channel", "pixel"] = "none"  # pixel: subtract the per-pixel mean image (Keras article)
     mean: Optional[list[float]] = None  # explicit per-channel mean/std in scaled units (overrides normalize)
     std: Optional[list[float]] = None
+    # wds (WebDataset tar shards, data/wds.py)
+    label_key: str = "cls"  # the label's file in a sample: cls, txt, another extension, or json:FIELD
+    streams: int = Field(8, ge=1)  # the epoch's order is K streams; the number of processes must divide it
+    decode: Literal["auto", "cpu", "cuda"] = "auto"  # auto: nvJPEG on a CUDA device, else Pillow threads
+    workers: Optional[int] = Field(None, ge=1)  # decoding threads per process (default: every core)
+
+    @field_validator("label_key")
+    @classmethod
+    def _label_key(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*|json:[^\s.]+(\.[^\s.]+)*", v):
+            raise ValueError("expected a sample's file extension (cls, txt) or json:FIELD")
+        return v
+
+    @model_validator(mode="after")
+    def _wds_split(self) -> "DataCfg":
+        if self.name == "wds" and self.split == "identities":
+            raise ValueError("data.split=identities: data.name=wds streams its shards and cannot hold back "
+                             "identities; expected data.split=images")
+        return self
 
 
 class AugmentCfg(_Section):
@@ -131,7 +156,7 @@ class AugmentCfg(_Section):
 
 class OptimCfg(_Section):
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0)
+    lr: float = Field(0.01, ge=0)  # 0: the weights stay as they are (e.g. to evaluate a model.init start)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0)
@@ -199,6 +224,9 @@ class RunCfg(_Section):
     on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop with diagnosis.json, or drop the step
     find_batch_size: bool = False  # probe the largest power-of-two batch that fits before training
     target: Optional[TargetCfg] = None  # stop at the first evaluation reaching it (--until acc=0.99)
+    # with epochs: train on at least this many images, so a small set gets more epochs than a large one (240 face
+    # crops and 24,000 images see the same 40,000 images; a large set runs its epochs)
+    min_images: int = Field(0, ge=0)
     monitor: str = "auto"  # the test figure keep_best and early_stop watch: auto (acc, or verification_acc), ...
     keep_best: bool = False  # keep the weights of the best test event as best.safetensors (+ best.json)
     early_stop: Optional[int] = Field(None, gt=0)  # stop after this many test events without a better `monitor`
@@ -441,5 +469,8 @@ def iters_per_epoch(train_size: int, global_batch: int) -> int:
     return max(1, train_size // global_batch)
 
 
-def total_iters(run: RunCfg, per_epoch: int) -> int:
-    return run.max_iter if run.max_iter is not None else max(1, math.ceil(run.epochs * per_epoch))
+def total_iters(run: RunCfg, per_epoch: int, global_batch: int = 1) -> int:
+    """run.max_iter, or run.epochs of `per_epoch` iterations, at least run.min_images / global_batch."""
+    if run.max_iter is not None:
+        return run.max_iter
+    return max(1, math.ceil(run.epochs * per_epoch), math.ceil(run.min_images / global_batch))

@@ -37,9 +37,9 @@ class Deployable(nn.Module):
     `size`: the (h, w) the run's preprocessing resizes to (antialiased bilinear), None where it does not."""
 
     def __init__(self, model: nn.Module, scale: float, mean: Optional[torch.Tensor], std: Optional[torch.Tensor],
-                 size: Optional[tuple[int, int]] = None):
+                 size: Optional[tuple[int, int]] = None, flip: bool = False):
         super().__init__()
-        self.model, self.scale, self.size = model, float(scale), size
+        self.model, self.scale, self.size, self.flip = model, float(scale), size, flip
         # (C, 1, 1) per channel or (C, H, W) per pixel, in scaled units, as danlu.data.augment.Augment holds them
         self.register_buffer("mean", mean.float().clone() if mean is not None else None)
         self.register_buffer("std", std.float().clone() if std is not None else None)
@@ -52,6 +52,8 @@ class Deployable(nn.Module):
             x = x - self.mean
         if self.std is not None:
             x = x / self.std
+        if self.flip:  # the run's test-time flip: logits averaged over each image and its mirror image
+            return (self.model(x) + self.model(x.flip(-1))) / 2
         return self.model(x)  # (B, classes)
 
 
@@ -79,8 +81,10 @@ def export(run_dir: Union[str, Path], fmt: str, out: Union[str, Path], *, force:
         raise DanluError(f"-o {out}: folder {out.parent} does not exist")
     run = load_run(run_dir, device="cpu")
     # float32 in and out, also for a run trained in fp64
-    deploy = Deployable(run.model.float(), run.augment.scale, run.augment.mean, run.augment.std,
-                        run.augment.size).eval()
+    from danlu.models import is_face_model
+
+    deploy = Deployable(run.model.float(), run.augment.scale, run.augment.mean, run.augment.std, run.augment.size,
+                        flip=bool(run.recipe.model.test_flip) and not is_face_model(run.model)).eval()
     meta = {"danlu_model": run.recipe.model.name, "model_kwargs": json.dumps(run.recipe.model.kwargs),
             "classes": json.dumps(run.classes), "input_shape": json.dumps(list(run.shape)),
             "input": "pixels float32 (batch, C, H, W) 0..255" if fmt != "safetensors" else "",

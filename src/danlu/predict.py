@@ -128,10 +128,15 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
 @torch.no_grad()
 def forward(run, x: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, H, W) on the CPU -> class probabilities (B, classes) float32 on the CPU, through a loaded run's
-    preprocessing, model and precision (danlu.runs.LoadedRun)."""
+    preprocessing, model and precision (danlu.runs.LoadedRun), and its test-time flip where it has one."""
+    from danlu.models import is_face_model
+
     x = run.augment(x.to(run.device), train=False)  # (B, C, H, W) float32, the run's preprocessing
+    flip = bool(run.recipe.model.test_flip) and not is_face_model(run.model)  # classifiers: mean of x and its mirror
     with run.precision.autocast():
-        logits = run.model(x)  # (B, classes)
+        logits = run.model(x) if not flip else run.model(torch.cat([x, x.flip(-1)]))  # (B or 2B, classes)
+    if flip:
+        logits = (logits[:len(x)].float() + logits[len(x):].float()) / 2
     return logits.float().softmax(dim=1).cpu()  # .cpu() waits for the device, so the timing is honest
 
 

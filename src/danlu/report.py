@@ -36,10 +36,12 @@ def draw_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
     verification = any("verification_acc" in r for r in test)  # face runs: test = held-out identities' pairs
     for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
         ax.plot([r["epoch"] for r in train], [r[key] for r in train], label=f"train {label}", color="tab:blue")
-        tkey, tlabel = ("verification_acc", "verification accuracy") if verification else (key, label)
+        # a face run's test is verification on held-out people: an accuracy (right panel), never a loss
+        tkey, tlabel = ("verification_acc", "verification accuracy") if verification and key == "acc" else (key, label)
         shown = [r for r in test if r.get(tkey) is not None]
-        ax.plot([r["epoch"] for r in shown], [r[tkey] for r in shown], "o-", label=f"test {tlabel}",
-                color="tab:orange", markersize=3)
+        if shown:
+            ax.plot([r["epoch"] for r in shown], [r[tkey] for r in shown], "o-", label=f"test {tlabel}",
+                    color="tab:orange", markersize=3)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from danlu.config import DEFAULT_RECIPE, Recipe, load_recipe
+from danlu.engine.devices import cpu_model
 from danlu.data.imageset import ImageSet
 from danlu.errors import DanluError, few
 from danlu.io import write_json
@@ -217,7 +218,7 @@ def face_info(recipe: Recipe, test: dict[str, Any], held_out: Optional[list[str]
 
     pre = (store_source(recipe.data.root) or {}).get("face") if recipe.data.name == "store" else None
     return {"model": recipe.model.name, "head": recipe.model.head or "softmax", "preprocess": pre,
-            "test_flip": recipe.model.test_flip,
+            "test_flip": recipe.model.test_flip is not False,
             "threshold": test.get("threshold"),
             "threshold_from": (f"training: {test.get('pairs')} pairs of held-out identities"
                                if test.get("threshold") is not None else None),
@@ -246,17 +247,6 @@ def version() -> str:
 def versions() -> dict[str, str]:
     """danlu's, torch's and Python's versions (summary.json)."""
     return {"danlu": version(), "torch": torch.__version__, "python": platform.python_version()}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (else what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(dev: torch.device) -> str:

@@ -163,7 +163,7 @@ def test_bad_args():
         Augment()(torch.zeros(2, 3, 4, 4))  # float input
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda  # scripts/gpu_check.sh selects it with -m cuda; tests/conftest.py skips it without CUDA
 def test_cuda_input_with_cpu_generator():
     x = batch(B=16)
     aug = Augment(shift=0.1, flip=True, crop=2, mean=[0.5] * 3, std=[0.25] * 3)

@@ -9,7 +9,6 @@ import pickle
 import shutil
 import socket
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,10 @@ from danlu.data.catalog import RemoteFile, read_cifar_batch, read_idx
 from danlu.data.datasets import load_dataset
 from danlu.data.download import download, extract_tar
 from danlu.errors import DanluError
-from datafiles import cifar_like, file_server, idx_bytes, md5, mnist_like, tar_gz  # noqa: F401 (fixture)
+import datafiles
+from datafiles import cifar_like, idx_bytes, md5, mnist_like, tar_gz
+
+file_server = datafiles.file_server  # the shared fixture, found by pytest under this name
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
+import math
+
+import pytest
 import torch
 
-from danlu.data.datasets import ImageSet, load_dataset, stratified_split
+from danlu.data.datasets import load_dataset
+from danlu.data.imageset import ImageSet, stratified_split
 from danlu.data.loader import DeviceLoader
 
 
@@ -19,8 +23,30 @@ def test_stratified_split_is_exact_and_disjoint():
     labels = torch.tensor([0] * 7 + [1] * 5 + [2] * 3)
     keep, held = stratified_split(labels, 0.2, seed=1)
     assert len(held) == 3 and len(keep) == 12
-    assert not set(keep.tolist()) & set(held.tolist())
-    assert set(labels[held].tolist()) <= {0, 1, 2}
+    assert sorted(keep.tolist() + held.tolist()) == list(range(15))  # disjoint, and together every image
+    # wanted 1.4, 1.0, 0.6 of each class: floors 1, 1, 0 make 2 of the 3; the largest remainder (class 2) gets the 3rd
+    assert torch.bincount(labels[held], minlength=3).tolist() == [1, 1, 1]
+
+
+@pytest.mark.parametrize("sizes, fraction", [
+    ([7, 5, 3], 0.2), ([500] * 10, 0.2), ([10, 1, 1, 1, 3], 0.5), ([9, 8, 7, 6, 5, 4, 3, 2], 0.3),
+    ([13, 2, 40], 0.15), ([3, 3, 3], 0.5), ([1, 100], 0.01), ([6, 6, 6, 6, 6, 6, 6], 0.1)])
+def test_stratified_split_holds_back_each_class_by_the_largest_remainder(sizes, fraction):
+    g = torch.Generator().manual_seed(len(sizes))
+    labels = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])[torch.randperm(sum(sizes), generator=g)]
+    keep, held = stratified_split(labels, fraction, seed=3)
+    assert sorted(keep.tolist() + held.tolist()) == list(range(len(labels)))
+    got = torch.bincount(labels[held], minlength=len(sizes)).tolist()
+    want = [n * fraction for n in sizes]
+    assert sum(got) == round(len(labels) * fraction)  # the total is exact
+    for c, (k, w) in enumerate(zip(got, want)):  # each class: its share rounded down, or up by one
+        assert k in (math.floor(w), math.floor(w) + 1), (c, k, w)
+    # largest remainder: every class rounded up has a remainder at least that of every class rounded down
+    up = [w - math.floor(w) for k, w in zip(got, want) if k > math.floor(w)]
+    down = [w - math.floor(w) for k, w in zip(got, want) if k == math.floor(w)]
+    assert not up or not down or min(up) >= max(down), (got, want)
+    again_keep, again_held = stratified_split(labels, fraction, seed=3)
+    assert torch.equal(again_held, held) and torch.equal(again_keep, keep)  # seeded
 
 
 def test_synthetic_is_seeded_and_learnable_in_principle():

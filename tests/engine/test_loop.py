@@ -1,6 +1,7 @@
 """danlu's loop against a plain PyTorch loop: the same batches give the same weights."""
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -47,3 +48,25 @@ def test_schedule_reaches_the_optimizer(tmp_path):
            if '"train"' in line]
     # iteration it (0-based) uses 0.1 * 0.5 ** (it // 4); the event at iteration k reports the rate of step k-1
     assert lrs == [0.1 * 0.5 ** ((k - 1) // 4) for k in range(1, 11)]
+
+
+def test_test_flip_averages_the_logits_of_each_image_and_its_mirror_image():
+    from danlu.data.augment import Augment
+    from danlu.data.loader import DeviceLoader
+    from danlu.engine.distributed import Dist
+    from danlu.engine.loop import evaluate
+    from danlu.engine.precision import Precision
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 5, 6)).eval()  # not mirror-symmetric
+    x, y = torch.randint(0, 256, (10, 3, 4, 5), dtype=torch.uint8), torch.randint(0, 6, (10,))
+    loader, aug, p = DeviceLoader(x, y, 4, device="cpu", shuffle=False, drop_last=False), Augment(), \
+        Precision("fp32", "cpu")
+    flipped = evaluate(model, loader, aug, p, Dist(), flip=True)
+    with torch.no_grad():
+        z = aug(x, train=False)
+        logits = (model(z) + model(z.flip(-1))) / 2
+    want = torch.nn.functional.cross_entropy(logits, y).item()
+    assert flipped["loss"] == pytest.approx(want, rel=1e-6)
+    assert flipped["acc"] == (logits.argmax(1) == y).float().mean().item()
+    assert evaluate(model, loader, aug, p, Dist())["loss"] != pytest.approx(want, rel=1e-6)  # and it differs

@@ -82,6 +82,40 @@ def test_fp16_scaler_skips_inf_steps_and_counts_them():
     assert p.skipped_steps == 1 and not torch.equal(before[0], model.weight)
 
 
+class _InfGradientAt(torch.nn.Module):
+    """LeNet whose fc2 weight gradient is inf in training step `at` (1-based), as an fp16 overflow would make it."""
+
+    def __init__(self, at: int):
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = danlu.create_model("lenet", num_classes=10, in_channels=1, input_size=16)
+        self.at, self.steps = at, 0
+        self.net.fc2.weight.register_hook(lambda g: torch.full_like(g, float("inf")) if self.steps == self.at else g)
+
+    def forward(self, x):
+        self.steps += self.training  # evaluation does not count
+        return self.net(x)
+
+
+def test_an_fp16_run_skips_an_overflowed_step_and_leaves_the_weights(tmp_path, tiny_sets):
+    """Through the whole loop: the step whose gradients overflow is skipped (the weights stay as they were), counted
+    in the log and the summary, and halves the loss scale; the steps before and after it train."""
+    train, test = tiny_sets
+    runs = {}
+    for n in (3, 4, 6):  # the skip is step 4: a run ending at 4 must end with the weights of the run ending at 3
+        runs[n] = danlu.train(_recipe(n, n, 16, precision="fp16"), model=_InfGradientAt(at=4), train_data=train,
+                              test_data=test, out=tmp_path / str(n), quiet=True)
+    for (name, a), b in zip(runs[3].model.state_dict().items(), runs[4].model.state_dict().values()):
+        assert torch.equal(a, b), name  # the skipped step changed nothing
+    assert not torch.equal(runs[4].model.net.fc2.weight, runs[6].model.net.fc2.weight)  # steps 5, 6 were taken
+    assert [r.summary["skipped_steps"] for r in runs.values()] == [0, 1, 1]
+    logged = [json.loads(x) for x in (tmp_path / "6" / "metrics.jsonl").read_text().splitlines()]
+    assert {e["iter"]: e["skipped_steps"] for e in logged if e["kind"] == "train"} == {6: 1}
+    scaler = load_latest(tmp_path / "6")[0]["precision"]
+    assert scaler["skipped_steps"] == 1 and scaler["scaler"]["scale"] == 2.0 ** 15  # 65536 halved once
+    assert scaler["scaler"]["_growth_tracker"] == 2  # the good steps since the skip
+
+
 def test_fp16_unscales_before_clipping():
     """The clipped update equals clipping the true (unscaled) gradient: SGD with lr 1 moves by -clip(grad)."""
     p = Precision("fp16", CPU)
@@ -137,7 +171,7 @@ def test_tf32_needs_cuda():
     with pytest.raises(DanluError, match="tf32 needs a CUDA device.*cpu"):
         Precision("tf32", CPU)
     assert Precision.for_inference("tf32", CPU).name == "fp32"  # evaluating a GPU run on the CPU
-    with pytest.raises(DanluError, match="'fp8' is not supported; expected one of fp32, tf32, fp16, bf16"):
+    with pytest.raises(DanluError, match="'fp8' is not a format; expected one of fp32, tf32, fp16, bf16, fp64"):
         Precision("fp8", CPU)
 
 
@@ -160,9 +194,13 @@ def test_cuda_fp16_and_bf16_train_and_log_the_gpu(tmp_path):
                     "--out", str(out), "--quiet")
         assert r.returncode == 0, r.stderr
         summary = json.loads((out / "summary.json").read_text())
-        assert summary["test_accuracy"] > 0.9 and summary["skipped_steps"] >= 0
         event = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
                  if '"train"' in x][-1]
+        assert summary["test_accuracy"] > 0.9 and summary["skipped_steps"] == event["skipped_steps"]
+        if precision != "fp16":
+            assert summary["skipped_steps"] == 0  # no loss scaler: nothing is ever skipped
+        else:  # the scaler may skip a few steps while the scale settles, never most of them
+            assert summary["skipped_steps"] < 30
         assert event["gpu_memory_mb"] > 0 and event["gpu_max_memory_mb"] >= event["gpu_memory_mb"]
         assert 0 <= event["data_wait_share"] <= 1
 

@@ -68,7 +68,7 @@ def test_speed_wrap_and_compile_modes():
 def test_channels_last(tmp_path, tiny_sets):
     train, test = tiny_sets
     speed = Speed(CPU)
-    model = speed.layout(danlu.create_model("lenet", num_classes=10, in_channels=1, input_size=16))
+    speed.layout(danlu.create_model("lenet", num_classes=10, in_channels=1, input_size=16))
     assert speed.channels_last is False and speed.memory_format == torch.preserve_format  # auto: off on the CPU
 
     nhwc = danlu.train(_recipe(channels_last=True), train_data=train, test_data=test, out=tmp_path / "nhwc",

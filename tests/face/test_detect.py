@@ -36,12 +36,95 @@ def test_two_equal_faces_are_ambiguous():
     assert info["faces"] == 2 and "about the same size" in info["reason"]
 
 
-@pytest.mark.parametrize("how", ["hist", "clahe", "none"])
-def test_equalize_modes(how):
-    dark = (skimage_data.camera() // 4).astype(np.uint8)  # a low-contrast gray image
-    chw, _ = preprocess(dark, FaceOptions(size=48, channels=1, equalize=how))
-    spread = int(chw.max()) - int(chw.min())
-    assert spread > 200 if how == "hist" else spread > 0
+def _numpy_equalize_hist(img):
+    """Histogram equalization written out (OpenCV's equalizeHist): the darkest level present maps to 0, each level to
+    255 x the share of the other pixels at or below it."""
+    hist = np.bincount(img.ravel(), minlength=256)
+    first = int(np.flatnonzero(hist)[0])
+    cdf = np.cumsum(hist) - hist[first]
+    lut = np.clip(np.rint(cdf * (255.0 / (img.size - hist[first]))), 0, 255)
+    return lut[img]
+
+
+def _local_contrast(img, tile=32):
+    """The mean standard deviation of tile x tile blocks."""
+    h, w = img.shape
+    blocks = img[:h // tile * tile, :w // tile * tile].reshape(h // tile, tile, w // tile, tile).astype(float)
+    return float(blocks.std(axis=(1, 3)).mean())
+
+
+def _cut(img, how, channels=1):
+    """preprocess at the image's own size: no face, so the centre square is the whole image and the crop and the
+    resize are exact copies; only the equalization changes pixels."""
+    chw, info = preprocess(img, FaceOptions(size=img.shape[0], channels=channels, equalize=how))
+    assert info["reason"] == "no face found"
+    return chw[0] if channels == 1 else chw.transpose(1, 2, 0)
+
+
+DARK = (skimage_data.camera()[256:, :256] // 4).astype(np.uint8)  # (256, 256): low contrast, levels 0..63, no face
+FLAT = (128 + np.random.default_rng(0).integers(-2, 3, (256, 256))).astype(np.uint8)  # faint noise on flat gray
+
+
+def test_equalize_none_leaves_the_pixels_alone():
+    assert np.array_equal(_cut(DARK, "none"), DARK)
+    rgb = skimage_data.coffee()[:256, :256]
+    assert np.array_equal(_cut(rgb, "none", channels=3), rgb)
+
+
+def test_equalize_hist_spreads_the_levels_evenly():
+    out = _cut(DARK, "hist")
+    assert np.abs(out.astype(int) - _numpy_equalize_hist(DARK)).max() <= 1  # float rounding of the last level
+    assert (out.min(), out.max()) == (0, 255)  # the full range from levels 0..63
+    # near-uniform: the share of pixels at or below each output level is about level / 255
+    ecdf = np.cumsum(np.bincount(out.ravel(), minlength=256)) / out.size
+    present = np.unique(out)
+    assert np.abs(ecdf[present] - present / 255).max() < 0.02
+    assert out.std() > 3 * DARK.std()
+    # colour: the luma is equalized, as a gray image would be
+    rgb = (skimage_data.coffee()[:256, :256] // 3).astype(np.uint8)
+    import cv2
+
+    luma = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[:, :, 0]
+    out_luma = cv2.cvtColor(_cut(rgb, "hist", channels=3), cv2.COLOR_RGB2YCrCb)[:, :, 0]
+    assert np.abs(out_luma.astype(int) - _numpy_equalize_hist(luma)).mean() < 0.5  # YCrCb round trips lose a level here and there
+
+
+def test_equalize_clahe_raises_local_contrast_within_a_limit():
+    import cv2
+
+    out = _cut(DARK, "clahe")
+    # OpenCV's CLAHE with the clip limit 2 on an 8 x 8 grid of tiles
+    assert np.array_equal(out, cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(DARK))
+    assert not np.array_equal(out, _cut(DARK, "hist"))
+    assert _local_contrast(out) > 1.3 * _local_contrast(DARK)  # local contrast raised
+    # bounded: on faint noise (levels 126..130) hist stretches the noise over the whole range; the clip limit keeps
+    # CLAHE's slope small, so the noise stays faint
+    hist, clahe = _cut(FLAT, "hist"), _cut(FLAT, "clahe")
+    assert int(hist.max()) - int(hist.min()) == 255
+    assert int(clahe.max()) - int(clahe.min()) < 30 and clahe.std() < 0.1 * hist.std()
+
+
+def _numpy_tan_triggs(gray, gamma=0.2, s0=1.0, s1=2.0, alpha=0.1, tau=10.0):
+    """The paper's chain written out with scipy's Gaussian (mirror borders = OpenCV's default reflect-101)."""
+    from scipy.ndimage import gaussian_filter
+
+    x = (gray.astype(np.float64) / 255.0) ** gamma
+    x = gaussian_filter(x, s0, mode="mirror", truncate=4.0) - gaussian_filter(x, s1, mode="mirror", truncate=4.0)
+    x = x / np.mean(np.abs(x) ** alpha) ** (1 / alpha)
+    x = x / np.mean(np.minimum(tau, np.abs(x)) ** alpha) ** (1 / alpha)
+    return np.clip(np.round((np.tanh(x / tau) + 1) * 127.5), 0, 255)
+
+
+def test_equalize_tantriggs_matches_the_paper_and_removes_side_light():
+    face = skimage_data.camera()[256:, :256]  # (no face: the cut is the centre square, equalized all the same)
+    out = _cut(face, "tantriggs")
+    assert out.dtype == np.uint8 and out.shape == face.shape
+    assert np.abs(out.astype(int) - _numpy_tan_triggs(face)).max() <= 1  # float32 against float64 rounding
+    # a light from the left (x 1.0 .. x 0.15 across the image) changes hist's output a lot and Tan-Triggs' little
+    ramp = np.linspace(1.0, 0.15, face.shape[1])[None, :]
+    shaded = np.clip(face * ramp, 0, 255).astype(np.uint8)
+    change = {how: np.abs(_cut(shaded, how).astype(int) - _cut(face, how)).mean() for how in ("hist", "tantriggs")}
+    assert change["tantriggs"] < 0.5 * change["hist"], change
 
 
 def test_reading_bytes_arrays_and_garbage(tmp_path):

@@ -40,10 +40,43 @@ def test_prepare_reports_what_it_did_not_crop(faces):
     report = json.loads((root / "store" / "prepare_report.json").read_text())
     assert report["images"] == 24 * 16 + 1 and report["kept"] == 24 * 16 and report["skipped_count"] == 1
     assert report["skipped"][0]["file"] == "id_05/broken.png" and "not a readable image" in report["skipped"][0]["reason"]
-    assert report["face_found"] + report["centre_squares"] == 24 * 16  # the rest: no face found, kept, listed
+    # the synthetic faces are face-like enough for OpenCV's Haar cascade: it found 365 of the 384 (measured on CPU,
+    # OpenCV 4.14); the rest are kept as centre squares, each listed
+    assert report["face_found"] >= 0.9 * 24 * 16, report["face_found"]
+    assert report["face_found"] + report["centre_squares"] == 24 * 16
+    assert len(report["centre_square_images"]) == report["centre_squares"]
     assert all(n["reason"] == "no face found" and n["kept"] == "centre square" for n in report["centre_square_images"])
     meta = json.loads((root / "store" / "meta.json").read_text())
     assert meta["shape"] == [3, 32, 32] and meta["source"]["face"]["size"] == 32 and len(meta["classes"]) == 24
+
+
+def test_prepare_finds_the_faces_in_photos_that_have_one(tmp_path):
+    """Photos with a face (scikit-image's astronaut, moved, mirrored, shrunk, grayed) are cut at the face; photos
+    without one (a cat, a coffee cup, a rocket, noise) are kept as centre squares and listed by name."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    skimage_data = pytest.importorskip("skimage.data")
+    a = skimage_data.astronaut()  # (512, 512, 3), one face
+    gray = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY)
+    with_face = {"full": a, "mirrored": a[:, ::-1], "moved": a[0:400, 60:460], "shrunk": cv2.resize(a, (256, 256)),
+                 "gray": gray}
+    noise = (np.random.default_rng(0).random((200, 200, 3)) * 255).astype(np.uint8)
+    without = {"cat": skimage_data.chelsea(), "cup": skimage_data.coffee(), "rocket": skimage_data.rocket(),
+               "noise": noise}
+    raw = tmp_path / "raw"
+    for who, images in (("eileen", with_face), ("things", without)):
+        (raw / who).mkdir(parents=True)
+        for name, img in images.items():
+            Image.fromarray(np.ascontiguousarray(img)).save(raw / who / f"{name}.png")
+    assert main(["face", "prepare", str(raw), "-o", str(tmp_path / "store"), "--size", "32", "--quiet"]) == 0
+    report = json.loads((tmp_path / "store" / "prepare_report.json").read_text())
+    assert (report["images"], report["kept"], report["skipped_count"]) == (9, 9, 0)
+    assert (report["face_found"], report["centre_squares"]) == (5, 4)  # 5 photos with a face, 4 without
+    listed = sorted(n["file"] for n in report["centre_square_images"])
+    assert listed == sorted(f"things/{name}.png" for name in without)
+    assert all(n["reason"] == "no face found" for n in report["centre_square_images"])
 
 
 def test_training_reaches_verification_well_above_chance(faces):

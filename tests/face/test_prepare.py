@@ -34,10 +34,15 @@ def test_no_face_skip_drops_and_lists(tmp_path):
         for k in range(2):
             Image.fromarray((rng.random((40, 40)) * 255).astype(np.uint8)).save(tmp_path / "raw" / who / f"{k}.png")
     with pytest.raises(DanluError, match="has no readable image"):  # every image dropped: nothing to store
-        prepare_faces(tmp_path / "raw", tmp_path / "s1", size=16, no_face="skip", quiet=True)
-    meta = prepare_faces(tmp_path / "raw", tmp_path / "s2", size=16, quiet=True)  # default: centre squares
+        prepare_faces(tmp_path / "raw", tmp_path / "s1", size=16, crop="face", no_face="skip", quiet=True)
+    meta = prepare_faces(tmp_path / "raw", tmp_path / "s2", size=16, crop="face", quiet=True)  # default: centre squares
     report = json.loads((tmp_path / "s2" / "prepare_report.json").read_text())
     assert meta["splits"]["train"]["count"] == 4 and report["centre_squares"] == 4 and report["face_found"] == 0
+    # crop auto: no clear face in the sample, so every image is cut whole (already-cropped faces); none is dropped
+    meta = prepare_faces(tmp_path / "raw", tmp_path / "s4", size=16, no_face="skip", quiet=True)
+    report = json.loads((tmp_path / "s4" / "prepare_report.json").read_text())
+    assert meta["splits"]["train"]["count"] == 4 and report["options"]["crop"] == "full"
+    assert report["crop_auto_found_share"] == 0 and report["face_found"] is None
     with pytest.raises(DanluError, match="--no-face maybe"):
         prepare_faces(tmp_path / "raw", tmp_path / "s3", no_face="maybe")
 

@@ -29,7 +29,7 @@ danlu.report, the environment beside each figure in danlu.runs.
 from danlu.bench.flops import PEAK_TFLOPS, count_flops, peak_tflops, table_peak
 from danlu.bench.matrix import (ROW_FIELDS, SWITCH_WORDS, Combo, bench_recipe, measure, merge, parse_list,
                                 parse_procs, run)
-from danlu.engine.precision import PRECISIONS
+from danlu.engine.precision import FORMATS as PRECISIONS  # bench measures formats, not the auto policy
 from danlu.engine.speed import COMPILE_WORDS
 from danlu.report import bench_chart, bench_markdown, print_bench_table
 

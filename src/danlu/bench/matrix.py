@@ -13,7 +13,7 @@ import torch
 from danlu.bench.flops import count_flops, peak_tflops, sig
 from danlu.bench.plain import LR, MOMENTUM, WEIGHT_DECAY, Plain
 from danlu.bench.timing import Paired, StepMarks, WaitTimer, free, peak_memory_mb, percentile, sync
-from danlu.engine.precision import PRECISIONS
+from danlu.engine.precision import FORMATS
 from danlu.engine.speed import COMPILE_WORDS
 from danlu.errors import DanluError, nearest
 from danlu.io import write_json
@@ -254,8 +254,8 @@ def run(*, model: str = "tv:resnet50", size: int = 224, batch: int = 256, precis
     if loader not in ("device", "stream"):
         raise DanluError(f"--loader {loader}: expected device or stream")
     for p in precisions:
-        if p not in PRECISIONS:
-            raise DanluError(f"--precision: '{p}' is not one of {', '.join(PRECISIONS)}")
+        if p not in FORMATS:
+            raise DanluError(f"--precision: '{p}' is not one of {', '.join(FORMATS)}")
     for c in compiles:
         if c not in COMPILE_WORDS:
             raise DanluError(f"--compile: '{c}' is not one of {', '.join(COMPILE_WORDS)}")

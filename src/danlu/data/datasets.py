@@ -7,6 +7,7 @@ for every source a recipe can name (`data.name`).
     train, test = load_dataset("folder", root="photos", size=224)                 # folder.py
     train, test = load_dataset("list", train_list="train.txt", root="photos")     # lists.py
     train, test = load_dataset("store", root="photos.store")                      # store.py (memory-mapped)
+    train, test = load_dataset("wds", root="shards", size=224)                    # wds.py (tar shards, streamed)
 """
 from __future__ import annotations
 
@@ -47,17 +48,26 @@ def _synthetic(size: Union[int, tuple[int, int]], channels: int, num_classes: in
     return make(train_size), make(test_size)
 
 
-DATASETS = (*CATALOG, "mnist5k", "synthetic", "folder", "list", "store")
+DATASETS = (*CATALOG, "mnist5k", "synthetic", "folder", "list", "store", "wds")
 
 
 def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[int, tuple[int, int]]] = None,
                  channels: Optional[int] = None, num_classes: Optional[int] = None, train_size: int = 4096,
                  test_size: int = 1024, val_fraction: float = 0.2, split_seed: int = 0, resize: str = "crop",
                  train_list: Optional[str] = None, val_list: Optional[str] = None,
-                 split: str = "images") -> tuple[ImageSet, ImageSet]:
+                 split: str = "images", **shards: Any) -> tuple[ImageSet, ImageSet]:
     """(train, test) ImageSets for a named source. Named sets keep their own test split; a folder without val/ and
     a list without val_list are split by `val_fraction` (seeded by `split_seed`, stratified). `split="identities"`
-    pools every image of the source and holds back `val_fraction` of the classes instead (identity_split)."""
+    pools every image of the source and holds back `val_fraction` of the classes instead (identity_split).
+    `wds` returns ShardSets (streamed; `shards`: label_key, streams, decode, workers, as wds.load_shards takes)."""
+    if name == "wds":
+        from danlu.data.wds import load_shards
+
+        if split == "identities":
+            raise DanluError("data.split=identities: data.name=wds streams its shards and cannot hold back "
+                             "identities; expected data.split=images (or a store: danlu prepare)")
+        return load_shards(root, size=size, channels=channels, resize=resize, val_fraction=val_fraction,
+                           split_seed=split_seed, **shards)  # type: ignore[return-value]
     if split == "identities" and name not in ("folder", "list", "store"):  # those split by identities themselves
         train, test = load_dataset(name, root=root, size=size, channels=channels, num_classes=num_classes,
                                    train_size=train_size, test_size=test_size, val_fraction=val_fraction,
@@ -99,6 +109,8 @@ def pixel_mean(images, scale: float = 1 / 255) -> torch.Tensor:
     """The mean image (C, H, W) float32 in scaled units, of a uint8 tensor or ShardedImages (N, C, H, W)."""
     from danlu.data.augment import per_pixel_mean
 
+    if hasattr(images, "stats_sample"):  # streamed shards: their first images (wds.STATS_SAMPLES)
+        images = images.stats_sample()
     if isinstance(images, torch.Tensor):
         return per_pixel_mean(images, scale)
     n = len(images)
@@ -109,6 +121,8 @@ def channel_stats(images, scale: float = 1 / 255) -> tuple[list[float], list[flo
     """Per-channel mean and population std in scaled units, of a uint8 tensor or ShardedImages (N, C, H, W)."""
     from danlu.data.augment import channel_mean_std
 
+    if hasattr(images, "stats_sample"):  # streamed shards: their first images (wds.STATS_SAMPLES)
+        images = images.stats_sample()
     if isinstance(images, torch.Tensor):
         return channel_mean_std(images, scale)
     n, m1, m2 = len(images), 0.0, 0.0

@@ -77,7 +77,7 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
             if max_pixels is not None and W0 * H0 > max_pixels:
                 raise BadImage(f"image of {W0}x{H0} pixels is over the limit of {max_pixels} pixels "
                                f"(a decompression bomb?); expected a smaller image")
-            rw, rh = _resized(W0, H0, h, w) if resize == "crop" else (w, h)  # the full image's size after resizing
+            rw, rh = cover_size(W0, H0, h, w) if resize == "crop" else (w, h)  # the full image's size after resizing
             im.draft("L" if channels == 1 else "RGB", (rw, rh))  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it
             im = to_mode(im, channels)
             im.load()  # decodes: a truncated or corrupt file fails here
@@ -102,7 +102,7 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
-def _resized(W: int, H: int, h: int, w: int) -> tuple[int, int]:
+def cover_size(W: int, H: int, h: int, w: int) -> tuple[int, int]:
     """(width, height) that just covers (w, h) keeping the aspect ratio: for a square target, the shorter side
     becomes the target and the longer one int(target * long / short), torchvision's Resize(int) rule."""
     if h == w:

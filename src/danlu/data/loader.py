@@ -9,7 +9,8 @@ batch i is permutation[i*B*world : (i+1)*B*world] and rank r takes its r-th slic
 see exactly the samples 1 rank with batch 2B sees.
 
 StreamLoader (below) gives the same batches in the same order for sets that stay in host memory (a prepared store,
-memory-mapped), copying each batch to the device in the background; `make_loader` picks one of the two.
+memory-mapped), copying each batch to the device in the background; `make_loader` picks one of the two (or, for tar
+shards, wds.ShardLoader: the same interface, its own order of shards and streams).
 """
 from __future__ import annotations
 
@@ -213,8 +214,11 @@ def make_loader(images, labels: torch.Tensor, batch_size: int, *, device: torch.
 
     cache: True -> always resident; False -> always streamed (except a CPU-resident tensor trained on the CPU, which
     is already where it would be streamed to); "auto" -> resident when the images fit `memory_budget(device)`.
-    kw: shuffle, drop_last, seed, rank, world (as DeviceLoader)."""
+    kw: shuffle, drop_last, seed, rank, world (as DeviceLoader). Images that stream themselves (tar shards,
+    wds.ShardImages) build their own loader, with the same interface."""
     device = torch.device(device)
+    if hasattr(images, "make_loader"):
+        return images.make_loader(batch_size, device=device, **kw)
     already = isinstance(images, torch.Tensor) and images.device == device  # e.g. a CPU tensor trained on the CPU
     if already or cache is True or (cache == "auto" and _nbytes(images) <= memory_budget(device)):
         return DeviceLoader(images, labels, batch_size, device=device, **kw)

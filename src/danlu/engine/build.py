@@ -79,7 +79,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     frozen = freeze(model, recipe.model.freeze, head) if recipe.model.freeze else []
     train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader)
     per_epoch = iters_per_epoch(len(train), train_loader.global_batch)
-    max_iter = total_iters(recipe.run, per_epoch)
+    max_iter = total_iters(recipe.run, per_epoch, train_loader.global_batch)
     base_lr = scaled_lr(recipe, train_loader.global_batch)
     lr_at = build_schedule(recipe, base_lr, per_epoch, max_iter) if lr is None else (lambda it: lr)
     schedule = Schedule(lr_at, frozen, _unfreeze_iter(recipe, per_epoch, dist, speed) if frozen else None)
@@ -100,19 +100,19 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
 def resolve_precision(recipe: Recipe, train: ImageSet, device: torch.device,
                       dist: Optional[Dist] = None) -> tuple[Recipe, Optional[str]]:
     """precision: auto -> the recipe with the format it resolves to here, and why (None where it was not auto).
-    On a CPU the probe times the recipe's own model, freshly built, on up to 32 training images; with several
+    On a CPU the probe times the recipe's own model, freshly built, on up to 64 training images; with several
     processes rank 0 decides for all."""
     if recipe.precision != "auto":
         return recipe, None
     from danlu.config import build_recipe
     from danlu.engine.precision import resolve_auto
     from danlu.engine.speed import bf16_gain
-    from danlu.runs import cpu_model
+    from danlu.engine.devices import cpu_model
 
     probe = None
     if device.type == "cpu":
         shape = input_shape(recipe, train.shape)
-        n = min(32, recipe.data.batch_size, len(train))
+        n = min(64, recipe.data.batch_size, len(train))
 
         def probe() -> float:
             model = build_model(recipe, shape, len(train.classes)).train()
@@ -147,7 +147,8 @@ def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
     return load_dataset(d.name, root=d.root, size=d.size, channels=d.channels, num_classes=d.num_classes,
                         train_size=d.train_size, test_size=d.test_size, val_fraction=d.val_fraction,
                         split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list,
-                        split=d.split)
+                        split=d.split, **({"label_key": d.label_key, "streams": d.streams, "decode": d.decode,
+                                           "workers": d.workers} if d.name == "wds" else {}))
 
 
 def input_shape(recipe: Recipe, data_shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -173,7 +174,7 @@ def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -
         kw.setdefault("scale", m.scale)
         if m.embedding_dim is not None:
             kw.setdefault("embedding_dim", m.embedding_dim)
-        kw.setdefault("test_flip", m.test_flip)
+        kw.setdefault("test_flip", m.test_flip is not False)
     elif m.head is not None or m.embedding_dim is not None:
         faces = [n for n in list_models() if is_face_model(n)]
         raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
@@ -334,12 +335,15 @@ def build_criterion(recipe: Recipe) -> nn.Module:
 
 
 def build_evaluator(recipe: Recipe, test: ImageSet) -> Callable[..., dict[str, Any]]:
-    """The test metric: classification (engine.loop.evaluate), or for data.split=identities face verification on
-    seeded pairs of the held-out identities (danlu.face.verify.VerificationEval)."""
+    """The test metric: classification (engine.loop.evaluate; with model.test_flip, of the logits averaged over each
+    image and its mirror image), or for data.split=identities face verification on seeded pairs of the held-out
+    identities (danlu.face.verify.VerificationEval)."""
+    import functools
+
     from danlu.engine.loop import evaluate as classification
 
     if recipe.data.split != "identities":
-        return classification
+        return functools.partial(classification, flip=True) if recipe.model.test_flip else classification
     from danlu.face.verify import VerificationEval
 
     return VerificationEval(test.labels, recipe.data.test_pairs, recipe.data.split_seed)

@@ -64,3 +64,17 @@ def wide_float(device):
     import torch
 
     return torch.float32 if torch.device(device).type in NO_FLOAT64 else torch.float64
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what platform knows)."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -158,6 +158,14 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0, group=self._control)
         return box[0]
 
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` (picklable), in rank order, on every rank; one process: [obj]."""
+        if not self.grouped:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj, group=self._control)
+        return out
+
     def barrier(self) -> None:
         if self.grouped:
             torch.distributed.barrier(group=self._control)

@@ -169,10 +169,11 @@ def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
-             max_batches: Optional[int] = None, label_smoothing: float = 0.0) -> TestFigures:
+             max_batches: Optional[int] = None, label_smoothing: float = 0.0, flip: bool = False) -> TestFigures:
     """Loss (the training objective, so train and test curves compare), top-1 and (with more than 5 classes) top-5
-    over the test set, every sample counted once; per class (not logged, see TestFigures) the images, the correct
-    ones and, up to CONFUSION_MAX_CLASSES classes, the confusion matrix."""
+    over the test set, every sample counted once; with `flip`, of the logits averaged over each image and its
+    mirror image (test-time augmentation, model.test_flip); per class (not logged, see TestFigures) the images, the
+    correct ones and, up to CONFUSION_MAX_CLASSES classes, the confusion matrix."""
     model.eval()
     wide = wide_float(loader.device)  # float64; float32 on mps, which has none
     sums = torch.zeros(4, dtype=wide, device=loader.device)  # (loss sum, top1, top5, n)
@@ -180,9 +181,12 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, pre
     for i, (x, y) in enumerate(loader.epoch(0)):
         if max_batches is not None and i >= max_batches:
             break
+        x = augment(x, train=False)
         with precision.autocast():
-            logits = model(augment(x, train=False))  # (B, classes)
+            logits = model(x) if not flip else model(torch.cat([x, x.flip(-1)]))  # (B, classes) or (2B, classes)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; fp64 stays
+        if flip:
+            logits = (logits[:len(y)] + logits[len(y):]) / 2
         C = logits.shape[1]
         k = min(5, C)
         topk = logits.topk(k, dim=1).indices  # (B, k)

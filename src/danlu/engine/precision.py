@@ -39,6 +39,7 @@ import torch
 from danlu.errors import DanluError
 
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16", "fp64")
+FORMATS = PRECISIONS[1:]  # what a Precision is built from (and bench measures); auto is a policy that picks one
 CPU_BF16_GAIN = 1.3  # auto on a CPU: bf16 where the probe measures it at least this much faster than fp32
 _AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _NULL = contextlib.nullcontext()  # reusable: entering it does nothing
@@ -49,8 +50,8 @@ class Precision:
     (autocast's cast cache must not outlive a graph capture)."""
 
     def __init__(self, name: str, device: torch.device | str, *, autocast_cache: bool = True):
-        if name not in PRECISIONS or name == "auto":
-            raise DanluError(f"precision: '{name}' is not a format; expected one of {', '.join(PRECISIONS[1:])} "
+        if name not in FORMATS:
+            raise DanluError(f"precision: '{name}' is not a format; expected one of {', '.join(FORMATS)} "
                              f"(auto is resolved to one of them first: resolve_auto)")
         device = torch.device(device)
         if name == "tf32" and device.type != "cuda":

@@ -177,9 +177,9 @@ def timed(batches: Iterable[Any], counter: Any) -> Iterator[Any]:
 # ---------------------------------------------------------------- is bf16 faster here?
 
 
-def bf16_gain(model: nn.Module, x: torch.Tensor, steps: int = 5, cache_key: Optional[str] = None) -> float:
+def bf16_gain(model: nn.Module, x: torch.Tensor, steps: int = 7, cache_key: Optional[str] = None) -> float:
     """fp32's step time over bf16's (forward + backward of `model` on the float batch `x`, CPU autocast), the median
-    of `steps` interleaved steps after 2 warm-up steps each. With `cache_key`, the answer is kept per machine
+    of `steps` interleaved steps after 3 warm-up steps each. With `cache_key`, the answer is kept per machine
     ($DANLU_DATA/probes.json) so that every run of the same model and batch here decides alike. The model's
     buffers (BatchNorm statistics) and gradients are left as they were."""
     import contextlib
@@ -198,14 +198,14 @@ def bf16_gain(model: nn.Module, x: torch.Tensor, steps: int = 5, cache_key: Opti
         return float(cache[cache_key])
     saved = [b.detach().clone() for b in model.buffers()]
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for i in range(2 + steps):
+    for i in range(3 + steps):
         for name in times:
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if name == "bf16" else contextlib.nullcontext()
             t = time.perf_counter()
             with ctx:
                 out = model(x)
             out.float().sum().backward()
-            if i >= 2:
+            if i >= 3:
                 times[name].append(time.perf_counter() - t)
     model.zero_grad(set_to_none=True)
     with torch.no_grad():

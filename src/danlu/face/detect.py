@@ -8,8 +8,10 @@ eyes, crop with a margin, equalize, resize. `prepare`, `embed`, `verify`, `enrol
 Detectors: OpenCV's Haar cascade (`haarcascade_frontalface_default.xml`, bundled in opencv-python-headless) or, with
 `detector` set to the path of a YuNet ONNX file, `cv2.FaceDetectorYN` (whose landmarks give the eyes). An image with
 no face, or with two or more faces of about the same size (the second at least 80% of the largest's area), is cut as
-a centre square instead and `info['reason']` says why: already-cropped face sets, where no detector finds a face,
-therefore work unchanged.
+a centre square instead and `info['reason']` says why. `crop="full"` cuts every image as its centre square without
+detecting: the right cut for sets of already-cropped faces, where a detector finds faces in some images only and
+would frame those few differently from the rest (`danlu face prepare --crop auto` decides per set, see
+`crop_policy`).
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import numpy as np
 from danlu.data.decode import BadImage
 from danlu.errors import DanluError
 
-EQUALIZE = ("hist", "clahe", "none")
+EQUALIZE = ("hist", "clahe", "tantriggs", "none")
+CROPS = ("face", "full")  # a detected face's box (centre square where none), or every image's centre square
 AMBIGUOUS_AREA = 0.8  # a second face at least this share of the largest's area makes "the face" ambiguous
 DETECT_MAX_SIDE = 640  # detection runs on a copy at most this large (boxes are scaled back)
 
@@ -39,8 +42,11 @@ class FaceOptions:
     equalize: str = "hist"  # hist (cv2.equalizeHist; the luma of colour images) | clahe | none
     margin: float = 0.2  # the crop is the face box grown by this share of its side (half on each side)
     detector: str = "haar"  # haar | path to a YuNet .onnx model file
+    crop: str = "face"  # face: the detected face's box | full: every image's centre square, no detection
 
     def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise DanluError(f"--crop {self.crop}: expected one of {', '.join(CROPS)} (or auto, decided per set)")
         if self.size < 8:
             raise DanluError(f"--size {self.size}: expected at least 8 pixels")
         if self.channels not in (1, 3):
@@ -111,11 +117,11 @@ def _cascade(name: str):
     cache = _local.__dict__.setdefault("cascades", {})
     if name not in cache:
         cv2 = _cv2()
-        import cv2.data  # the bundled cascades' folder (a subpackage, not imported by `import cv2`)
+        from cv2 import data as cv2_data  # the bundled cascades' folder (a subpackage, not imported by `import cv2`)
 
-        c = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / name))
+        c = cv2.CascadeClassifier(str(Path(cv2_data.haarcascades) / name))
         if c.empty():
-            raise DanluError(f"{name}: OpenCV's bundled Haar cascade could not be loaded from {cv2.data.haarcascades}")
+            raise DanluError(f"{name}: OpenCV's bundled Haar cascade could not be loaded from {cv2_data.haarcascades}")
         cache[name] = c
     return cache[name]
 
@@ -175,11 +181,27 @@ def _haar_eyes(gray: np.ndarray, box: tuple[float, float, float, float]) -> Opti
 # ---------------------------------------------------------------- the one preprocessing function
 
 
+def tan_triggs(gray: np.ndarray, gamma: float = 0.2, sigma0: float = 1.0, sigma1: float = 2.0, alpha: float = 0.1,
+              tau: float = 10.0) -> np.ndarray:
+    """Tan & Triggs' illumination normalization (IEEE TIP 2010), on a gray (H, W) uint8 image -> uint8: gamma
+    correction (x ** 0.2 compresses the light's range), a difference of Gaussians (sigma 1 and 2 pixels: removes the
+    slowly varying shading, keeps the face's structure), then a two-stage contrast equalization and a tanh that
+    bounds the result to [-tau, tau], mapped to 0..255. The classic preprocessing for Extended Yale B's lighting."""
+    cv2 = _cv2()
+    x = (gray.astype(np.float32) / 255.0) ** gamma
+    x = cv2.GaussianBlur(x, (0, 0), sigma0) - cv2.GaussianBlur(x, (0, 0), sigma1)
+    x = x / (np.mean(np.abs(x) ** alpha) ** (1 / alpha) + 1e-12)
+    x = x / (np.mean(np.minimum(tau, np.abs(x)) ** alpha) ** (1 / alpha) + 1e-12)
+    x = tau * np.tanh(x / tau)  # in (-tau, tau)
+    return np.clip(np.round((x / tau + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
 def _equalize(img: np.ndarray, how: str) -> np.ndarray:
     cv2 = _cv2()
     if how == "none":
         return img
-    op = cv2.equalizeHist if how == "hist" else cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply
+    op = {"hist": cv2.equalizeHist, "tantriggs": tan_triggs}.get(how) or \
+        cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply
     if img.ndim == 2:
         return op(img)
     ycc = cv2.cvtColor(img, cv2.COLOR_RGB2YCrCb)
@@ -194,17 +216,19 @@ def preprocess(image: Union[str, Path, bytes, np.ndarray], opts: FaceOptions = F
     cv2 = _cv2()
     rgb = image if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 else read_image(image)
     H, W = rgb.shape[:2]
-    faces = detect_faces(rgb, opts.detector)
+    faces = detect_faces(rgb, opts.detector) if opts.crop == "face" else []
     info: dict[str, Any] = {"faces": len(faces), "box": None, "reason": None, "aligned": False}
     angle = 0.0
-    if not faces:
+    if opts.crop == "full":
+        pass  # the centre square below, by choice: not a fallback, so no reason
+    elif not faces:
         info["reason"] = "no face found"
     elif len(faces) > 1 and faces[1]["box"][2] * faces[1]["box"][3] >= AMBIGUOUS_AREA * faces[0]["box"][2] * \
             faces[0]["box"][3]:
         a, b = faces[0]["box"], faces[1]["box"]
         info["reason"] = f"{len(faces)} faces, the two largest of about the same size ({a[2]:.0f}x{a[3]:.0f}, " \
                          f"{b[2]:.0f}x{b[3]:.0f})"
-    if info["reason"] is None:
+    if info["reason"] is None and faces:
         x, y, w, h = faces[0]["box"]
         info["box"] = [round(v, 1) for v in (x, y, w, h)]
         cx, cy, side = x + w / 2, y + h / 2, max(w, h) * (1 + opts.margin)
@@ -227,3 +251,29 @@ def preprocess(image: Union[str, Path, bytes, np.ndarray], opts: FaceOptions = F
     out = cv2.resize(crop, (opts.size, opts.size), interpolation=cv2.INTER_AREA if n > opts.size else cv2.INTER_LINEAR)
     out = out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
     return np.ascontiguousarray(out), info
+
+
+def one_clear_face(rgb: np.ndarray, detector: str = "haar") -> bool:
+    """Whether the detector finds one face in the image that is not ambiguous (see preprocess)."""
+    faces = detect_faces(rgb, detector)
+    return bool(faces) and (len(faces) == 1 or faces[1]["box"][2] * faces[1]["box"][3] <
+                            AMBIGUOUS_AREA * faces[0]["box"][2] * faces[0]["box"][3])
+
+
+def crop_policy(paths: list, detector: str = "haar", sample: int = 200, seed: int = 0) -> tuple[str, float]:
+    """`--crop auto` for a set: ('face', share) where the detector finds one clear face in at least half of a
+    seeded sample of up to `sample` images, else ('full', share): a set of already-cropped faces, every image cut
+    as its centre square so that all are framed alike. Unreadable images are left out of the share."""
+    import random
+
+    picked = paths if len(paths) <= sample else random.Random(seed).sample(list(paths), sample)
+    found = seen = 0
+    for p in picked:
+        try:
+            rgb = read_image(p)
+        except BadImage:
+            continue
+        seen += 1
+        found += one_clear_face(rgb, detector)
+    share = found / seen if seen else 0.0
+    return ("face" if share >= 0.5 else "full"), share

@@ -65,18 +65,30 @@ def _decoder(opts: FaceOptions, no_face: str, workers: int):
 
 def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int = 160, channels: int = 3,
                   align: bool = False, equalize: str = "hist", margin: float = 0.2, detector: str = "haar",
-                  no_face: str = "center", shard_mb: float = 256, workers: Optional[int] = None,
+                  crop: str = "auto", no_face: str = "center", shard_mb: float = 256, workers: Optional[int] = None,
                   quiet: bool = False) -> dict[str, Any]:
     """Detect, crop and equalize every image of RAW_DIR/IDENTITY/ into a store at `out`; writes
-    `out/prepare_report.json`. Returns the store's meta with `report` (the report's path)."""
+    `out/prepare_report.json`. Returns the store's meta with `report` (the report's path). `crop`: face (the
+    detected face), full (every image's centre square: already-cropped faces) or auto (full where the detector finds
+    one clear face in fewer than half of a sample of the set's images; the choice is recorded)."""
     from danlu.data.folder import scan_folder
     from danlu.data.store import StorePlan, write_store
+    from danlu.face.detect import crop_policy
 
     if no_face not in NO_FACE:
         raise DanluError(f"--no-face {no_face}: expected one of {', '.join(NO_FACE)}")
-    opts = FaceOptions(size=size, channels=channels, align=align, equalize=equalize, margin=margin,
-                       detector=str(detector))
+    if crop not in ("auto", "face", "full"):
+        raise DanluError(f"--crop {crop}: expected auto, face or full")
     files = scan_folder(raw_dir, key="RAW_DIR")
+    found_share = None
+    if crop == "auto":
+        every = [it.path for split in (files.train, files.test or []) for it in split]
+        crop, found_share = crop_policy(every, str(detector))
+        if not quiet:
+            print(f"face prepare: one clear face in {found_share:.0%} of a sample of the images: crop {crop}"
+                  f"{' (already-cropped faces: every image cut as its centre square)' if crop == 'full' else ''}")
+    opts = FaceOptions(size=size, channels=channels, align=align, equalize=equalize, margin=margin,
+                       detector=str(detector), crop=crop)
     splits = {"train": files.train, **({"test": files.test} if files.test is not None else {})}
     source = {"kind": "face", **files.source, "face": opts.to_dict(), "no_face": no_face}
     plan = StorePlan(files.classes, splits, source, (channels, size, size), list(files.skipped),
@@ -85,13 +97,17 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
     total = sum(len(s) for s in splits.values())
     notes, skipped = meta.get("notes", []), meta.get("skipped", [])
     report = {"raw_dir": files.source.get("root"), "store": str(Path(out).resolve()), "options": opts.to_dict(),
+              "crop_auto_found_share": found_share,
               "no_face": no_face, "identities": len(files.classes), "images": total,
               "kept": sum(sp["count"] for sp in meta["splits"].values()),
-              "face_found": total - len(notes) - len(skipped), "centre_squares": len(notes),
+              "face_found": total - len(notes) - len(skipped) if crop == "face" else None, "centre_squares": len(notes),
               "skipped_count": len(skipped), "centre_square_images": notes, "skipped": skipped}
     path = Path(out) / "prepare_report.json"
     write_bytes(path, (json.dumps(report, indent=1) + "\n").encode())
-    if not quiet:
+    if not quiet and crop == "full":
+        print(f"face prepare: {report['kept']} of {total} images cut as centre squares (crop full); "
+              f"{len(skipped)} skipped (each listed with its reason in {path})")
+    elif not quiet:
         print(f"face prepare: {report['face_found']} of {total} images with one face; {len(notes)} kept as a centre "
               f"square, {len(skipped)} skipped (each listed with its reason in {path})")
     return {**meta, "report": str(path)}

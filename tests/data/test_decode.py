@@ -1,0 +1,79 @@
+"""decode.py beyond what tests/data/test_folder.py covers (square crops, JPEG draft, formats, bad files, threads):
+crops to a non-square size, palette images with transparency, reading from an open file, the pixel limit, as_size."""
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from danlu.data.decode import BadImage, as_size, decode_image
+from danlu.errors import DanluError
+
+
+def _photo(h, w):
+    """A smooth RGB image (h, w, 3) uint8: resampling differences stay small."""
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([127 + 120 * np.sin((x + 2 * y + 5 * c) * 2 * np.pi / max(h, w) * (c + 2)) for c in range(3)],
+                    -1).astype(np.uint8)
+
+
+def _png(tmp_path, arr, name="a.png"):
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.mark.parametrize("shape, size", [((90, 150), (20, 40)), ((150, 90), (20, 40)), ((90, 150), (40, 16))])
+def test_crop_to_a_non_square_size_covers_then_takes_the_centre(tmp_path, shape, size):
+    """Scale (keeping the aspect ratio) until the image covers the target, then cut the centre: torchvision's
+    Resize to the covering size and CenterCrop."""
+    from torchvision.transforms import v2
+
+    img = _photo(*shape)
+    (H, W), (h, w) = shape, size
+    s = max(h / H, w / W)  # the smallest scale that covers both sides
+    cover = [max(h, int(H * s)), max(w, int(W * s))]
+    ref = v2.Compose([v2.Resize(cover, antialias=True), v2.CenterCrop(size)])(torch.from_numpy(img).permute(2, 0, 1))
+    ours = decode_image(_png(tmp_path, img), size, 3, "crop")
+    assert ours.shape == (3, h, w)
+    assert (torch.from_numpy(ours).float() - ref.float()).abs().mean() < 0.5
+
+
+def test_a_palette_image_with_transparency_keeps_its_colours(tmp_path):
+    from PIL import Image
+
+    im = Image.new("P", (8, 6))
+    im.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] + [0] * (256 * 3 - 9))  # 0 red, 1 green, 2 blue
+    im.putdata([0, 1, 2] * 16)
+    im.info["transparency"] = 2  # blue is the transparent index
+    path = tmp_path / "p.png"
+    im.save(path, transparency=2)
+    rgb = decode_image(path, (6, 8), 3, "exact")  # (3, 6, 8)
+    # the first three pixels: red, green, and the transparent one keeps its colour (training images have no alpha)
+    assert rgb[:, 0, :3].T.tolist() == [[255, 0, 0], [0, 255, 0], [0, 0, 255]]
+    gray = decode_image(path, (6, 8), 1, "exact")
+    assert gray.shape == (1, 6, 8) and gray[0, 0, 0] == 76 and gray[0, 0, 1] == 150  # ITU-R 601 luma of red, green
+
+
+def test_an_open_file_decodes_as_its_path(tmp_path):
+    path = _png(tmp_path, _photo(30, 50))
+    with open(path, "rb") as f:
+        from_file = decode_image(f, (16, 16), 3, "crop")
+    assert np.array_equal(from_file, decode_image(path, (16, 16), 3, "crop"))
+    assert np.array_equal(decode_image(io.BytesIO(path.read_bytes()), (16, 16), 3), from_file)
+
+
+def test_the_pixel_limit_is_checked_from_the_header(tmp_path):
+    path = _png(tmp_path, _photo(60, 100))
+    with pytest.raises(BadImage, match="100x60 pixels is over the limit of 5000 pixels"):
+        decode_image(path, (8, 8), max_pixels=5000)
+    assert decode_image(path, (8, 8), max_pixels=6000).shape == (3, 8, 8)  # exactly at the limit is fine
+
+
+def test_as_size():
+    assert as_size(32) == (32, 32) and as_size([24, 40]) == (24, 40) and as_size(None) == (224, 224)
+    assert as_size(None, default=28) == (28, 28)
+    with pytest.raises(DanluError, match=r"data.size=\[0, 4\]: expected positive sizes"):
+        as_size([0, 4])
