@@ -79,7 +79,8 @@ def run_danlu(name: str, spec: Spec, steps: int, train: ImageSet, test: ImageSet
         "model": {"name": name},
         "data": {"batch_size": spec.batch, "test_batch_size": TEST_SIZE},
         "augment": "none",
-        "optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY},
+        "optim": {"name": "sgd", "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+                  "wd_exclude_norm_bias": False},  # as the plain loop: one group
         "schedule": {"policy": "fixed"},
         "run": {"max_iter": steps, "test_interval": 10 ** 9, "snapshot_every": 0, "display": steps,
                 "tensorboard": False, "seed": 0},

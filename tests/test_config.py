@@ -41,6 +41,20 @@ def test_resolved_recipe_round_trips_through_yaml():
     ("devices.device=gpu7", ["gpu7", "cuda:N"]),
     ("optim=3", ["optim", "section"]),
     ("optim.lr", ["key=value"]),
+    ("model.freeze=5", ["--set model.freeze=5", "expected backbone or a list of parameter-name prefixes"]),
+    ("model.unfreeze_at=-1", ["model.unfreeze_at=-1", "greater than or equal to 0"]),
+    ("model.pretrained=maybe", ["model.pretrained=maybe", "boolean"]),
+    ("optim.head_lr_mult=0", ["optim.head_lr_mult=0", "greater than 0"]),
+    ("optim.ema=1", ["optim.ema=1", "less than 1"]),
+    ("optim.wd_exclude_norm_bias=perhaps", ["optim.wd_exclude_norm_bias=perhaps", "boolean"]),
+    ("run.early_stop=0", ["run.early_stop=0", "greater than 0"]),
+    ("run.monitor=los", ["run.monitor=los", "expected one of auto, acc, top5, loss", "did you mean 'loss'"]),
+    ("run.keep_best=often", ["run.keep_best=often", "boolean"]),
+    ("augment.mixup=-0.2", ["augment.mixup=-0.2", "greater than or equal to 0"]),
+    ("augment.cutmix=20", ["augment.cutmix=20", "less than or equal to 10"]),
+    ("augment.mix_p=1.5", ["augment.mix_p=1.5", "less than or equal to 1"]),
+    ("augment.trivial=sometimes", ["augment.trivial=sometimes", "boolean"]),
+    ("model.unfreeze_at=2", ["model.unfreeze_at=2.0: nothing is frozen; expected model.freeze"]),
 ])
 def test_bad_values_name_the_key_the_value_and_what_was_expected(override, words):
     with pytest.raises(DanluError) as e:

@@ -138,3 +138,43 @@ def test_the_face_recipes():
     a = load_recipe("face_arcface_light")
     assert (a.model.name, a.model.head, a.model.scale, a.model.margin, a.data.split) == (
         "mobilefacenet", "arcface", 32.0, 0.5, "identities")
+
+
+def test_the_finetune_recipe():
+    f = load_recipe("resnet18_finetune")
+    assert (f.model.name, f.model.pretrained, f.optim.head_lr_mult, f.optim.wd_exclude_norm_bias) == (
+        "tv:resnet18", True, 10, True)
+    assert (f.data.name, f.data.size, f.data.mean, f.data.std) == ("folder", 224, [0.485, 0.456, 0.406],
+                                                                 [0.229, 0.224, 0.225])
+    assert (f.augment.resized_crop, f.augment.flip, f.run.epochs, f.run.keep_best) == ((0.08, 1.0), True, 5, True)
+
+
+def test_finetune_smoke_run_on_a_tiny_folder_with_weights_the_test_made(tmp_path, monkeypatch):
+    """The recipe as shipped on a tiny photo folder, with the ImageNet weights replaced by a file made here."""
+    import hashlib
+    import io
+
+    import torch
+
+    from danlu.models import create_model, pretrained
+    from tests.data.datafiles import class_folder
+
+    torch.manual_seed(7)
+    ref = create_model("tv:resnet18", num_classes=1000).state_dict()
+    buf = io.BytesIO()
+    torch.save(ref, buf)
+    name = f"resnet18-{hashlib.sha256(buf.getvalue()).hexdigest()[:8]}.pth"
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / name).write_bytes(buf.getvalue())
+    monkeypatch.setattr(pretrained, "published", lambda model: pretrained.Published(
+        model, "http://127.0.0.1:9/" + name, name, name[9:17], tmp_path / "torch"))  # nothing listens on port 9
+    photos = class_folder(tmp_path / "photos", classes=("ants", "bees"), per_class=6, size=(40, 30))
+    r = danlu.train("resnet18_finetune", overrides=[f"data.root={photos}", "data.size=32", "data.batch_size=4",
+                                                    "data.val_fraction=0.34", "run.max_iter=3", "run.display=1",
+                                                    "run.tensorboard=false", "precision=fp32"],
+                    out=tmp_path / "run", device="cpu", quiet=True)
+    init = r.summary["init"]
+    assert (init["key"], init["loaded"], init["of"]) == ("model.pretrained", len(ref) - 2, len(ref))
+    assert [f.split()[0] for f in init["fresh"]] == ["fc.weight", "fc.bias"]
+    assert r.iterations == 3 and math.isfinite(r.test_loss)
+    assert (tmp_path / "run" / "best.safetensors").is_file() and (tmp_path / "run" / "confusion.png").is_file()

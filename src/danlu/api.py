@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -94,7 +95,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
         with p.guard.signals():  # SIGTERM / SIGINT: finish the step, snapshot, raise faults.Stopped
             stats = train_loop(p, build_plan(recipe, b.per_epoch, b.max_iter), log,
                                p.guard.after(_snapshotter(recipe, b, run_dir), b.max_iter, run_dir),
-                               on_test=lambda _: curves.draw(), start=start,
+                               on_test=_on_test(recipe, b, run_dir, curves), start=start,
                                loop_state=state.get("loop") if state else None)
     except torch.OutOfMemoryError:
         raise faults.out_of_memory(recipe.data.batch_size, dist.device, fits) from None
@@ -105,8 +106,10 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     if auto is not None:
         summary["precision_auto"] = auto
     if dist.is_main:
-        _write_run_outputs(run_dir, b.model, summary, curves, recipe, stats.last_test, test_data)
+        _write_run_outputs(run_dir, b.model, summary, curves, recipe, stats.last_test, test_data, p.ema)
         if not quiet:
+            if summary.get("early_stop"):
+                print(f"danlu: run.early_stop: {summary['early_stop']}", flush=True)
             print(_done_line(stats.last_test, stats, len(test_data.classes), dist.world, run_dir), flush=True)
     test = stats.last_test
     acc = test.get("acc", test.get("verification_acc"))  # face runs: verification accuracy
@@ -124,6 +127,8 @@ def _resolve(recipe: RecipeLike, overrides: Optional[list[str]], resume: Union[s
     state = None
     if resume is not None:
         state, snap_path = checkpoint.load_latest(Path(resume))
+        # runs from before optim.wd_exclude_norm_bias existed decayed every parameter: continue them that way
+        state["recipe"].get("optim", {}).setdefault("wd_exclude_norm_bias", False)
         resolved, where = load_recipe(state["recipe"], overrides), f"--resume {resume}: {snap_path.name}"
     elif isinstance(recipe, Recipe):
         resolved, where = (load_recipe(recipe.to_dict(), overrides) if overrides else recipe), recipe_name(recipe)
@@ -187,7 +192,15 @@ def _restore(state: dict[str, Any], where: str, recipe: Recipe, b) -> int:
     if saved != recipe.optim.name:
         raise DanluError(f"{where}: holds {saved} optimizer state; optim.name={recipe.optim.name} cannot continue it "
                          f"(expected {saved})")
-    p.optimizer.load_state_dict(state["optimizer"])
+    try:
+        p.optimizer.load_state_dict(state["optimizer"])
+    except ValueError as e:  # another number or size of parameter groups
+        raise DanluError(f"{where}: its optimizer state does not fit this recipe's parameter groups ({e}); expected "
+                         f"the run's own optim.wd_exclude_norm_bias and optim.head_lr_mult") from None
+    if p.ema is not None and "ema" in state:
+        p.ema.load_state_dict(state["ema"])
+    elif p.ema is not None:  # switched on at resume: the average starts from the snapshot's weights
+        p.ema.reset()
     p.precision.load_state_dict(state.get("precision", {}))
     if p.generator is not None and "augment_rng" in state:
         p.generator.set_state(state["augment_rng"].to("cpu"))
@@ -212,9 +225,32 @@ def _snapshotter(recipe: Recipe, b, run_dir: Path):
                  "guard": p.guard.state_dict()}
         if p.generator is not None:
             state["augment_rng"] = p.generator.get_state()
+        if p.ema is not None:
+            state["ema"] = p.ema.state_dict()
         checkpoint.save_snapshot(run_dir / "snapshots", state, it, recipe.run.keep_snapshots)
 
     return snapshot
+
+
+def _on_test(recipe: Recipe, b, run_dir: Path, curves) -> Any:
+    """After each test event: redraw the curves; with run.keep_best, when the event is the best so far, keep its
+    weights as best.safetensors and say which in best.json (rank 0)."""
+    from safetensors.torch import save
+
+    from danlu.io import write_bytes, write_json
+
+    p = b.parts
+
+    def on_test(test: dict[str, Any]) -> None:
+        curves.draw()
+        if recipe.run.keep_best and p.best.improved and p.dist.is_main:
+            write_bytes(run_dir / "best.safetensors",
+                        save({k: v.contiguous() for k, v in b.model.state_dict().items()}))
+            write_json(run_dir / "best.json", {"iteration": p.best.iteration, "epoch": p.best.iteration / b.per_epoch,
+                                               "metric": p.best.metric, "value": p.best.value,
+                                               **{k: v for k, v in test.items() if isinstance(v, (int, float))}})
+
+    return on_test
 
 
 def _write_run_inputs(run_dir: Path, recipe: Recipe, train_data: ImageSet, augment, start: int) -> None:
@@ -275,20 +311,30 @@ def _summary(recipe: Recipe, b, stats, train_data: ImageSet, run_dir: Path, fits
         "recipe": recipe.to_dict(), **p.guard.counts(), "skipped_steps": p.precision.skipped_steps,
         **_verification_summary(test), **({"largest_batch_that_fits": fits} if fits else {}),
         **({"init": b.init} if b.init is not None else {}), **_target_summary(recipe, stats),
+        **_best_summary(recipe, p.best, stats), **_ema_summary(test),
         "versions": versions(), "finished": datetime.now().isoformat(timespec="seconds"),
     }
 
 
 def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any], curves, recipe: Recipe,
-                       test: dict[str, Any], test_data: ImageSet) -> None:
-    """The final weights (safetensors), the curves, summary.json and, for a face model, face.json."""
+                       test: dict[str, Any], test_data: ImageSet, ema=None) -> None:
+    """The final weights (safetensors; with optim.ema their average too), the curves, summary.json, for a classifier
+    confusion.json / confusion.png (per-class accuracy and the confusion matrix of the last test event) and, for a
+    face model, face.json."""
     from safetensors.torch import save
 
+    from danlu.engine.metrics import class_report
     from danlu.io import write_bytes, write_json
     from danlu.models import is_face_model
+    from danlu.report import write_class_report
     from danlu.runs import face_info, write_face_info
 
     write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    report = class_report(test, test_data.classes)
+    if report is not None:  # per-class accuracy and the confusion matrix of the last test event
+        write_class_report(report, run_dir)
+    if ema is not None:
+        write_bytes(run_dir / "model_ema.safetensors", save({k: v.contiguous() for k, v in ema.state_dict().items()}))
     curves.draw(force=True)
     write_json(run_dir / "summary.json", summary)
     if is_face_model(model):  # what embedding new images needs (danlu.face)
@@ -305,6 +351,25 @@ def _target_summary(recipe: Recipe, stats) -> dict[str, Any]:
     return {"target": {"metric": t.metric, "value": t.value}, "target_reached": bool(hit),
             "seconds_to_target": round(hit["seconds"], 3) if hit else None,
             "iterations_to_target": hit.get("iterations"), "images_to_target": hit.get("images")}
+
+
+def _best_summary(recipe: Recipe, best, stats) -> dict[str, Any]:
+    """run.keep_best / run.early_stop: the best test event and whether the run stopped early."""
+    r = recipe.run
+    if not r.keep_best and r.early_stop is None:
+        return {}
+    out = {"best": {"metric": best.metric, "value": best.value, "iteration": best.iteration}}
+    if r.early_stop is not None:
+        out["early_stopped"] = stats.early_stopped
+        out["early_stop"] = (f"stopped at iteration {stats.iterations}: {r.early_stop} test events without a better "
+                             f"{best.metric} than {best.value:.4f} (iteration {best.iteration})"
+                             if stats.early_stopped else None)
+    return out
+
+
+def _ema_summary(test: dict[str, Any]) -> dict[str, Any]:
+    """optim.ema: the average's final test figures."""
+    return {f"test_{k}": test[k] for k in ("ema_acc", "ema_loss", "ema_verification_acc") if k in test}
 
 
 def _verification_summary(test: dict[str, Any]) -> dict[str, Any]:
@@ -329,13 +394,16 @@ def _done_line(test: dict[str, Any], stats, identities: int, world: int, run_dir
 
 
 def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides: Optional[list[str]] = None,
-             device: Optional[str] = None, test_data: Optional[ImageSet] = None) -> dict[str, Any]:
+             device: Optional[str] = None, test_data: Optional[ImageSet] = None,
+             write_report: bool = False) -> dict[str, Any]:
     """Evaluate a run's final weights (or newest snapshot) on its test set, or on another dataset (`data`): the
-    classification figures (acc, top5, loss) or, for a face run split by identities, verification on pairs of its
-    held-out identities (verification_acc, ...)."""
+    classification figures (acc, top5, loss, and per_class accuracy with the `worst` classes) or, for a face run
+    split by identities, verification on pairs of its held-out identities (verification_acc, ...). `write_report`:
+    also write eval_confusion.json / .png (eval_<data>_confusion with `data`) into the run folder (`danlu eval`)."""
     from danlu.data.loader import make_loader
     from danlu.engine.build import build_evaluator
     from danlu.engine.distributed import Dist
+    from danlu.engine.metrics import class_report
 
     extra = list(overrides or []) + ([f"data.name={data}"] if data else [])
     run = load_run(run_dir, overrides=extra, device=device, load_data=test_data is None or bool(extra))
@@ -346,7 +414,19 @@ def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides
                          drop_last=False)
     result = build_evaluator(recipe, test_data)(run.model, loader, run.augment, run.precision, Dist(device=dev),
                                                 label_smoothing=recipe.optim.label_smoothing)
-    return {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
+    out = {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
+    report = class_report(result, test_data.classes)
+    if report is not None:
+        out.update(per_class=report["per_class"], worst=report["worst"])
+    if report is not None and write_report:
+        from danlu.report import write_class_report
+
+        stem = f"eval_{data}_confusion" if data else "eval_confusion"
+        try:
+            out["report_files"] = [str(f) for f in write_class_report(report, run.run_dir, stem)]
+        except (OSError, DanluError) as e:  # a read-only run folder: the figures are still shown
+            warnings.warn(f"{run.run_dir}: cannot write {stem}.json ({e})")
+    return out
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -40,6 +40,7 @@ KNOWN_NETS = {
         # lenet_train_test.prototxt: TRAIN batch_size 64, TEST batch_size 100, transform_param scale 0.00390625
         "data": {"name": "mnist", "batch_size": 64, "test_batch_size": 100, "scale": 0.00390625, "normalize": "none"},
         "augment": "none",
+        "optim": {"wd_exclude_norm_bias": False},  # the net sets no decay_mult: Caffe decays biases too
     },
 }
 

@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
                    "VALUE, e.g. acc=0.99 (run.target; summary.json records seconds_to_target)")
     t.add_argument("--out", help="run folder (default runs/<recipe>-<date>-<time>)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest snapshot")
-    t.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    t.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     t.add_argument("--quiet", action="store_true", help="no progress output")
     t.add_argument("--procs", type=int, metavar="N", help="train with N processes on the CPU (gloo), launched by "
                    "torch's elastic launcher; data.batch_size is per process")
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder")
     e.add_argument("--data", help="dataset name to evaluate on instead of the run's own")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    e.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    e.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
 
     pr = sub.add_parser("predict", help="classify image files (or folders of them) with a run's final weights")
@@ -66,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
     fmt = pr.add_mutually_exclusive_group()
     fmt.add_argument("--json", metavar="OUT", help="also write the results as JSON to OUT ('-': standard output)")
     fmt.add_argument("--csv", metavar="OUT", help="also write the results as CSV to OUT ('-': standard output)")
-    pr.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    pr.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     pr.add_argument("--batch", type=int, help="images per batch (default: the run's test batch)")
 
     x = sub.add_parser("export", help="export a run as ONNX, TorchScript or safetensors (checked after writing)")
@@ -132,7 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--channels-last", default="auto", choices=["auto", "true", "false"])
     b.add_argument("--loader", default="device", choices=["device", "stream"],
                    help="device: the set on the device (default); stream: host memory, copied in the background")
-    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    b.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     b.add_argument("--json", metavar="OUT", help="write {env, rows} as JSON to OUT")
     b.add_argument("--plot", metavar="OUT.png", help="write a bar chart of images/s to OUT.png")
 
@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="largest request body in MiB (default 10)")
     sv.add_argument("--max-pixels", type=int, default=40_000_000, metavar="N",
                     help="largest image in pixels, width x height, checked before decoding (default 40000000)")
-    sv.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    sv.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     sv.add_argument("--access-log", action="store_true", help="log every request")
 
     _face_parser(sub)
@@ -204,11 +204,18 @@ def _cmd_train(a: argparse.Namespace) -> int:
 def _cmd_eval(a: argparse.Namespace) -> int:
     from danlu.api import evaluate
 
-    r = evaluate(a.run, data=a.data, overrides=a.overrides, device=a.device)
+    r = evaluate(a.run, data=a.data, overrides=a.overrides, device=a.device, write_report=True)
     if a.json:
         print(json.dumps(r, indent=2))
-    else:
-        print(_eval_line(r))
+        return 0
+    print(_eval_line(r))
+    if r.get("worst"):
+        from danlu.report import worst_lines
+
+        print(f"worst classes (of {len(r['per_class'])}):")
+        print("\n".join(worst_lines(r)))
+    if r.get("report_files"):
+        print(f"per-class accuracy and confusion matrix: {', '.join(r['report_files'])}")
     return 0
 
 
@@ -387,9 +394,9 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
             g.add_argument("--threshold", type=float, help="similarity below which the answer is unknown (default: "
                            "the run's verification threshold)")
             g.add_argument("--json", action="store_true", help="print JSON")
-        g.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+        g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
     for q in (fe, fv):
-        q.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+        q.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps")
 
 
 def _cmd_face(a: argparse.Namespace) -> int:

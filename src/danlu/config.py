@@ -46,6 +46,34 @@ class ModelCfg(_Section):
     # start from these weights (a run folder, a .safetensors or a .pt/.pth file): layers that do not fit (the
     # classifier for other classes) are named and keep their fresh initialization
     init: Optional[str] = None
+    # tv:NAME / timm:NAME: start from the library's published weights (torchvision's DEFAULT, timm's default tag),
+    # downloaded once (hash-checked) into $TORCH_HOME/hub/checkpoints; the classifier for the data's classes is fresh
+    pretrained: bool = False
+    # train only part of the model: `backbone` (all but the classifier: a face model's `head`, else the last Linear
+    # producing the classes) or a list of parameter-name prefixes ([conv1, layer1]) that stay frozen
+    freeze: Optional[Union[Literal["backbone"], list[str]]] = None
+    unfreeze_at: Optional[float] = Field(None, ge=0)  # epochs: from then on the frozen parameters train too
+
+    @field_validator("freeze", mode="before")
+    @classmethod
+    def _freeze_words(cls, v: Any) -> Any:
+        if v in (None, False, "none", []):
+            return None
+        if isinstance(v, str) and v != "backbone":
+            return [v]  # one prefix
+        if not (v == "backbone" or (isinstance(v, list) and all(isinstance(p, str) and p for p in v))):
+            raise ValueError("expected backbone or a list of parameter-name prefixes, e.g. [conv1, layer1]")
+        return v
+
+    @model_validator(mode="after")
+    def _start(self) -> "ModelCfg":
+        if self.pretrained and self.init:
+            raise ValueError(f"model.pretrained=true and model.init={self.init}: expected one of them (init starts "
+                             f"from a file, pretrained from the library's weights)")
+        if self.unfreeze_at is not None and self.freeze is None:
+            raise ValueError(f"model.unfreeze_at={self.unfreeze_at}: nothing is frozen; expected model.freeze "
+                             f"(backbone or a list of prefixes) with it")
+        return self
 
 
 class DataCfg(_Section):
@@ -118,6 +146,12 @@ class AugmentCfg(_Section):
     blur: float = Field(0.0, ge=0, le=10)  # Gaussian blur, sigma U(0.1, blur) pixels, with probability blur_p
     blur_p: float = Field(0.0, ge=0, le=1)
     erase: float = Field(0.0, ge=0, le=1)  # probability of random erasing (one box of 2-33% of the area, set to 0)
+    trivial: bool = False  # TrivialAugment-lite: one random op per image (colour, contrast, solarize, shear, ...)
+    # mixup / cutmix: each image mixed with its neighbour in the batch by lambda ~ Beta(alpha, alpha) (0: off); with
+    # both on, each image takes one of them at random. The loss then uses soft labels.
+    mixup: float = Field(0.0, ge=0, le=10)  # alpha
+    cutmix: float = Field(0.0, ge=0, le=10)  # alpha
+    mix_p: float = Field(1.0, ge=0, le=1)  # probability that an image is mixed at all
 
 
 class OptimCfg(_Section):
@@ -133,6 +167,9 @@ class OptimCfg(_Section):
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # by global_batch / reference_batch
     reference_batch: Optional[int] = Field(None, gt=0)  # default: data.batch_size (no scaling on one device)
     accumulate: int = Field(1, ge=1)  # micro-batches of data.batch_size per step (DDP syncs only the last)
+    head_lr_mult: float = Field(1.0, gt=0)  # the classifier head's LR = the schedule's x this (fine-tuning: 10)
+    wd_exclude_norm_bias: bool = True  # no weight decay on biases and 1-d parameters (normalization), as timm does
+    ema: Optional[float] = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the weights (0.999)
 
 
 class ScheduleCfg(_Section):
@@ -190,6 +227,17 @@ class RunCfg(_Section):
     # with epochs: train on at least this many images, so a small set gets more epochs than a large one (240 face
     # crops and 24,000 images see the same 40,000 images; a large set runs its epochs)
     min_images: int = Field(0, ge=0)
+    monitor: str = "auto"  # the test figure keep_best and early_stop watch: auto (acc, or verification_acc), ...
+    keep_best: bool = False  # keep the weights of the best test event as best.safetensors (+ best.json)
+    early_stop: Optional[int] = Field(None, gt=0)  # stop after this many test events without a better `monitor`
+
+    @field_validator("monitor")
+    @classmethod
+    def _known_monitor(cls, v: str) -> str:
+        words = ("auto", *TARGET_METRICS)
+        if v not in words:
+            raise ValueError(f"expected one of {', '.join(words)}{nearest(v, words)}")
+        return v
 
     @model_validator(mode="after")
     def _one_length(self) -> "RunCfg":
@@ -241,6 +289,18 @@ class Recipe(_Section):
         if isinstance(v, bool) or v in words:
             return v
         raise ValueError(f"expected false, true or {' or '.join(words)}")
+
+    @model_validator(mode="after")
+    def _mixing(self) -> "Recipe":
+        a, b = self.augment, self.data.batch_size
+        mixing = "augment.mixup" if a.mixup else "augment.cutmix" if a.cutmix else None
+        if mixing and b % 2:
+            raise ValueError(f"{mixing}={getattr(self.augment, mixing[8:])} mixes images in pairs of neighbours: "
+                             f"data.batch_size={b}; expected an even batch size")
+        if mixing and self.model.head in ("arcface", "cosface"):
+            raise ValueError(f"{mixing} with model.head={self.model.head}: a margin loss takes one label per image; "
+                             f"expected model.head=softmax or no mixing")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

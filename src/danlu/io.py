@@ -79,3 +79,8 @@ def sha256(path: PathLike, extra: bytes = b"") -> str:
             h.update(block)
     h.update(extra)
     return h.hexdigest()
+
+
+def offline() -> bool:
+    """DANLU_OFFLINE=1: never touch the network (air-gapped machines, tests): data sets and model weights."""
+    return os.environ.get("DANLU_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")

@@ -1,5 +1,6 @@
 """What a person looks at: a run's curves.png (train and test loss and accuracy against epochs, from
-metrics.jsonl), and `danlu bench`'s results as a terminal table, a Markdown table and a bar chart.
+metrics.jsonl), its confusion.json / confusion.png (per-class accuracy, the confusion matrix), and `danlu bench`'s
+results as a terminal table, a Markdown table and a bar chart.
 
     draw_curves(run / "metrics.jsonl", run / "curves.png")
     print(bench_markdown(result, command="danlu bench ..."))      # result: danlu.bench.run(...)
@@ -53,6 +54,67 @@ def draw_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+def draw_confusion(report: dict[str, Any], out_png: Path, title: str = "") -> None:
+    """The confusion matrix of a class_report (danlu.engine.metrics) as a picture: each row (a true class) as
+    shares of its images, the diagonal the per-class accuracy; class names on the axes up to 60 classes. Written
+    atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    conf = np.asarray(report["confusion"], dtype=np.float64)  # (C, C) counts
+    C = conf.shape[0]
+    shares = conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    side = min(4 + 0.25 * C, 20)
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's images")
+    if C <= 60:
+        names = report["classes"]
+        ax.set_xticks(range(C), names, rotation=90, fontsize=8 if C > 20 else 10)
+        ax.set_yticks(range(C), names, fontsize=8 if C > 20 else 10)
+    if C <= 12:  # counts in the cells
+        for i in range(C):
+            for j in range(C):
+                ax.text(j, i, int(conf[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    acc = report.get("accuracy")
+    ax.set_title(title or (f"accuracy {acc:.4f} on {report.get('samples')} images" if acc is not None else ""))
+    fig.tight_layout()
+    atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def worst_lines(report: dict[str, Any]) -> list[str]:
+    """The worst classes, one line each: '  cat  0.6100 of 100 images, most often taken for dog (23)'."""
+    by_name = {r["class"]: r for r in report["per_class"]}
+    width = max((len(n) for n in report["worst"]), default=0)
+    lines = []
+    for name in report["worst"]:
+        r = by_name[name]
+        taken = f", most often taken for {r['confused_with']} ({r['confused']})" if r["confused_with"] else ""
+        lines.append(f"  {name:<{width}}  {r['accuracy']:.4f} of {r['images']} images{taken}")
+    return lines
+
+
+def write_class_report(report: dict[str, Any], folder: Path, stem: str = "confusion") -> list[Path]:
+    """STEM.json (per-class accuracy, worst classes, the confusion matrix) and STEM.png (the matrix, where there is
+    one) in `folder`; returns the files written."""
+    from danlu.io import write_json
+
+    folder = Path(folder)
+    write_json(folder / f"{stem}.json", report, indent=2 if len(report["classes"]) <= 50 else None)
+    written = [folder / f"{stem}.json"]
+    if report.get("confusion") is not None:
+        draw_confusion(report, folder / f"{stem}.png")
+        written.append(folder / f"{stem}.png")
+    return written
 
 
 def draw_compare(metrics_paths: list[Path], labels: list[str], out_png: Path) -> None:

@@ -253,6 +253,8 @@ def device_name(dev: torch.device) -> str:
     """What a person calls the device: 'cuda:0 (NVIDIA H100 80GB HBM3)', 'cpu (AMD EPYC, 2 threads)'."""
     if dev.type == "cuda":
         return f"{dev} ({torch.cuda.get_device_name(dev)})"
+    if dev.type == "mps":
+        return f"mps (Apple {platform.machine()} GPU)"
     return f"cpu ({cpu_model()}, {torch.get_num_threads()} threads)"
 
 

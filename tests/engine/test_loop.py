@@ -15,7 +15,8 @@ def test_danlu_loop_equals_a_plain_pytorch_loop(tmp_path):
     model = danlu.create_model("lenet", num_classes=10, in_channels=1)
     plain = copy.deepcopy(model)
     recipe = {"data": {"batch_size": 32}, "augment": "none",
-              "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4},
+              "optim": {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 5e-4,
+                        "wd_exclude_norm_bias": False},
               "run": {"max_iter": 20, "test_interval": 1000, "snapshot_every": 0, "seed": 4, "tensorboard": False}}
     result = danlu.train(recipe, model=model, train_data=train, test_data=test, out=tmp_path / "run", quiet=True)
 

@@ -20,12 +20,29 @@ Training order, each op only where it is switched on:
    (pos in [-1, 1]). Then the pixels are clamped to [0, white] (white = 255 * scale).
 5. grayscale with probability ``grayscale`` (colour images: each channel becomes the luma); Gaussian blur with
    probability ``blur_p``, sigma U(0.1, blur) pixels.
-6. minus ``mean``, divided by ``std`` (where set). Then random erasing with probability ``erase``: one rectangle of
+6. TrivialAugment-lite (``trivial``): one op per image, drawn uniformly from TRIVIAL_OPS, at a magnitude m drawn
+   uniformly in [0, 1) (and a random sign for the signed ones), on the pixels in [0, white] (as torchvision's
+   TrivialAugmentWide, without sharpness and equalize, with bilinear sampling and fractions of the side for
+   translation): identity; brightness x (1 + 0.99 m); colour (saturation) and contrast blended by 1 + 0.99 m with
+   the image's gray / mean gray; posterize to 8 - floor(7 m) bits; solarize above (1 - m) white; autocontrast (each
+   channel stretched to [0, white]); rotate by 135 m degrees; shear x / y by 0.99 m; translate x / y by 0.14 m of
+   the side. Geometric ops fill with black. Every op is computed for the whole batch and kept where drawn (no host
+   sync), then the pixels are clamped to [0, white].
+7. minus ``mean``, divided by ``std`` (where set). Then random erasing with probability ``erase``: one rectangle of
    U(0.02, 0.33) of the area and aspect ratio log-U(0.3, 3.3), set to 0 (the mean, after normalization), as
    torchvision's RandomErasing with value=0; a box larger than the image is clipped to it.
+8. Training batches only (``train_batch``, which also takes the labels): mixup / cutmix. Image i is mixed with its
+   neighbour j = i xor 1 (pairs never straddle two processes' shares, as the per-device batch is even), with
+   probability ``mix_p``, by lambda ~ Beta(alpha, alpha) (alpha: ``mixup`` or ``cutmix``; with both on, cutmix for
+   half the images): mixup x_i <- lambda x_i + (1 - lambda) x_j; cutmix pastes x_j's box of about 1 - lambda of the
+   area (timm's rand_bbox: side sqrt(1 - lambda) of each, centred uniformly, clipped) and sets lambda to the share
+   left. The labels become soft, lambda onehot(y_i) + (1 - lambda) onehot(y_j), for a soft-label cross-entropy;
+   the training accuracy counts the dominant label. lambda is drawn exactly from the generator as a ratio of two
+   Gamma(alpha) draws (Marsaglia and Tsang's method, 8 candidates each, alpha < 1 boosted by U ** (1 / alpha)).
 
 Without training (evaluation, inference) only step 2 and the normalization run. Random draws are made in a fixed
-order, op by op, only for the ops that are on, so switching an op on leaves the draws of the others where they were.
+order, op by op, only for the ops that are on, the newest ops last, so switching one on leaves the draws of the ops
+before it where they were.
 """
 from __future__ import annotations
 
@@ -37,6 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from danlu.errors import DanluError
+
+# TrivialAugment-lite's ops (step 6), in the order their index is drawn
+TRIVIAL_OPS = ("identity", "brightness", "color", "contrast", "posterize", "solarize", "autocontrast", "rotate",
+               "shear_x", "shear_y", "translate_x", "translate_y")
+_TRIVIAL_GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
+_GAMMA_TRIES = 8  # Marsaglia-Tsang candidates per Gamma draw (all rejected: p < 1e-10; then the last one is used)
 
 
 def _gather2d(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -94,7 +117,8 @@ def affine_theta(p: dict[str, Tensor], h: int, w: int, area: tuple[float, float]
     shearing."""
     ref = next(iter(p.values()))
     B, dev = ref.shape[0], ref.device
-    one, zero = torch.ones(B, dtype=torch.float64, device=dev), torch.zeros(B, dtype=torch.float64, device=dev)
+    wide = next(v.dtype for v in p.values() if v.is_floating_point())  # the draws' (Augment.wide)
+    one, zero = torch.ones(B, dtype=wide, device=dev), torch.zeros(B, dtype=wide, device=dev)
     bw, bh, cx, cy = one, one, zero, zero  # box half-size and centre, in normalized units of the image
     if "rrc" in p:
         bw, bh, cx, cy = _box(p["rrc"], h, w, area, ratio)
@@ -105,7 +129,7 @@ def affine_theta(p: dict[str, Tensor], h: int, w: int, area: tuple[float, float]
     # source (box units) = [[cos, -sin a], [sin / a, cos]] @ (u, v) + 2 (tx, ty); then image = box * (bw, bh) + c
     theta = torch.stack([torch.stack([bw * cos, -bw * sin * a, bw * 2 * tx + cx], 1),
                          torch.stack([bh * sin / a, bh * cos, bh * 2 * ty + cy], 1)], 1)
-    return theta  # (B, 2, 3) float64
+    return theta  # (B, 2, 3) float64 (float32 on mps)
 
 
 def _box(d: Tensor, h: int, w: int, area: tuple[float, float],
@@ -157,9 +181,10 @@ def _gaussian_blur(y: Tensor, sigma: Tensor, sigma_max: float) -> Tensor:
     The kernel spans 3 sigma_max on each side."""
     B, C, h, w = y.shape
     r = max(1, min(math.ceil(3 * sigma_max), (min(h, w) - 1)))
-    t = torch.arange(-r, r + 1, device=y.device, dtype=torch.float64)  # (k,)
-    s = sigma.to(torch.float64)[:, None]
-    k = torch.where(s > 0, torch.exp(-0.5 * (t / s.clamp_min(1e-12)) ** 2), (t == 0).to(torch.float64))  # (B, k)
+    wide = sigma.dtype  # the draws' (Augment.wide)
+    t = torch.arange(-r, r + 1, device=y.device, dtype=wide)  # (k,)
+    s = sigma[:, None]
+    k = torch.where(s > 0, torch.exp(-0.5 * (t / s.clamp_min(1e-12)) ** 2), (t == 0).to(wide))  # (B, k)
     k = (k / k.sum(1, keepdim=True)).to(y.dtype).repeat_interleave(C, 0)  # (B*C, k)
     z = F.pad(y.reshape(1, B * C, h, w), (r, r, r, r), mode="reflect")
     z = F.conv2d(z, k[:, None, :, None], groups=B * C)  # vertical
@@ -177,12 +202,103 @@ def _erase(y: Tensor, on: Tensor, d: Tensor) -> Tensor:
     ew = (area / aspect).sqrt().round().clamp(1, w)
     top = (d[:, 2] * (h - eh + 1)).floor()
     left = (d[:, 3] * (w - ew + 1)).floor()
-    rows = torch.arange(h, device=y.device, dtype=torch.float64)[None, :]  # (1, h)
-    cols = torch.arange(w, device=y.device, dtype=torch.float64)[None, :]
+    rows = torch.arange(h, device=y.device, dtype=d.dtype)[None, :]  # (1, h)
+    cols = torch.arange(w, device=y.device, dtype=d.dtype)[None, :]
     mr = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, h)
     mc = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, w)
     mask = (mr[:, :, None] & mc[:, None, :] & on[:, None, None])[:, None]  # (B, 1, h, w)
     return y.masked_fill(mask, 0.0)
+
+
+def trivial_theta(op: Tensor, m: Tensor, h: int, w: int) -> Tensor:
+    """(B, 2, 3) matrices for F.affine_grid (align_corners=False) of TrivialAugment's geometric ops: op (B,) indices
+    into TRIVIAL_OPS, m (B,) signed magnitudes in (-1, 1). In pixels about the centre, an output pixel offset (u, v)
+    reads the input at M (u, v) - t: rotate M = [[cos, -sin], [sin, cos]] (135 m degrees), shear_x [[1, s], [0, 1]]
+    and shear_y [[1, 0], [s, 1]] (s = 0.99 m), translate t = 0.14 m of the side; the identity for other ops."""
+    B, dev = op.shape[0], op.device
+    wide = m.dtype  # the draws' (Augment.wide)
+    zero, one = torch.zeros(B, dtype=wide, device=dev), torch.ones(B, dtype=wide, device=dev)
+
+    def is_(name: str) -> Tensor:
+        return op == TRIVIAL_OPS.index(name)
+
+    a = torch.where(is_("rotate"), torch.deg2rad(135.0 * m), zero)
+    m00, m01, m10, m11 = torch.cos(a), -torch.sin(a), torch.sin(a), torch.cos(a)
+    m01 = torch.where(is_("shear_x"), 0.99 * m, m01)
+    m10 = torch.where(is_("shear_y"), 0.99 * m, m10)
+    tx = torch.where(is_("translate_x"), 0.14 * m * w, zero)  # pixels
+    ty = torch.where(is_("translate_y"), 0.14 * m * h, zero)
+    # normalized units: a pixel offset p is 2 p / side
+    return torch.stack([torch.stack([m00, m01 * h / w, -2 * tx / w], 1),
+                        torch.stack([m10 * w / h, m11, -2 * ty / h], 1)], 1) * one[:, None, None]  # (B, 2, 3)
+
+
+def _trivial(y: Tensor, op: Tensor, m: Tensor, white: float) -> Tensor:
+    """Step 6 on y (B, C, h, w) in [0, white]: TRIVIAL_OPS[op[b]] at signed magnitude m[b] (see the docstring)."""
+    def per(t: Tensor) -> Tensor:  # (B,) -> (B, 1, 1, 1) in y's dtype
+        return t.to(y.dtype)[:, None, None, None]
+
+    def where(name: str, z: Tensor, cur: Tensor) -> Tensor:
+        return torch.where(per(op == TRIVIAL_OPS.index(name)).bool(), z, cur)
+
+    geometric = sum(op == TRIVIAL_OPS.index(n) for n in _TRIVIAL_GEOMETRIC).bool()  # (B,)
+    theta = trivial_theta(op, m, y.shape[-2], y.shape[-1]).to(y.dtype)
+    grid = F.affine_grid(theta, list(y.shape), align_corners=False)
+    out = torch.where(per(geometric).bool(), F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros",
+                                                           align_corners=False), y)
+    f = 1 + 0.99 * per(m)  # the factor of brightness, colour, contrast: 1 -+ 0.99 |m|
+    gray = _luma(y) if y.shape[1] == 3 else y
+    out = where("brightness", y * f, out)
+    out = where("color", gray + f * (y - gray), out)
+    mean_gray = gray.mean((1, 2, 3), keepdim=True)
+    out = where("contrast", mean_gray + f * (y - mean_gray), out)
+    v = y * (255.0 / white)  # 0..255 units
+    q = torch.exp2(torch.floor(7 * per(m.abs())))  # 2 ** (8 - bits), bits = 8 - floor(7 |m|)
+    out = where("posterize", torch.floor(torch.floor(v) / q) * q * (white / 255.0), out)
+    out = where("solarize", torch.where(v >= 255.0 * (1 - per(m.abs())), white - y, y), out)
+    lo, hi = y.amin((2, 3), keepdim=True), y.amax((2, 3), keepdim=True)  # (B, C, 1, 1)
+    stretched = torch.where(hi > lo, (y - lo) / (hi - lo).clamp_min(1e-12) * white, y)
+    out = where("autocontrast", stretched, out)
+    return out.clamp(0, white)
+
+
+def _gamma(a: Tensor, normal: Tensor, uniform: Tensor, boost: Tensor) -> Tensor:
+    """Gamma(a) draws (B,) from given draws: Marsaglia and Tsang's method on normal, uniform (B, K) candidates
+    (the first accepted one; none: the last), and for a < 1 Gamma(a + 1) x boost ** (1 / a), boost (B,) in (0, 1]."""
+    a1 = torch.where(a < 1, a + 1, a)[:, None]  # (B, 1)
+    d = a1 - 1.0 / 3
+    c = 1.0 / torch.sqrt(9 * d)
+    v = (1 + c * normal) ** 3  # (B, K)
+    ok = (v > 0) & (torch.log(uniform) < 0.5 * normal ** 2 + d - d * v + d * torch.log(v.clamp_min(1e-300)))
+    ok[:, -1] = True
+    first = ok.int().argmax(1, keepdim=True)  # (B, 1) index of the first accepted candidate
+    g = (d * v.clamp_min(0)).gather(1, first)[:, 0]
+    return torch.where(a < 1, g * boost ** (1.0 / a), g)
+
+
+def _mix(y: Tensor, labels: Tensor, p: dict[str, Tensor], num_classes: int) -> tuple[Tensor, Tensor]:
+    """Step 8: mixup / cutmix of y (B, C, h, w) with the neighbours j = i xor 1, soft labels (B, classes)."""
+    B, _, h, w = y.shape
+    idx = torch.arange(B, device=y.device)
+    j = torch.where((idx ^ 1) < B, idx ^ 1, idx)  # an odd last image pairs with itself
+    lam = torch.where(p["mix"], p["lam"], 1.0)  # (B,) float64 (float32 on mps)
+    cut = p["cut"] & p["mix"]
+    r = torch.sqrt(1 - lam)  # timm's rand_bbox: cut sides int(side * sqrt(1 - lam)), centre uniform, clipped
+    ch, cw = torch.floor(h * r), torch.floor(w * r)
+    cy, cx = torch.floor(p["box"][:, 0] * h), torch.floor(p["box"][:, 1] * w)
+    y0, y1 = (cy - torch.floor(ch / 2)).clamp(0, h), (cy + torch.floor(ch / 2)).clamp(0, h)
+    x0, x1 = (cx - torch.floor(cw / 2)).clamp(0, w), (cx + torch.floor(cw / 2)).clamp(0, w)
+    rows = torch.arange(h, device=y.device, dtype=lam.dtype)[None, :]
+    cols = torch.arange(w, device=y.device, dtype=lam.dtype)[None, :]
+    box = (((rows >= y0[:, None]) & (rows < y1[:, None]))[:, :, None]
+           & ((cols >= x0[:, None]) & (cols < x1[:, None]))[:, None, :] & cut[:, None, None])[:, None]  # (B,1,h,w)
+    lam = torch.where(cut, 1 - (y1 - y0) * (x1 - x0) / (h * w), lam)  # the share of image i left
+    mixed = torch.where(box, y[j], y)
+    lam_x = torch.where(cut, 1.0, lam).to(y.dtype)[:, None, None, None]
+    mixed = lam_x * mixed + (1 - lam_x) * y[j]  # cutmix: the box pasted, nothing blended
+    onehot = F.one_hot(labels, num_classes).to(torch.float32)  # (B, classes)
+    lam32 = lam.to(torch.float32)[:, None]
+    return mixed, lam32 * onehot + (1 - lam32) * onehot[j]
 
 
 def _as_channel_tensor(v: Tensor | Sequence[float], name: str) -> Tensor:
@@ -217,7 +333,8 @@ class Augment:
                  rotate: float = 0.0, zoom: float = 0.0, translate: float = 0.0, brightness: float = 0.0,
                  contrast: float = 0.0, saturation: float = 0.0, gamma: float = 0.0, ramp: float = 0.0,
                  p_light: float = 1.0, grayscale: float = 0.0, blur: float = 0.0, blur_p: float = 0.0,
-                 erase: float = 0.0):
+                 erase: float = 0.0, trivial: bool = False, mixup: float = 0.0, cutmix: float = 0.0,
+                 mix_p: float = 1.0, num_classes: int | None = None):
         if not 0.0 <= shift < 1.0:
             raise DanluError(f"augment.shift: must be in [0, 1), got {shift}")
         if crop < 0:
@@ -234,12 +351,20 @@ class Augment:
         self.brightness, self.contrast, self.saturation = float(brightness), float(contrast), float(saturation)
         self.gamma, self.ramp, self.p_light = float(gamma), float(ramp), float(p_light)
         self.grayscale, self.blur, self.blur_p, self.erase = float(grayscale), float(blur), float(blur_p), float(erase)
+        self.trivial, self.mixup, self.cutmix, self.mix_p = bool(trivial), float(mixup), float(cutmix), float(mix_p)
+        if (self.mixup < 0 or self.cutmix < 0) or not 0 <= self.mix_p <= 1:
+            raise DanluError(f"augment.mixup / cutmix / mix_p: {mixup} / {cutmix} / {mix_p}; expected alphas >= 0 "
+                             f"and a probability in [0, 1]")
+        self.num_classes = num_classes  # for the soft labels of mixup / cutmix
         self._mean = None if mean is None else _as_channel_tensor(mean, "mean")  # (C,1,1) or (C,H,W)
         self._std = None if std is None else _as_channel_tensor(std, "std")  # (C,1,1)
         # layout of the float batches handed to the model: engine/speed.py sets channels_last where the model's
         # weights are; preserve_format keeps the uint8 batch's (contiguous NCHW) layout
         self.memory_format = torch.preserve_format
         self.dtype = torch.float32  # of the batches handed to the model (float64 for precision fp64)
+        # of the random draws and the geometry computed from them: float64 for exact references; engine/build.py
+        # sets float32 on a device without float64 (mps)
+        self.wide = torch.float64
         self.rank, self.world = 0, 1  # training batches are this share of a global batch (see for_rank)
 
     def for_rank(self, rank: int, world: int) -> "Augment":
@@ -252,7 +377,11 @@ class Augment:
     @property
     def is_identity(self) -> bool:
         """True when there are no random ops, so the caller need not pass (or advance) a generator."""
-        return self.shift == 0.0 and not self.flip and self.crop == 0 and not self._continuous
+        return self.shift == 0.0 and not self.flip and self.crop == 0 and not self._continuous and not self._mixing
+
+    @property
+    def _mixing(self) -> bool:
+        return self.mix_p > 0 and bool(self.mixup or self.cutmix)
 
     @property
     def _affine(self) -> bool:
@@ -266,7 +395,7 @@ class Augment:
     def _continuous(self) -> bool:
         """Any op of steps 3 to 6 (module docstring) on."""
         return self._affine or self._light or self.grayscale > 0 or (self.blur > 0 and self.blur_p > 0) \
-            or self.erase > 0
+            or self.erase > 0 or self.trivial
 
     @property
     def mean(self) -> Tensor | None:
@@ -290,16 +419,21 @@ class Augment:
         """Per-sample random parameters, each (B,) on ``device``: oy, ox (crop), dy, dx (shift), flip (bool).
         Drawn on the generator's device in this fixed order, only for the enabled ops."""
         gdev = generator.device if generator is not None else device
+        wide = self.wide
         first = B * self.rank  # this rank's share of the B * world draws (see for_rank)
 
         def randint(lo: int, hi: int) -> Tensor:  # uniform integers in [lo, hi], shape (B,)
             draws = torch.randint(lo, hi + 1, (B * self.world,), generator=generator, device=gdev)
             return draws[first:first + B].to(device)
 
-        def rand(n: int = 1) -> Tensor:  # uniform in [0, 1), shape (B,) or (B, n), float64 for exact references
-            draws = torch.rand((B * self.world, n), generator=generator, device=gdev, dtype=torch.float64)
+        def rand(n: int = 1) -> Tensor:  # uniform in [0, 1), shape (B,) or (B, n), `wide`
+            draws = torch.rand((B * self.world, n), generator=generator, device=gdev, dtype=wide)
             out = draws[first:first + B].to(device)
             return out[:, 0] if n == 1 else out
+
+        def randn(n: int) -> Tensor:  # standard normal, (B, n) `wide`
+            draws = torch.randn((B * self.world, n), generator=generator, device=gdev, dtype=wide)
+            return draws[first:first + B].to(device)
 
         p: dict[str, Tensor] = {}
         if self.crop:
@@ -337,6 +471,18 @@ class Augment:
         if self.erase:
             p["erase"] = rand() < self.erase
             p["erase_box"] = rand(4)  # area share, log aspect ratio, top, left
+        if self.trivial:
+            p["trivial_op"] = randint(0, len(TRIVIAL_OPS) - 1)
+            p["trivial_m"] = rand() * (1 - 2 * randint(0, 1))  # signed magnitude in (-1, 1)
+        if self._mixing:
+            p["mix"] = rand() < self.mix_p
+            both = bool(self.mixup and self.cutmix)
+            p["cut"] = rand() < 0.5 if both else torch.full((B,), not self.mixup, dtype=torch.bool, device=device)
+            alpha = torch.where(p["cut"], torch.tensor(self.cutmix, dtype=wide, device=device),
+                                torch.tensor(self.mixup, dtype=wide, device=device))  # (B,)
+            g = [_gamma(alpha, randn(_GAMMA_TRIES), rand(_GAMMA_TRIES), 1 - rand()) for _ in range(2)]
+            p["lam"] = g[0] / (g[0] + g[1]).clamp_min(1e-300)  # Beta(alpha, alpha)
+            p["box"] = rand(2)  # cutmix: the box's centre (row, column) as shares of the side
         return p
 
     def _geometric(self, x: Tensor, p: dict[str, Tensor]) -> Tensor:
@@ -365,6 +511,20 @@ class Augment:
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None, train: bool = True) -> Tensor:
         """uint8 (B, C, H, W) -> float32 (B, C, H, W) (or ``self.dtype``); random ops only when ``train``."""
+        return self._run(x, generator, train)[0]
+
+    def train_batch(self, x: Tensor, labels: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """A training batch: uint8 (B, C, H, W) and labels (B,) -> float (B, C, H, W) augmented, and the labels:
+        (B,) as given, or with mixup / cutmix on, soft labels (B, classes) float32."""
+        y, p = self._run(x, generator, True)
+        if not self._mixing:
+            return y, labels
+        if self.num_classes is None:
+            raise DanluError("augment.mixup / cutmix: the number of classes is not set; expected "
+                             "Augment(num_classes=...)")
+        return _mix(y, labels, p, self.num_classes)
+
+    def _run(self, x: Tensor, generator: torch.Generator | None, train: bool) -> tuple[Tensor, dict[str, Tensor]]:
         if x.dtype != torch.uint8 or x.dim() != 4:
             raise ValueError(f"Augment expects a uint8 (B, C, H, W) batch, got {x.dtype} {tuple(x.shape)}")
         p: dict[str, Tensor] = {}
@@ -385,7 +545,7 @@ class Augment:
             y.div_(std)
         if "erase" in p:
             y = _erase(y, p["erase"], p["erase_box"])
-        return y
+        return y, p
 
     def _warp(self, y: Tensor, p: dict[str, Tensor]) -> Tensor:
         """Step 3: one affine warp per sample (resized crop, rotation, zoom, translation), y (B, C, h, w)."""
@@ -396,7 +556,7 @@ class Augment:
         return F.grid_sample(y, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def _photometric(self, y: Tensor, p: dict[str, Tensor]) -> Tensor:
-        """Steps 4 and 5: lighting, grayscale, blur, on pixels in [0, white], y (B, C, h, w)."""
+        """Steps 4 to 6: lighting, grayscale, blur, TrivialAugment-lite, on pixels in [0, white], y (B, C, h, w)."""
         white = 255.0 * self.scale
         if "light" in p:
             y = torch.where(p["light"][:, None, None, None], _lighting(y, p, white), y)
@@ -404,6 +564,8 @@ class Augment:
             y = torch.where(p["gray"][:, None, None, None], _luma(y).expand_as(y), y)
         if "blur" in p:
             y = _gaussian_blur(y, torch.where(p["blur"], p["sigma"], 0.0), max(self.blur, 0.1))
+        if "trivial_op" in p:
+            y = _trivial(y, p["trivial_op"], p["trivial_m"], white)
         return y
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from danlu.errors import DanluError
+from danlu.io import offline  # noqa: F401  (data sets and model weights ask the same question: io.offline)
 
 CHUNK = 1 << 16
 RETRIES = 4  # resumed attempts per mirror after a dropped connection
@@ -41,11 +42,6 @@ def file_md5(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def offline() -> bool:
-    """DANLU_OFFLINE=1: never touch the network (air-gapped machines, tests)."""
-    return os.environ.get("DANLU_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def download(urls: Sequence[str], dest: Path, *, md5: Optional[str], timeout: float = 30.0,

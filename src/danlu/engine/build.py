@@ -5,11 +5,14 @@ their step here, so what bench times is what train runs.
     stats = train_loop(b.parts, build_plan(recipe, b.per_epoch, b.max_iter), log, snapshot, on_test)
 
 The order, and why:
-  1. seed, then the model for the data's channels and classes, then its layout (channels-last): before any DDP
-     wrap, whose gradient buckets follow the parameters' layout at wrap time.
+  1. seed, then the model for the data's channels and classes, its starting weights (model.init, or
+     model.pretrained: the library's published ones), then its layout (channels-last): before any DDP wrap, whose
+     gradient buckets follow the parameters' layout at wrap time.
   2. loaders: this rank's slice of every global batch (data.batch_size x accumulate x processes).
   3. the LR: optim.lr scaled by the global batch (optim.lr_scaling), then the schedule over the run's iterations.
-  4. optimizer (on the plain module's parameters), precision (autocast, loss scaler, backend switches once),
+  4. the frozen part (model.freeze, before DDP registers what trains), the optimizer over parameter groups (no
+     decay on biases and norms, the head at optim.head_lr_mult) with the schedule that sets each group's LR and
+     unfreezes, the weights' average (optim.ema), precision (autocast, loss scaler, backend switches once),
      augmentation that draws for the whole global batch, and its generator.
   5. loss (cross-entropy or a face margin loss) and the test metric (classification or verification).
   6. the module the loop calls: DDP, then torch.compile or CUDA graphs.
@@ -25,9 +28,14 @@ from torch import nn
 
 from danlu.config import Recipe, iters_per_epoch, total_iters
 from danlu.data.imageset import ImageSet
+from danlu.engine.devices import wide_float
 from danlu.engine.distributed import Dist
+from danlu.engine.ema import EMA
 from danlu.engine.loop import Parts, Plan
+from danlu.engine.metrics import Best
+from danlu.engine.params import freeze, param_groups
 from danlu.engine.precision import Precision
+from danlu.engine.schedule import Schedule
 from danlu.engine.speed import Speed
 from danlu.errors import DanluError
 
@@ -64,20 +72,28 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
         from danlu.models.weights import init_from
 
         report = init_from(model, recipe.model.init)
+    if init and recipe.model.pretrained:
+        report = _load_pretrained(recipe, model, shape, len(train.classes), dist)
     model = speed.layout(model.to(device, precision.param_dtype))
+    head = _head(recipe, model, len(train.classes))
+    frozen = freeze(model, recipe.model.freeze, head) if recipe.model.freeze else []
     train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader)
     per_epoch = iters_per_epoch(len(train), train_loader.global_batch)
     max_iter = total_iters(recipe.run, per_epoch, train_loader.global_batch)
     base_lr = scaled_lr(recipe, train_loader.global_batch)
     lr_at = build_schedule(recipe, base_lr, per_epoch, max_iter) if lr is None else (lambda it: lr)
-    optimizer = build_optimizer(recipe, model, base_lr if lr is None else lr)
+    schedule = Schedule(lr_at, frozen, _unfreeze_iter(recipe, per_epoch, dist, speed) if frozen else None)
+    optimizer = build_optimizer(recipe, model, base_lr if lr is None else lr, head)
+    ema = EMA(model, recipe.optim.ema) if recipe.optim.ema else None  # before any wrap: the plain module's weights
     augment = build_augment(recipe, train).for_rank(dist.rank, dist.world)  # draws for the global batch
     augment.memory_format, augment.dtype = speed.memory_format, precision.param_dtype  # the weights' layout, dtype
+    augment.wide = wide_float(device)  # its draws: float64, float32 where the device has none (mps)
     generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
                             precision)
     parts = Parts(step_model, optimizer, build_criterion(recipe), augment, generator, train_loader, test_loader,
-                  precision, dist, lr_at, evaluate=build_evaluator(recipe, test))
+                  precision, dist, schedule, evaluate=build_evaluator(recipe, test), ema=ema,
+                  best=Best(monitored(recipe), recipe.run.early_stop))
     return Build(parts, model, speed, per_epoch, max_iter, base_lr, report)
 
 
@@ -163,7 +179,29 @@ def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -
         faces = [n for n in list_models() if is_face_model(n)]
         raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
                          f"{', '.join(faces)} (or no model.head / model.embedding_dim)")
+    if m.pretrained:  # what the published weights were trained with (torchvision's Inception: its input transform)
+        from danlu.models.pretrained import pretrained_kwargs
+
+        kw = {**pretrained_kwargs(m.name), **kw}
     return create_model(m.name, num_classes=num_classes, in_channels=shape[0], **kw)
+
+
+def _load_pretrained(recipe: Recipe, model: nn.Module, shape: tuple[int, int, int], num_classes: int,
+                     dist: Dist) -> dict[str, Any]:
+    """model.pretrained: the library's published weights into `model`. With several processes rank 0 downloads
+    first (into the shared cache) and the others then read the file."""
+    import sys
+
+    from danlu.models.pretrained import load_pretrained
+
+    if not dist.is_main:
+        dist.barrier()
+    try:
+        return load_pretrained(model, recipe.model.name, num_classes, shape[0],
+                               progress=dist.is_main and sys.stderr.isatty())
+    finally:
+        if dist.is_main:
+            dist.barrier()
 
 
 def build_loaders(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device, dist: Dist,
@@ -212,13 +250,55 @@ def build_schedule(recipe: Recipe, base_lr: float, per_epoch: int, max_iter: int
     return lr_fn
 
 
-def build_optimizer(recipe: Recipe, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, model: nn.Module, lr: float, head: Optional[str] = None) -> torch.optim.Optimizer:
+    """The recipe's optimizer over parameter groups (engine/params.py): no weight decay on biases and 1-d parameters
+    (optim.wd_exclude_norm_bias), the classifier `head` at optim.head_lr_mult x the LR. Frozen parameters are in it
+    too (without a gradient the optimizer leaves them alone), so unfreezing changes nothing in its shape."""
     o = recipe.optim
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, head=head, weight_decay=o.weight_decay, exclude_norm_bias=o.wd_exclude_norm_bias,
+                          head_lr_mult=o.head_lr_mult)
+    for g in groups:
+        g["lr"] = lr * g["lr_mult"]
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
     cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    return cls(groups, lr=lr, betas=o.betas, eps=o.eps)
+
+
+def _head(recipe: Recipe, model: nn.Module, num_classes: int) -> Optional[str]:
+    """The classifier's module name where the recipe needs it (model.freeze: backbone, optim.head_lr_mult)."""
+    from danlu.models import classifier_name
+
+    if recipe.model.freeze != "backbone" and recipe.optim.head_lr_mult == 1.0:
+        return None
+    head = classifier_name(model, num_classes)
+    if head is None and recipe.optim.head_lr_mult != 1.0:
+        raise DanluError(f"optim.head_lr_mult={recipe.optim.head_lr_mult}: found no classifier in "
+                         f"{type(model).__name__} (a Linear with {num_classes} outputs); expected head_lr_mult: 1")
+    return head
+
+
+def _unfreeze_iter(recipe: Recipe, per_epoch: int, dist: Dist, speed: Speed) -> Optional[int]:
+    """model.unfreeze_at (epochs) as an iteration; refused where the step cannot start training new parameters:
+    DDP registers the parameters that need a gradient once, when it wraps the model, and CUDA graphs record which."""
+    at = recipe.model.unfreeze_at
+    if at is None:
+        return None
+    if dist.world > 1:
+        raise DanluError(f"model.unfreeze_at={at} with {dist.world} processes: DDP cannot start training frozen "
+                         f"parameters mid-run; expected one process, or model.freeze without unfreeze_at")
+    if speed.cuda_graphs:
+        raise DanluError(f"model.unfreeze_at={at} with cuda_graphs: the graphs record which parameters train; "
+                         f"expected cuda_graphs: false")
+    return round(at * per_epoch)
+
+
+def monitored(recipe: Recipe) -> str:
+    """The test figure run.keep_best and run.early_stop watch: run.monitor, or for auto the run's headline figure
+    (verification accuracy for a face run split by identities, else accuracy)."""
+    if recipe.run.monitor != "auto":
+        return recipe.run.monitor
+    return "verification_acc" if recipe.data.split == "identities" else "acc"
 
 
 def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
@@ -241,7 +321,9 @@ def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
     return Augment(shift=a.shift, flip=a.flip, crop=a.crop, mean=mean, std=std, scale=d.scale, size=size,
                    resized_crop=a.resized_crop, ratio=a.ratio, rotate=a.rotate, zoom=a.zoom, translate=a.translate,
                    brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, gamma=a.gamma, ramp=a.ramp,
-                   p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase)
+                   p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase,
+                   trivial=a.trivial, mixup=a.mixup, cutmix=a.cutmix, mix_p=a.mix_p,
+                   num_classes=None if train is None else len(train.classes))
 
 
 def build_criterion(recipe: Recipe) -> nn.Module:

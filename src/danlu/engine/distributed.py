@@ -183,6 +183,9 @@ def setup(device: torch.device, timeout: float = 300.0, bucket_mb: float = 25.0)
     if launch is None:
         _current = Dist(device=device, bucket_mb=bucket_mb)
         return _current
+    if device.type == "mps":
+        raise DanluError(f"--device mps: one process only (Apple's GPU has no process-group backend), this job has "
+                         f"{launch.world}; expected --device cpu for several processes")
     if device.type == "cuda":
         # one GPU per process; under srun --gpus-per-task each process may see only its own GPU
         device = torch.device("cuda", launch.local_rank % max(1, torch.cuda.device_count()))

@@ -1,10 +1,12 @@
 """The training loop, on one screen. It knows nothing of dtypes or process counts: `precision` and `dist` hide both.
 
-One step: uint8 batch on the device -> augment + normalize (batched, on the device) -> forward + loss under the
-precision's autocast -> backward -> clip + step -> LR for the next iteration. Around it: meters, display events,
-evaluation every `test_interval`, a snapshot every `snapshot_every` (all at iteration boundaries, so a snapshot at
-iteration k resumes exactly like the uninterrupted run continues from k). `p.guard` (engine/faults.py) holds the
-NaN policy and stop requests: a SIGTERM adds a snapshot at the next boundary, after which the run stops.
+One step: the schedule sets each parameter group's LR (and unfreezes, at its iteration) -> uint8 batch on the device
+-> augment + normalize (batched, on the device; mixup / cutmix turn the labels soft) -> forward + loss under the
+precision's autocast -> backward -> clip + step -> the weights' average (optim.ema). Around it: meters, display events,
+evaluation every `test_interval` (run.early_stop ends the run after that many without a better one), a snapshot every
+`snapshot_every` (all at iteration boundaries, so a snapshot at iteration k resumes exactly like the uninterrupted run
+continues from k). `p.guard` (engine/faults.py) holds the NaN policy and stop requests: a SIGTERM adds a snapshot at
+the next boundary, after which the run stops.
 """
 from __future__ import annotations
 
@@ -18,9 +20,11 @@ import torch.nn.functional as F
 
 from danlu.data.augment import Augment
 from danlu.data.loader import DeviceLoader
+from danlu.engine.devices import wide_float
 from danlu.engine.distributed import Dist
 from danlu.engine.faults import Diverged, Guard  # noqa: F401 (Diverged: raised here, re-exported)
-from danlu.engine.metrics import Meter, RunLog
+from danlu.engine.ema import EMA
+from danlu.engine.metrics import CONFUSION_MAX_CLASSES, Best, Meter, RunLog, TestFigures
 from danlu.engine.precision import Precision
 from danlu.engine.speed import DeviceMonitor
 
@@ -37,8 +41,10 @@ class Parts:
     test_loader: DeviceLoader
     precision: Precision
     dist: Dist
-    lr_at: Callable[[int], float]
+    schedule: Callable[[int, torch.optim.Optimizer], float]  # engine.schedule.Schedule: group LRs, unfreezing
     guard: Guard = field(default_factory=Guard)  # NaN policy and stop requests (SIGTERM / SIGINT)
+    ema: Optional[EMA] = None  # optim.ema: an average of the weights, evaluated beside them
+    best: Best = field(default_factory=lambda: Best("acc"))  # the best test event (run.keep_best, run.early_stop)
     # the test metric: classification (`evaluate` below) or, for face runs, verification (face.verify)
     evaluate: Callable[..., dict[str, Any]] = field(default_factory=lambda: evaluate)
 
@@ -64,6 +70,7 @@ class LoopStats:
     images_per_second: float  # after the warm-up steps, per process
     last_test: dict[str, float]
     to_target: Optional[dict[str, float]] = None  # iterations, seconds (training only), images: where it was reached
+    early_stopped: bool = False  # run.early_stop: stopped after that many test events without a better one
 
 
 def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[str, Any]], None],
@@ -72,22 +79,22 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
     """Train from iteration `start` to `plan.max_iter`. `snapshot(it, loop_state)` saves; `loop_state` (the meters
     between display events) comes back from a snapshot so a resumed run logs exactly what the uninterrupted one did."""
     model, opt, per_epoch = p.model, p.optimizer, len(p.train_loader)
-    params = [q for q in model.parameters() if q.requires_grad]
+    params = list(model.parameters())  # frozen ones (no gradient) are left out of clipping by torch itself
     meter, last_test = Meter(p.train_loader.device, p.dist), {}  # read: summed over ranks
     monitor = DeviceMonitor(p.train_loader.device)  # CUDA: utilisation, memory, data wait; elsewhere silent
     clock = _Clock(warm_from=start + min(plan.warmup_iters, max(0, plan.max_iter - start - 1)))
     if loop_state:
         meter.load_state_dict(loop_state["meter"])
         clock.load_state_dict(loop_state.get("clock", {}))  # a resumed run reports the whole run's time and rate
-    it, A, to_target = start, plan.accumulate, None
+        p.best.load_state_dict(loop_state.get("best", {}))
+    it, A, to_target, done = start, plan.accumulate, None, False
     model.train()
     while it < plan.max_iter:
         epoch, index = divmod(it, per_epoch)
         for x, y in monitor.batches(p.train_loader.epoch(epoch, start=index)):  # x: (B, C, H, W) uint8, y: (B,)
-            lr = p.lr_at(it)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = p.augment(x, p.generator, train=True)  # (A*B, C, H, W) float32, normalized; A = plan.accumulate
+            lr = p.schedule(it, opt)  # every group's LR (head_lr_mult), unfreezing at model.unfreeze_at
+            # (A*B, C, H, W) float32, normalized; A = plan.accumulate. y: labels, or (A*B, classes) soft labels (mixup)
+            x, y = p.augment.train_batch(x, y, p.generator)
             opt.zero_grad(set_to_none=True)
             micro = []  # (loss, logits, labels) of each micro-batch, detached
             for k, (xb, yb) in enumerate(zip(x.chunk(A), y.chunk(A))):  # (B, ...) each; A=1: the batch itself
@@ -98,7 +105,8 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                     p.precision.backward(loss / A)
                 micro.append((loss.detach(), logits.detach(), yb))
             if p.guard.keep(micro):  # run.on_nan=skip drops a step whose loss is not finite (stop: no check here)
-                p.precision.step(opt, params, plan.clip_grad_norm)
+                if p.precision.step(opt, params, plan.clip_grad_norm) and p.ema is not None:
+                    p.ema.update()
                 for loss_k, logits_k, y_k in micro:
                     meter.add(loss_k, logits_k, y_k)
             it += 1
@@ -116,26 +124,39 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                                "skipped_steps": p.precision.skipped_steps, **device})
             if it % plan.test_interval == 0 or it == plan.max_iter:
                 with clock.paused():
-                    last_test = p.evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter,
-                                           plan.label_smoothing)
-                    model.train()
+                    last_test = _test(p, model, plan)  # the weights, and their average (ema_acc, ...) beside
                     log.event({"kind": "test", "iter": it, "epoch": it / per_epoch, **last_test,
                                "time": clock.elapsed()})
+                    p.best.update(it, last_test)
                     on_test(last_test)
                     if reached(plan.target, last_test):
                         to_target = {"iterations": it, "seconds": clock.train_seconds,
                                      "images": clock.all_images * p.dist.world}
-            done = it == plan.max_iter or to_target is not None
+            done = it == plan.max_iter or to_target is not None or p.best.exhausted
             if (plan.snapshot_every and it % plan.snapshot_every == 0) or done or p.guard.stop:
                 with clock.paused():
-                    state = {"meter": meter.state_dict(), "clock": clock.state_dict()}  # meter: sums over all ranks
+                    state = {"meter": meter.state_dict(), "clock": clock.state_dict(),  # meter: sums over all ranks
+                             "best": p.best.state_dict()}
                     p.guard.check(state["meter"]["loss_sum"].item(), it, lr)  # never snapshot non-finite weights
                     snapshot(it, state)
             if done:
                 break
-        if to_target is not None:
+        if done:
             break
-    return LoopStats(it, clock.train_seconds, clock.rate(), last_test, to_target)
+    return LoopStats(it, clock.train_seconds, clock.rate(), last_test, to_target,
+                     early_stopped=p.best.exhausted and it < plan.max_iter)
+
+
+def _test(p: Parts, model: torch.nn.Module, plan: Plan) -> dict[str, Any]:
+    """The test figures of the weights and, with optim.ema, of their average beside them (ema_acc, ema_loss, ...);
+    the model is back in training mode after."""
+    test = p.evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter, plan.label_smoothing)
+    if p.ema is not None:
+        ema = p.evaluate(p.ema.model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter,
+                         plan.label_smoothing)
+        test.update({f"ema_{k}": v for k, v in ema.items() if k != "samples"})
+    model.train()
+    return test
 
 
 def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
@@ -148,12 +169,15 @@ def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
-             max_batches: Optional[int] = None, label_smoothing: float = 0.0, flip: bool = False) -> dict[str, Any]:
+             max_batches: Optional[int] = None, label_smoothing: float = 0.0, flip: bool = False) -> TestFigures:
     """Loss (the training objective, so train and test curves compare), top-1 and (with more than 5 classes) top-5
     over the test set, every sample counted once; with `flip`, of the logits averaged over each image and its
-    mirror image (test-time augmentation, model.test_flip)."""
+    mirror image (test-time augmentation, model.test_flip); per class (not logged, see TestFigures) the images, the
+    correct ones and, up to CONFUSION_MAX_CLASSES classes, the confusion matrix."""
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=loader.device)  # (loss sum, top1, top5, n)
+    wide = wide_float(loader.device)  # float64; float32 on mps, which has none
+    sums = torch.zeros(4, dtype=wide, device=loader.device)  # (loss sum, top1, top5, n)
+    per_class = confusion = None
     for i, (x, y) in enumerate(loader.epoch(0)):
         if max_batches is not None and i >= max_batches:
             break
@@ -163,16 +187,28 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, pre
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; fp64 stays
         if flip:
             logits = (logits[:len(y)] + logits[len(y):]) / 2
-        k = min(5, logits.shape[1])
+        C = logits.shape[1]
+        k = min(5, C)
         topk = logits.topk(k, dim=1).indices  # (B, k)
         hit = topk == y[:, None]
         loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
-        n = torch.tensor(float(len(y)), device=sums.device, dtype=torch.float64)
-        sums += torch.stack([loss.double(), hit[:, 0].sum().double(), hit.any(1).sum().double(), n])
+        n = torch.tensor(float(len(y)), device=sums.device, dtype=wide)
+        sums += torch.stack([loss.to(wide), hit[:, 0].sum().to(wide), hit.any(1).sum().to(wide), n])
+        if per_class is None:
+            per_class = torch.zeros(C, 2, dtype=wide, device=sums.device)  # (images, correct) per class
+            confusion = torch.zeros(C * C, dtype=torch.int64, device=sums.device) if C <= CONFUSION_MAX_CLASSES \
+                else None
+        per_class += torch.stack([torch.bincount(y, minlength=C).to(wide), torch.bincount(y, hit[:, 0].to(wide), C)],
+                                 1)
+        if confusion is not None:  # rows: the true class, columns: the predicted one
+            confusion += torch.bincount(y * C + topk[:, 0], minlength=C * C)
     loss, top1, top5, n = dist.all_reduce_sum(sums).tolist()
     n = max(n, 1)
-    return {"loss": loss / n, "acc": top1 / n, "top5": (top5 / n) if logits.shape[1] > 5 else None,
-            "samples": int(n)}
+    figures = TestFigures(loss=loss / n, acc=top1 / n, top5=(top5 / n) if logits.shape[1] > 5 else None,
+                          samples=int(n))
+    figures.per_class = dist.all_reduce_sum(per_class).long().cpu()
+    figures.confusion = None if confusion is None else dist.all_reduce_sum(confusion).view(C, C).cpu()
+    return figures
 
 
 class _Clock:

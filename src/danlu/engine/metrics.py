@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 import torch
 
+from danlu.engine.devices import wide_float
+
 
 class Meter:
     """Running sums of loss, correct predictions and samples (device tensors; no sync per step).
@@ -20,13 +22,16 @@ class Meter:
     rank calls them at the same points); `read(local=True)`, for the progress bar, stays on this rank."""
 
     def __init__(self, device: torch.device, dist: Optional[Any] = None):
-        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss * batch
+        self.loss_sum = torch.zeros((), dtype=wide_float(device), device=device)  # sum of loss * batch
         self.correct = torch.zeros((), dtype=torch.int64, device=device)
         self.n = 0
         self.dist = dist  # danlu.engine.distributed.Dist, or None: this process alone
 
     @torch.no_grad()
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """y: (B,) labels, or (B, classes) soft labels (mixup, cutmix), of which the dominant one counts."""
+        if y.dim() == 2:
+            y = y.argmax(1)
         self.loss_sum += loss.detach() * y.shape[0]
         self.correct += (logits.argmax(1) == y).sum()
         self.n += y.shape[0]
@@ -35,8 +40,8 @@ class Meter:
         """(loss sum, correct, samples), over all ranks unless `local`."""
         if local or self.dist is None or not self.dist.grouped:
             return self.loss_sum.item(), int(self.correct.item()), self.n
-        t = torch.stack([self.loss_sum, self.correct.double(),
-                         torch.tensor(float(self.n), dtype=torch.float64, device=self.loss_sum.device)])  # (3,)
+        t = torch.stack([self.loss_sum, self.correct.to(self.loss_sum.dtype),
+                         torch.tensor(float(self.n), dtype=self.loss_sum.dtype, device=self.loss_sum.device)])  # (3,)
         loss_sum, correct, n = self.dist.all_reduce_sum(t).tolist()
         return loss_sum, int(correct), int(n)
 
@@ -49,7 +54,7 @@ class Meter:
         """Sums over all ranks: rank 0 holds them, the others start from zero (their sum is the saved one)."""
         if self.dist is not None and not self.dist.is_main:
             return
-        self.loss_sum.copy_(state["loss_sum"]), self.correct.copy_(state["correct"])
+        self.loss_sum.copy_(state["loss_sum"].to(self.loss_sum.dtype)), self.correct.copy_(state["correct"])
         self.n = int(state["n"])
 
     def read(self, reset: bool = True, local: bool = False) -> tuple[float, float, int]:
@@ -59,6 +64,86 @@ class Meter:
             self.loss_sum.zero_(), self.correct.zero_()
             self.n = 0
         return (loss_sum / n, correct / n, n) if n else (float("nan"), float("nan"), 0)
+
+
+CONFUSION_MAX_CLASSES = 1000  # evaluation counts a confusion matrix up to this many classes (8 MB of counts)
+
+
+class TestFigures(dict):
+    """A classification test event's figures (loss, acc, top5, samples: what metrics.jsonl logs) and, beside them
+    as attributes, never logged: `per_class`, (classes, 2) int64 images and correct ones per class; `confusion`,
+    (classes, classes) int64 counts, rows the true class and columns the predicted one (None above
+    CONFUSION_MAX_CLASSES classes). class_report turns them into what a person reads."""
+    per_class: Optional[torch.Tensor] = None
+    confusion: Optional[torch.Tensor] = None
+
+
+def class_report(figures: Any, classes: list[str], worst: int = 5) -> Optional[dict[str, Any]]:
+    """Per-class accuracy and the confusion matrix of a test event, as JSON (None for figures without them, e.g. face
+    verification): classes, per_class [{class, images, correct, accuracy, confused_with, confused}] (confused_with:
+    the class most often predicted instead, and how often), worst (the `worst` lowest accuracies, most images
+    first among equals), confusion (rows: true class, columns: predicted; None above CONFUSION_MAX_CLASSES)."""
+    counts = getattr(figures, "per_class", None)
+    if counts is None:
+        return None
+    conf = getattr(figures, "confusion", None)
+    rows = []
+    for c, (images, correct) in enumerate(counts.tolist()):
+        row = {"class": classes[c] if c < len(classes) else str(c), "images": images, "correct": correct,
+               "accuracy": correct / images if images else None, "confused_with": None, "confused": 0}
+        if conf is not None:
+            off = conf[c].clone()
+            off[c] = -1
+            j = int(off.argmax())
+            if off[j] > 0:
+                row["confused_with"], row["confused"] = (classes[j] if j < len(classes) else str(j)), int(off[j])
+        rows.append(row)
+    seen = [r for r in rows if r["images"]]
+    ranked = sorted(seen, key=lambda r: (r["accuracy"], -r["images"], r["class"]))[:worst]
+    return {"classes": [r["class"] for r in rows], "accuracy": figures.get("acc"), "samples": figures.get("samples"),
+            "per_class": rows, "worst": [r["class"] for r in ranked],
+            "confusion": None if conf is None else conf.tolist()}
+
+
+class Best:
+    """The best test figure so far and how many test events since it improved (run.keep_best, run.early_stop).
+    `metric`: a test figure (acc, top5, loss, verification_acc; lower is better for a loss); `patience`: test events
+    without a better one after which `exhausted` is set (None: never).
+
+        best = Best("acc", patience=3)
+        if best.update(it, test): ...        # this event is the best so far: keep its weights
+        if best.exhausted: stop
+    """
+
+    def __init__(self, metric: str, patience: Optional[int] = None):
+        self.metric, self.patience = metric, patience
+        self.value: Optional[float] = None
+        self.iteration: Optional[int] = None
+        self.since = 0  # test events since the best one
+        self.improved = False  # whether the last update was the best so far
+
+    def update(self, it: int, test: dict[str, Any]) -> bool:
+        v = test.get(self.metric)
+        if v is None:
+            self.improved = False
+            return False
+        self.improved = self.value is None or (v < self.value if self.metric.endswith("loss") else v > self.value)
+        if self.improved:
+            self.value, self.iteration, self.since = float(v), it, 0
+        else:
+            self.since += 1
+        return self.improved
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "iteration": self.iteration, "since": self.since}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value, self.iteration = state.get("value"), state.get("iteration")
+        self.since = int(state.get("since", 0))
 
 
 class RunLog:
@@ -115,7 +200,8 @@ def _line(r: dict[str, Any], total: int) -> str:
                 f"{r['verification_std']:.4f} ({r['pairs']} pairs)  {describe_tar(r)}")
     if r["kind"] == "test":
         top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
-        return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}"
+        ema = f"  (ema: loss {r['ema_loss']:.4f}  acc {r['ema_acc']:.4f})" if r.get("ema_acc") is not None else ""
+        return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}{ema}"
     return (f"[train] iter {r['iter']:>6}/{total}  epoch {r['epoch']:.2f}  lr {r['lr']:.3g}  loss {r['loss']:.4f}  "
             f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s{_gpu(r)}")
 

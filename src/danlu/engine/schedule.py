@@ -31,7 +31,7 @@ Warmup (any policy; ``target`` = the policy's rate at ``it``), for ``it < warmup
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from danlu.errors import DanluError, nearest
 
@@ -91,3 +91,26 @@ def lr_at(it: int, *, policy: str, base_lr: float, max_iter: int, iters_per_epoc
         else:
             lr = warmup_start + (lr - warmup_start) * it / warmup
     return lr
+
+
+class Schedule:
+    """What changes with the iteration, applied by the training loop once per step, before the step: every
+    parameter group's LR (the policy's rate x the group's `lr_mult`, engine/params.py) and, from iteration
+    `unfreeze_at` on, the `frozen` parameters train. A pure function of `it`, so a resumed run continues exactly.
+
+        schedule = Schedule(lambda it: 0.1 * 0.5 ** (it // 100), frozen=backbone, unfreeze_at=300)
+        lr = schedule(it, optimizer)          # the policy's rate (what the log shows)
+    """
+
+    def __init__(self, rate: Callable[[int], float], frozen: Sequence = (), unfreeze_at: int | None = None):
+        self.rate, self.frozen, self.unfreeze_at = rate, list(frozen), unfreeze_at
+
+    def __call__(self, it: int, optimizer) -> float:
+        lr = self.rate(it)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        if self.frozen and self.unfreeze_at is not None and it >= self.unfreeze_at:
+            for p in self.frozen:
+                p.requires_grad_(True)
+            self.frozen = []
+        return lr

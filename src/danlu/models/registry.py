@@ -1,4 +1,5 @@
-"""Model registry: `@register_model` entry points plus every torchvision classifier as `tv:<name>`.
+"""Model registry: `@register_model` entry points plus every torchvision classifier as `tv:<name>` and, where the
+optional `timm` library is installed (`pip install danlu[timm]`), every timm model as `timm:<name>`.
 
 Entry point signature: ``fn(num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module``, registered under
 ``fn.__name__``; `@register_model(face=True)` marks a face model (an embedding network with an identity head, see
@@ -19,6 +20,7 @@ from torch import nn
 from danlu.errors import DanluError, nearest
 
 _TV = "tv:"
+_TIMM = "timm:"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ def model_info(name: str) -> ModelInfo:
     if name.startswith(_TV):
         _check_tv(name)
         return ModelInfo(name, None)
+    if name.startswith(_TIMM):
+        _check_timm(name)
+        return ModelInfo(name, None)
     raise _unknown(name)
 
 
@@ -62,6 +67,24 @@ def is_face_model(model: Union[str, nn.Module]) -> bool:
     from danlu.models.face import FaceModel
 
     return isinstance(unwrap(model), FaceModel)
+
+
+def classifier_name(model: nn.Module, num_classes: int) -> Optional[str]:
+    """The name of the module that produces the class scores: a face model's `head`, else the last nn.Linear (or 1x1
+    nn.Conv2d, as SqueezeNet's) with `num_classes` outputs; None where there is none. Fine-tuning's "head"
+    (model.freeze: backbone, optim.head_lr_mult).
+
+        classifier_name(create_model("tv:resnet18", num_classes=2), 2)      # 'fc'
+    """
+    model = unwrap(model)
+    if is_face_model(model):
+        return "head"
+    found = None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) and m.out_features == num_classes) or (
+                isinstance(m, nn.Conv2d) and m.out_channels == num_classes and m.kernel_size == (1, 1)):
+            found = name
+    return found
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -108,13 +131,38 @@ def _check_tv(name: str) -> None:
                          f"classification model, e.g. tv:resnet50" + nearest(name, [_TV + n for n in _tv_names()]))
 
 
+def timm_module():
+    """The timm library, or a DanluError saying how to install it (it is an optional extra)."""
+    try:
+        import timm
+    except ImportError:
+        raise DanluError("model.name=timm:...: the timm library is not installed; expected `pip install "
+                         "'danlu[timm]'` (or `pip install timm`)") from None
+    return timm
+
+
+def _check_timm(name: str) -> None:
+    timm = timm_module()
+    arch = name[len(_TIMM):].split(".")[0]  # resnet18.a1_in1k: the architecture and a pretrained tag
+    if not timm.is_model(arch):
+        raise DanluError(f"model.name: unknown timm model {name!r}; expected timm:<name> of a timm model, e.g. "
+                         f"timm:resnet18" + nearest(arch, timm.list_models()))
+
+
+def _build_timm(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
+    """A timm model with random weights (model.pretrained loads timm's through danlu.models.pretrained)."""
+    _check_timm(name)
+    return timm_module().create_model(name[len(_TIMM):], pretrained=False, num_classes=num_classes,
+                                      in_chans=in_channels, **kw)
+
+
 def _unknown(name: str) -> DanluError:
     # suggest among our names first, then among torchvision's (e.g. 'mobilenet_v2' -> 'tv:mobilenet_v2')
     exact = name in _tv_names()  # a torchvision name without its prefix: that is the one meant
     hint = (f" (did you mean '{_TV}{name}'?)" if exact else
             nearest(name, _MODELS) or nearest(name, [_TV + n for n in _tv_names()]))
-    return DanluError(f"model.name: unknown model {name!r}; expected one of {', '.join(sorted(_MODELS))} "
-                      f"or tv:<torchvision name>" + hint)
+    return DanluError(f"model.name: unknown model {name!r}; expected one of {', '.join(sorted(_MODELS))}, "
+                      f"tv:<torchvision name> or timm:<timm name>" + hint)
 
 
 def _build_tv(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
@@ -131,7 +179,7 @@ def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -
     if num_classes < 1 or in_channels < 1:
         raise DanluError(f"model: num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
     info = model_info(name)
-    build = info.entry or functools.partial(_build_tv, name)
+    build = info.entry or functools.partial(_build_timm if name.startswith(_TIMM) else _build_tv, name)
     try:
         return build(num_classes=num_classes, in_channels=in_channels, **kw)
     except TypeError as e:  # unexpected / ill-typed keyword, e.g. "ResNet.__init__() got an unexpected keyword 'x'"

@@ -20,9 +20,10 @@ from torch import nn
 from danlu.errors import DanluError, few
 
 
-def read_weights(source: Union[str, Path]) -> dict[str, torch.Tensor]:
+def read_weights(source: Union[str, Path], key: str = "model.init") -> dict[str, torch.Tensor]:
     """The tensors of a run folder (its model.safetensors, else its newest snapshot's model), a .safetensors file or
-    a .pt / .pth file (a state dict, or a dict holding one under 'model' or 'state_dict')."""
+    a .pt / .pth file (a state dict, or a dict holding one under 'model' or 'state_dict'). `key`: the recipe key
+    errors name."""
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "model.safetensors").is_file():
@@ -33,10 +34,10 @@ def read_weights(source: Union[str, Path]) -> dict[str, torch.Tensor]:
             state, _ = load_latest(path)
             return dict(state["model"])
         else:
-            raise DanluError(f"model.init={source}: a folder without model.safetensors or snapshots/; expected a danlu "
+            raise DanluError(f"{key}={source}: a folder without model.safetensors or snapshots/; expected a danlu "
                              f"run folder, a .safetensors or a .pt/.pth file")
     if not path.is_file():
-        raise DanluError(f"model.init={source}: no such file or folder; expected a danlu run folder, a .safetensors or "
+        raise DanluError(f"{key}={source}: no such file or folder; expected a danlu run folder, a .safetensors or "
                          f"a .pt/.pth file")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -44,17 +45,17 @@ def read_weights(source: Union[str, Path]) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:  # safetensors raises its own error types for a damaged file
-            raise DanluError(f"model.init={source}: cannot read the weights ({e})") from None
+            raise DanluError(f"{key}={source}: cannot read the weights ({e})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle errors, a refused global (weights_only), a damaged zip
-        raise DanluError(f"model.init={source}: cannot read it as weights ({type(e).__name__}: "
+        raise DanluError(f"{key}={source}: cannot read it as weights ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:120]}); expected a state dict saved with torch.save") from None
-    for key in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+    for inner in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(inner), dict):
+            obj = obj[inner]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DanluError(f"model.init={source}: holds no state dict (name -> tensor); expected one saved with "
+        raise DanluError(f"{key}={source}: holds no state dict (name -> tensor); expected one saved with "
                          f"torch.save(model.state_dict(), ...)")
     return obj
 
@@ -74,7 +75,12 @@ def init_from(model: nn.Module, source: Union[str, Path]) -> dict[str, Any]:
     """Copy the weights of `source` into `model` where they fit (see the module's docstring). Returns what happened:
     loaded (count), adapted (names), fresh (names kept as initialized), unused (names in the file the model lacks).
     A file of which nothing fits is refused: it is another model."""
-    weights = read_weights(source)
+    return fit_weights(model, read_weights(source), source)
+
+
+def fit_weights(model: nn.Module, weights: dict[str, torch.Tensor], source: Union[str, Path],
+                key: str = "model.init") -> dict[str, Any]:
+    """init_from for tensors in hand (`source` names them in the report and errors, `key` the recipe key)."""
     own = model.state_dict()
     fitted, adapted, fresh = {}, [], []
     for name, want in own.items():
@@ -83,12 +89,14 @@ def init_from(model: nn.Module, source: Union[str, Path]) -> dict[str, Any]:
             fitted[name] = have
         elif have is not None and (changed := _adapt_channels(name, have, want)) is not None:
             fitted[name], _ = changed, adapted.append(name)
+        elif have is None and not want.is_floating_point():  # a counter (BatchNorm's steps) older files lack
+            continue
         else:
             fresh.append(name if have is None else f"{name} {list(have.shape)} (model {list(want.shape)})")
     unused = sorted(set(weights) - set(own))
     learned = [n for n in own if own[n].is_floating_point()]
     if not any(n in fitted for n in learned):
-        raise DanluError(f"model.init={source}: none of its {len(weights)} tensors fits this model ("
+        raise DanluError(f"{key}={source}: none of its {len(weights)} tensors fits this model ("
                          f"{few(sorted(weights))}); expected weights of the same architecture")
     model.load_state_dict({**own, **{k: v.to(own[k].dtype) for k, v in fitted.items()}})
     return {"source": str(source), "loaded": len(fitted), "of": len(own), "adapted": adapted, "fresh": fresh,
@@ -97,7 +105,8 @@ def init_from(model: nn.Module, source: Union[str, Path]) -> dict[str, Any]:
 
 def describe(report: dict[str, Any]) -> str:
     """One line for the console: what model.init loaded and what it did not."""
-    parts = [f"model.init {report['source']}: {report['loaded']} of {report['of']} tensors loaded"]
+    parts = [f"{report.get('key', 'model.init')} {report['source']}: {report['loaded']} of {report['of']} tensors "
+             f"loaded"]
     if report["adapted"]:
         parts.append(f"adapted to the input channels: {few(report['adapted'])}")
     if report["fresh"]:
