@@ -39,7 +39,7 @@ class FaceOptions:
     size: int = 160  # output side in pixels
     channels: int = 3  # 3: RGB (a gray image is repeated), 1: gray
     align: bool = False  # rotate so the eye line is level (eye cascade, or YuNet's eye landmarks)
-    equalize: str = "hist"  # hist (cv2.equalizeHist; the luma of colour images) | clahe | none
+    equalize: str = "hist"  # tantriggs (prepare's default) | hist (cv2.equalizeHist, on the luma) | clahe | none
     margin: float = 0.2  # the crop is the face box grown by this share of its side (half on each side)
     detector: str = "haar"  # haar | path to a YuNet .onnx model file
     crop: str = "face"  # face: the detected face's box | full: every image's centre square, no detection

@@ -1,6 +1,6 @@
 """`danlu face prepare RAW_DIR -o STORE`: a folder of identity folders -> a prepared store of face crops.
 
-    meta = prepare_faces("raw/", "faces.store", size=160, align=True, equalize="hist")
+    meta = prepare_faces("raw/", "faces.store", size=160, align=True)  # equalize="tantriggs"
 
 Every image goes through `detect.preprocess` (detect, largest face, optional eye alignment, margin crop, equalize,
 resize) and lands in a store of the data issue's format (danlu.data.store: memory-mapped uint8 shards, identity
@@ -64,7 +64,7 @@ def _decoder(opts: FaceOptions, no_face: str, workers: int):
 
 
 def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int = 160, channels: int = 3,
-                  align: bool = False, equalize: str = "hist", margin: float = 0.2, detector: str = "haar",
+                  align: bool = False, equalize: str = "tantriggs", margin: float = 0.2, detector: str = "haar",
                   crop: str = "auto", no_face: str = "center", shard_mb: float = 256, workers: Optional[int] = None,
                   quiet: bool = False) -> dict[str, Any]:
     """Detect, crop and equalize every image of RAW_DIR/IDENTITY/ into a store at `out`; writes
