@@ -11,8 +11,8 @@ reaches the target; the time counted is training time only (as danlu's `seconds_
 
 - danlu: `danlu.train(RECIPE, overrides=["run.seed=S"])`, the figure `summary["seconds_to_target"]`;
 - plain: a hand-written PyTorch loop with the same recipe (the recipe's model built by danlu.create_model with the
-  same seed, SGD with Nesterov momentum, torch's OneCycleLR without momentum cycling, label smoothing, the same
-  batch and the same per-epoch permutation as danlu's loader, batches gathered with numpy as danlu's CPU loader
+  same seed, SGD with Nesterov momentum and weight decay as optim.wd_exclude_norm_bias says, torch's OneCycleLR
+  without momentum cycling, label smoothing, the same batch and the same per-epoch permutation as danlu's loader, batches gathered with numpy as danlu's CPU loader
   does, pixels / 255): the same arithmetic on the same samples, so the difference is what danlu's loop costs;
 - examples/mnist (MNIST only): PyTorch's own example recipe (pytorch/examples mnist/main.py: two 3x3 convs (32, 64),
   dropout, fc 128, Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64, normalization 0.1307 / 0.3081), the
@@ -102,8 +102,13 @@ def plain_run(recipe_name: str, seed: int, data, precision: str) -> dict:
     torch.manual_seed(seed)
     model = danlu.create_model(r.model.name, num_classes=10, in_channels=x.shape[1], input_size=x.shape[-1],
                                **r.model.kwargs)
-    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-                          weight_decay=o.weight_decay)
+    # optim.wd_exclude_norm_bias (timm's rule): no weight decay on biases and 1-d parameters
+    named = list(model.named_parameters())
+    plain = [p for n, p in named if not (o.wd_exclude_norm_bias and (p.ndim <= 1 or n.endswith(".bias")))]
+    exempt = [p for n, p in named if o.wd_exclude_norm_bias and (p.ndim <= 1 or n.endswith(".bias"))]
+    groups = [{"params": plain, "weight_decay": o.weight_decay}] + ([{"params": exempt, "weight_decay": 0.0}]
+                                                                     if exempt else [])
+    opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
     steps = int(math.ceil(r.run.epochs * (len(y) // r.data.batch_size)))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=steps, pct_start=s.pct_start,
                                                 div_factor=s.div_factor, final_div_factor=s.final_div_factor,
