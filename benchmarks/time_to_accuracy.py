@@ -12,8 +12,8 @@ reaches the target; the time counted is training time only (as danlu's `seconds_
 - danlu: `danlu.train(RECIPE, overrides=["run.seed=S"])`, the figure `summary["seconds_to_target"]`;
 - plain: a hand-written PyTorch loop with the same recipe (the recipe's model built by danlu.create_model with the
   same seed, SGD with Nesterov momentum and weight decay as optim.wd_exclude_norm_bias says, torch's OneCycleLR
-  without momentum cycling, label smoothing, the same batch and the same per-epoch permutation as danlu's loader, batches gathered with numpy as danlu's CPU loader
-  does, pixels / 255): the same arithmetic on the same samples, so the difference is what danlu's loop costs;
+  without momentum cycling, label smoothing, the same batch and the same per-epoch permutation as danlu's loader,
+  batches gathered with numpy as danlu's CPU loader does, pixels / 255): the same arithmetic on the same samples, so the difference is what danlu's loop costs;
 - examples/mnist (MNIST only): PyTorch's own example recipe (pytorch/examples mnist/main.py: two 3x3 convs (32, 64),
   dropout, fc 128, Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64, normalization 0.1307 / 0.3081), the
   figure most users would start from.
