@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from danlu.face.detect import FaceOptions, crop_policy, preprocess, read_image
+from danlu.face.detect import FaceOptions, crop_policy, equalize_policy, preprocess, read_image
 from danlu.face.verify import identity_images, make_pairs, read_pairs, scores
 from danlu.runs import environment
 
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=300, help="pairs of each kind per fold for the generated pairs")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--channels", type=int, default=3, choices=[1, 3])
-    ap.add_argument("--equalize", default="hist", choices=["hist", "clahe", "tantriggs", "none"])
+    ap.add_argument("--equalize", default="auto", choices=["auto", "tantriggs", "hist", "clahe", "none"],
+                    help="as danlu face prepare's (auto: decided on the training set)")
     ap.add_argument("--align", action="store_true")
     ap.add_argument("--crop", default="auto", choices=["auto", "face", "full"], help="as danlu face prepare's")
     ap.add_argument("--components", type=int, default=100)
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train_paths = [p for d in sorted(Path(a.train).iterdir()) if d.is_dir() for p in identity_images(d)]
     crop = a.crop if a.crop != "auto" else crop_policy(train_paths)[0]  # decided on the training set, as prepare
-    opts = FaceOptions(size=a.size, channels=a.channels, align=a.align, equalize=a.equalize, crop=crop)
+    equalize = a.equalize if a.equalize != "auto" else equalize_policy(train_paths)[0]
+    opts = FaceOptions(size=a.size, channels=a.channels, align=a.align, equalize=equalize, crop=crop)
     pairs_file = a.pairs
     if pairs_file is None:  # danlu face pairs TEST --n N: beside the JSON, else in a temporary folder
         import tempfile
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dlib: {why}", file=sys.stderr)
 
     print(f"{len(listed)} pairs ({int(same.sum())} same) of {len(unique)} images from {a.test}; crops "
-          f"{a.channels}x{a.size}x{a.size}, crop {crop}, equalize {a.equalize}{', aligned' if a.align else ''}")
+          f"{a.channels}x{a.size}x{a.size}, crop {crop}, equalize {equalize}{', aligned' if a.align else ''}")
     print(f"| method | accuracy (mean +- std over {folds} folds) | ROC AUC |")
     print("|---|---|---|")
     for name, r in results.items():

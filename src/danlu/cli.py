@@ -352,9 +352,10 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
     fp.add_argument("--size", type=int, default=160, help="face crop side in pixels (default 160)")
     fp.add_argument("--channels", type=int, choices=[1, 3], default=3, help="3 (RGB, default) or 1 (gray)")
     fp.add_argument("--align", action="store_true", help="rotate so the eye line is level")
-    fp.add_argument("--equalize", choices=["hist", "clahe", "tantriggs", "none"], default="tantriggs",
-                    help="lighting normalization: tantriggs (Tan & Triggs, default: best on Extended Yale B's unseen "
-                         "people), hist (histogram equalization), clahe or none")
+    fp.add_argument("--equalize", choices=["auto", "tantriggs", "hist", "clahe", "none"], default="auto",
+                    help="lighting normalization: auto (default: tantriggs where a sample of the photos is lit "
+                         "unevenly from the side, else none), tantriggs (Tan & Triggs), hist (histogram "
+                         "equalization), clahe or none")
     fp.add_argument("--margin", type=float, default=0.2, help="crop = face box grown by this share (default 0.2)")
     fp.add_argument("--detector", default="haar", help="haar (OpenCV's bundled cascade, default) or a YuNet .onnx")
     fp.add_argument("--crop", choices=["auto", "face", "full"], default="auto",

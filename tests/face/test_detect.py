@@ -127,6 +127,30 @@ def test_equalize_tantriggs_matches_the_paper_and_removes_side_light():
     assert change["tantriggs"] < 0.5 * change["hist"], change
 
 
+def test_side_light_and_the_equalize_policy(tmp_path):
+    from PIL import Image
+
+    from danlu.face.detect import SIDE_LIGHT, equalize_policy, side_light
+
+    crop = skimage_data.camera()[256:, :256].astype(np.float64)
+    face = (crop + crop[:, ::-1]) / 2  # left-right symmetric, as a face lit from the front
+    even = face.astype(np.uint8)
+    # light from the left: x 1.0 at the left edge down to x 0.2 at the right
+    lit = (face * np.linspace(1.0, 0.2, 256)[None, :]).astype(np.uint8)
+    c = lit[42:214, 42:214].astype(np.float64)  # the central two thirds, written out
+    expected = abs(c[:, :86].mean() - c[:, 86:].mean()) / (c.mean() + 1)
+    assert side_light(lit) == pytest.approx(expected, rel=1e-5) and side_light(lit) > SIDE_LIGHT
+    assert side_light(even) < 0.01 and side_light(np.stack([lit] * 3, axis=2)) == pytest.approx(side_light(lit))
+    paths = []
+    for k, img in enumerate([even] * 3 + [lit] * 2):  # the median image is evenly lit
+        paths.append(tmp_path / f"{k}.png")
+        Image.fromarray(img).save(paths[-1])
+    (tmp_path / "junk.png").write_bytes(b"not an image")  # unreadable: left out
+    assert equalize_policy(paths + [tmp_path / "junk.png"])[0] == "none"
+    choice, m = equalize_policy(paths[2:])  # now the median image is lit from the side
+    assert choice == "tantriggs" and m == pytest.approx(side_light(lit), rel=1e-5)
+
+
 def test_reading_bytes_arrays_and_garbage(tmp_path):
     from PIL import Image
     import io

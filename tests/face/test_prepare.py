@@ -43,6 +43,8 @@ def test_no_face_skip_drops_and_lists(tmp_path):
     report = json.loads((tmp_path / "s4" / "prepare_report.json").read_text())
     assert meta["splits"]["train"]["count"] == 4 and report["options"]["crop"] == "full"
     assert report["crop_auto_found_share"] == 0 and report["face_found"] is None
+    # equalize auto: noise is lit evenly, so no Tan-Triggs; the choice and its measure are recorded
+    assert report["options"]["equalize"] == "none" and 0 <= report["equalize_auto_side_light"] < 0.3
     with pytest.raises(DanluError, match="--no-face maybe"):
         prepare_faces(tmp_path / "raw", tmp_path / "s3", no_face="maybe")
 

@@ -1,6 +1,6 @@
 """`danlu face prepare RAW_DIR -o STORE`: a folder of identity folders -> a prepared store of face crops.
 
-    meta = prepare_faces("raw/", "faces.store", size=160, align=True)  # equalize="tantriggs"
+    meta = prepare_faces("raw/", "faces.store", size=160, align=True)  # crop and equalize: auto
 
 Every image goes through `detect.preprocess` (detect, largest face, optional eye alignment, margin crop, equalize,
 resize) and lands in a store of the data issue's format (danlu.data.store: memory-mapped uint8 shards, identity
@@ -25,7 +25,7 @@ import numpy as np
 from danlu.data.decode import BadImage, default_workers
 from danlu.io import write_bytes
 from danlu.errors import DanluError
-from danlu.face.detect import FaceOptions, preprocess
+from danlu.face.detect import EQUALIZE, SIDE_LIGHT, FaceOptions, preprocess
 
 NO_FACE = ("center", "skip")
 
@@ -64,25 +64,34 @@ def _decoder(opts: FaceOptions, no_face: str, workers: int):
 
 
 def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int = 160, channels: int = 3,
-                  align: bool = False, equalize: str = "tantriggs", margin: float = 0.2, detector: str = "haar",
+                  align: bool = False, equalize: str = "auto", margin: float = 0.2, detector: str = "haar",
                   crop: str = "auto", no_face: str = "center", shard_mb: float = 256, workers: Optional[int] = None,
                   quiet: bool = False) -> dict[str, Any]:
     """Detect, crop and equalize every image of RAW_DIR/IDENTITY/ into a store at `out`; writes
     `out/prepare_report.json`. Returns the store's meta with `report` (the report's path). `crop`: face (the
     detected face), full (every image's centre square: already-cropped faces) or auto (full where the detector finds
-    one clear face in fewer than half of a sample of the set's images; the choice is recorded)."""
+    one clear face in fewer than half of a sample of the set's images; the choice is recorded). `equalize`: one of
+    detect.EQUALIZE, or auto (tantriggs where a sample's photos are lit unevenly from the side, else none:
+    detect.equalize_policy; recorded)."""
     from danlu.data.folder import scan_folder
     from danlu.data.store import StorePlan, write_store
-    from danlu.face.detect import crop_policy
+    from danlu.face.detect import crop_policy, equalize_policy
 
     if no_face not in NO_FACE:
         raise DanluError(f"--no-face {no_face}: expected one of {', '.join(NO_FACE)}")
     if crop not in ("auto", "face", "full"):
         raise DanluError(f"--crop {crop}: expected auto, face or full")
+    if equalize != "auto" and equalize not in EQUALIZE:
+        raise DanluError(f"--equalize {equalize}: expected auto or one of {', '.join(EQUALIZE)}")
     files = scan_folder(raw_dir, key="RAW_DIR")
-    found_share = None
+    every = [it.path for split in (files.train, files.test or []) for it in split]
+    found_share = side = None
+    if equalize == "auto":
+        equalize, side = equalize_policy(every)
+        if not quiet:
+            print(f"face prepare: side light {side:.2f} in the median image of a sample (Tan-Triggs from "
+                  f"{SIDE_LIGHT}): equalize {equalize}")
     if crop == "auto":
-        every = [it.path for split in (files.train, files.test or []) for it in split]
         crop, found_share = crop_policy(every, str(detector))
         if not quiet:
             print(f"face prepare: one clear face in {found_share:.0%} of a sample of the images: crop {crop}"
@@ -97,7 +106,7 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
     total = sum(len(s) for s in splits.values())
     notes, skipped = meta.get("notes", []), meta.get("skipped", [])
     report = {"raw_dir": files.source.get("root"), "store": str(Path(out).resolve()), "options": opts.to_dict(),
-              "crop_auto_found_share": found_share,
+              "crop_auto_found_share": found_share, "equalize_auto_side_light": side,
               "no_face": no_face, "identities": len(files.classes), "images": total,
               "kept": sum(sp["count"] for sp in meta["splits"].values()),
               "face_found": total - len(notes) - len(skipped) if crop == "face" else None, "centre_squares": len(notes),
