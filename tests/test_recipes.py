@@ -22,8 +22,10 @@ SMOKE = {
     "minigooglenet_cifar10": _SYNTH + ["data.size=16", "data.train_size=80", "data.batch_size=4", "run.max_iter=20"],
     "resnet18_food_amp": _SYNTH + ["data.size=16", "data.num_classes=3", "data.train_size=80", "data.batch_size=4",
                                    "run.max_iter=20"],
-    # bf16 autocast convolutions of torchvision's ResNet-18 (11M parameters) cost ~0.3 s a step on one CPU thread
-    "resnet18_food_amp_bf16": _SYNTH + ["data.size=8", "data.num_classes=3", "data.train_size=48",
+    # 32 px, not 8: at 8 px the ImageNet stem leaves layer3 and layer4 1x1 maps whose gradients are rounding noise
+    # about 0; bf16 kernels round them to either sign depending on buffer alignment (it changed with
+    # PYTHONHASHSEED), Adam turns each sign into a full +-lr step, and some processes diverged by iteration 7
+    "resnet18_food_amp_bf16": _SYNTH + ["data.size=32", "data.num_classes=3", "data.train_size=48",
                                         "data.batch_size=4", "run.max_iter=8"],
     # fp16 on a CPU is slower still (~0.5 s a step at 8 px), and the loss scaler, starting at 2^16, skips the first
     # 6-7 steps (inf gradients) while the scale halves: 9 iterations take at least one real optimizer step
