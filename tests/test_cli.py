@@ -110,27 +110,16 @@ def test_eval_of_a_face_run_prints_its_verification_figures(tmp_path, capsys):
     a classifier's 'acc' and fail with KeyError), the same figures --json gives."""
     import re
 
-    import torch
-
-    import danlu
     from danlu.cli import main
+    from tests.face.synth import train_tiny_face_run
 
     out = tmp_path / "face"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: MobileFaceNet's many small ops stall on two threads under load
-    try:
-        danlu.train("face_arcface_light", overrides=[
-            "data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.train_size=64", "data.test_size=32",
-            "data.batch_size=8", "data.test_pairs=10", "data.size=32", "model.kwargs={width_mult: 0.25}",
-            "precision=fp32", "run.max_iter=4", "run.tensorboard=false", "run.snapshot_every=0"],
-            out=out, device="cpu", quiet=True)
-        capsys.readouterr()
-        assert main(["eval", str(out), "--device", "cpu", "--json"]) == 0
-        figures = json.loads(capsys.readouterr().out)
-        assert main(["eval", str(out), "--device", "cpu"]) == 0
-        line = capsys.readouterr().out.strip()
-    finally:
-        torch.set_num_threads(threads)
+    train_tiny_face_run(out)
+    capsys.readouterr()
+    assert main(["eval", str(out), "--device", "cpu", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert main(["eval", str(out), "--device", "cpu"]) == 0
+    line = capsys.readouterr().out.strip()
     assert "\n" not in line and line.startswith(f"{out} on synthetic ({figures['samples']} images): ")
     m = re.search(r"verification accuracy ([\d.]+) \+- ([\d.]+) on (\d+) pairs of held-out identities, "
                   r"threshold (-?[\d.]+); TAR ", line)

@@ -49,3 +49,23 @@ def make_identities(root: Path, identities: int = 24, per_identity: int = 16, si
         for j in range(per_identity):
             cv2.imwrite(str(d / f"img_{j:02d}.png"), _render(ident, rng, size))
     return root
+
+
+def train_tiny_face_run(out: Path) -> Path:
+    """A MobileFaceNet (x0.25) run of 4 steps of the light ArcFace recipe on synthetic identities (32 px, 3
+    channels), trained on one thread: 2 shared cores make MobileFaceNet's many small ops stall on two under load."""
+    import torch
+
+    import danlu
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        danlu.train("face_arcface_light", overrides=[
+            "data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.train_size=64", "data.test_size=32",
+            "data.batch_size=8", "data.test_pairs=10", "data.size=32", "model.kwargs={width_mult: 0.25}",
+            "precision=fp32", "run.max_iter=4", "run.tensorboard=false", "run.snapshot_every=0"],
+            out=out, device="cpu", quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    return out

@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-import danlu
 from danlu.errors import DanluError
 from danlu.face import enroll, load_face_run
 from danlu.runs import load_run
@@ -16,20 +15,10 @@ from danlu.serve.faces import FaceService, face_service
 @pytest.fixture(scope="module")
 def face_run(tmp_path_factory):
     """A MobileFaceNet run of 4 steps on synthetic identities (32 px), and raw face images of 4 identities."""
-    from tests.face.synth import make_identities
+    from tests.face.synth import make_identities, train_tiny_face_run
 
     root = tmp_path_factory.mktemp("servefaces")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: MobileFaceNet's many small ops stall on two threads under load
-    try:
-        danlu.train("face_arcface_light", overrides=[
-            "data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.train_size=64", "data.test_size=32",
-            "data.batch_size=8", "data.test_pairs=10", "data.size=32", "model.kwargs={width_mult: 0.25}",
-            "precision=fp32", "run.max_iter=4", "run.tensorboard=false", "run.snapshot_every=0"],
-            out=root / "run", device="cpu", quiet=True)
-        yield root / "run", make_identities(root / "raw", identities=4, per_identity=3, size=48)
-    finally:
-        torch.set_num_threads(threads)
+    yield train_tiny_face_run(root / "run"), make_identities(root / "raw", identities=4, per_identity=3, size=48)
 
 
 def test_a_classifier_run_has_no_face_service(tiny_run):
