@@ -82,7 +82,35 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     return torch.randperm(n, generator=g)
 
 
-_END = object()
+END = object()  # what a prefetch producer queues last
+
+
+def prefetched(produce, depth: int, name: str) -> Iterator:
+    """Items that `produce(put_queue, stop_event)` queues from a daemon thread, at most `depth` ahead, until it
+    queues END; an exception it queues is raised here. Leaving early stops the producer and unblocks it from a
+    full queue (the DeviceLoader's and the wds ShardLoader's prefetch both run through here)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    worker = threading.Thread(target=produce, args=(q, stop), daemon=True, name=name)
+    worker.start()
+    try:
+        while True:
+            item = q.get()
+            if item is END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                worker.join(0.01)
 
 
 class StreamLoader(_Sharded):
@@ -117,35 +145,14 @@ class StreamLoader(_Sharded):
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
-        import queue
-        import threading
-
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-        worker = threading.Thread(target=self._produce, args=(epoch, start, q, stop), daemon=True,
-                                  name="danlu-prefetch")
-        worker.start()
-        try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                x, y, ready = item
-                if ready is not None:  # the copy ran on a side stream: order it before this stream's use
-                    stream = torch.cuda.current_stream(self.device)
-                    stream.wait_event(ready)
-                    x.record_stream(stream)
-                    y.record_stream(stream)
-                yield x, y
-        finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(0.01)
+        for x, y, ready in prefetched(lambda q, stop: self._produce(epoch, start, q, stop), self.prefetch,
+                                      "danlu-prefetch"):
+            if ready is not None:  # the copy ran on a side stream: order it before this stream's use
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_event(ready)
+                x.record_stream(stream)
+                y.record_stream(stream)
+            yield x, y
 
     def _produce(self, epoch: int, start: int, q, stop) -> None:
         import queue
@@ -186,7 +193,7 @@ class StreamLoader(_Sharded):
                     item = (self._gather(rows, None), self.labels[rows], None)
                 if not put(item):
                     return
-            put(_END)
+            put(END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(e)
 

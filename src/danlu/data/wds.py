@@ -628,7 +628,7 @@ def warn_skipped(skipped: list[dict[str, Any]], when: str = "") -> None:
 # ---------------------------------------------------------------- the loader
 
 
-_END = object()
+from danlu.data.loader import END as _END  # noqa: E402 (the prefetch's end marker)
 
 
 def _seeded(*words: int) -> np.random.Generator:
@@ -717,27 +717,14 @@ class ShardLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
+        from danlu.data.loader import prefetched
+
         decoder = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="danlu-wds-decode")
-        worker = threading.Thread(target=self._produce, args=(epoch, start, q, stop, decoder), daemon=True,
-                                  name="danlu-wds")
-        worker.start()
         try:
-            while True:
-                item = q.get()
-                if item is _END:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
+            for item in prefetched(lambda q, stop: self._produce(epoch, start, q, stop, decoder), self.prefetch,
+                                   "danlu-wds"):
                 yield self._finish(item)
         finally:
-            stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    worker.join(0.01)
             decoder.shutdown(wait=True, cancel_futures=True)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
