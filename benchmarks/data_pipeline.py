@@ -20,7 +20,7 @@ device as normalized float32, which is what a training step consumes (the `*_uin
 batches without the augmentation, to show where the time goes). The target is (a) >= 5x (c); a miss is
 reported, not an error.
 
-Compressed shards (issue 17), in the same run, at --size with random resized crop + flip:
+Compressed shards, in the same run, at --size with random resized crop + flip:
   (d) danlu from WebDataset shards: `danlu prepare --format wds --keep-original` (the same JPEG bytes, in tar shards),
       then epochs of the streamed ShardLoader (every image decoded again each epoch, in threads, at a reduced JPEG
       scale where the source is at least twice --size) through Augment(resized_crop=(0.08, 1), flip, normalize) on the

@@ -12,7 +12,7 @@ input size, back to back, for `--warmup` seconds (not counted) and then for `--s
 server is stopped.
 Reported per setting: requests per second (answers completed in the window / window), p50/p95/p99 latency of those
 answers, the mean number of images per forward pass (the server's `batch_images`), and errors. Batching on is
-`--max-batch 64 --max-wait-ms 5`, off is `--max-batch 1`. The targets (issue 9, on a 2-core CPU): batched >= 3x
+`--max-batch 64 --max-wait-ms 5`, off is `--max-batch 1`. The targets (on a 2-core CPU): batched >= 3x
 the requests/s of unbatched at 32 clients, LeNet p99 under 250 ms batched; a miss is reported, not an error.
 
 The clients run on the same machine as the server: on a small machine they take part of its CPU (the figures are
