@@ -233,6 +233,8 @@ def test_batch_streams_and_processes_that_do_not_fit_are_one_line_errors(shards)
     with pytest.raises(DanluError, match=r"data.batch_size=6: the global batch 12 .* not a multiple of "
                                          r"data.streams=8; .*multiple of 4, e.g. 4 or 8"):
         make_loader(train.images, None, 6, device="cpu", world=2)
+    with pytest.raises(DanluError, match=r"data.batch_size=2: .* multiple of 8, e.g. 8 or 16$"):
+        make_loader(train.images, None, 2, device="cpu")
     with pytest.raises(DanluError, match="data.streams=8: 3 processes do not divide it"):
         make_loader(train.images, None, 8, device="cpu", world=3)
     with pytest.raises(DanluError, match="data.decode=cuda: the run's device is cpu"):
@@ -413,8 +415,11 @@ def test_s3_urls_need_fsspec_and_read_through_it(tmp_path, monkeypatch):
         write_shards(tmp_path / "s", [5, 5])
         for p in (tmp_path / "s").iterdir():
             fs.put(str(p), f"bucket/{p.name}")
-        train, test = _load("s3://bucket/train-{000000..000001}.tar")
-        assert len(train) + len(test) == 10
+        remote, _ = _load("s3://bucket/train-{000000..000001}.tar", streams=2)
+        local, _ = _load(tmp_path / "s" / "train-{000000..000001}.tar", streams=2)
+        a = list(make_loader(local.images, None, 2, device="cpu", seed=2).epoch(1))
+        b = list(make_loader(remote.images, None, 2, device="cpu", seed=2).epoch(1))
+        assert len(a) == len(b) > 0 and all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1]) for p, q in zip(a, b))
     finally:
         server.stop()
 

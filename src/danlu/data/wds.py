@@ -671,11 +671,12 @@ class ShardLoader:
                                  f"multiple of the number of processes (e.g. --set data.streams={world * max(1, K // world)})")
             if G % K:
                 step = K // math.gcd(K, world)  # per-process batches b with b * world a multiple of K
-                lo, hi = max(step, batch_size // step * step), (batch_size // step + 1) * step
+                below = batch_size // step * step
+                near = [b for b in (below, below + step, below + 2 * step) if b >= step][:2]
                 raise DanluError(f"data.batch_size={batch_size}: the global batch {G} ({batch_size} x {world} "
                                  f"process(es), x optim.accumulate where set) is not a multiple of data.streams={K}; "
                                  f"expected a per-process batch that is a multiple of {step}, e.g. "
-                                 f"{lo if lo != batch_size else hi} or {hi if lo != batch_size else hi + step}")
+                                 f"{near[0]} or {near[1]}")
             self.per_stream = self.n // K  # samples each stream holds in an epoch
 
     @property
