@@ -93,6 +93,23 @@ def test_row_figures_follow_from_the_step_times(monkeypatch, procs):
     assert (row["peak_tflops"], row["peak_source"]) == (2.0, "stub")
 
 
+def test_ratios_keep_their_precision_when_danlus_step_is_far_slower(monkeypatch):
+    """On a busy machine a 2-step bench can read danlu 40x slower than the plain loop: the ratio keeps 4 significant
+    digits (rounded to decimals, 0.02304 became 0.023, 0.2% off the step times it is computed from)."""
+    from danlu.bench import matrix
+
+    slow = [t * 43.4 for t in PLAIN_STEPS]
+    monkeypatch.setattr(matrix, "time_both", lambda combo, cfg: {
+        "danlu": slow, "plain": PLAIN_STEPS, "wait": 0.0, "peak_memory_mb": None, "channels_last": False,
+        "skipped_steps": 0, "device": "cpu (stub)"})
+    monkeypatch.setattr(matrix, "peak_tflops", lambda device, precision: (2.0, "stub"))
+    cfg = {"model": "lenet", "size": 16, "channels": 1, "classes": 10, "batch": 8, "steps": 5, "warmup": 1,
+           "device": "cpu", "channels_last": "auto", "loader": "device"}
+    row = bench.measure(bench.Combo("fp32", "off", False, 1), cfg, 10 ** 9, lambda msg: None)
+    assert row["vs_plain_loop"] == pytest.approx(row["plain_ms_per_step_median"] / row["ms_per_step_median"], rel=1e-3)
+    assert row["vs_plain_loop"] == pytest.approx(1 / 43.4, rel=1e-3)
+
+
 def test_lenet_flops_at_28px_match_the_hand_count():
     recipe = bench.bench_recipe("lenet", 28, 1, 10, 64, bench.Combo("fp32", "off", False, 1), "auto", torch.device("cpu"))
     train = ImageSet(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), torch.zeros(1), [str(i) for i in range(10)])

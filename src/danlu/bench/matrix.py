@@ -212,7 +212,7 @@ def measure(combo: Combo, cfg: dict[str, Any], flops: Optional[int], say: Callab
         "classes": cfg["classes"], "precision": combo.precision, "compile": combo.compile,
         "cuda_graphs": combo.cuda_graphs, "channels_last": t["channels_last"], "procs": world, "batch": batch,
         "global_batch": batch * world, "loader": cfg["loader"], "steps": len(d_times), "warmup": cfg["warmup"],
-        "images_per_second": round(batch * world / med, 2),
+        "images_per_second": sig(batch * world / med, 6),
         "ms_per_step_median": round(med * 1e3, 3), "ms_per_step_p90": round(p90 * 1e3, 3),
         "ms_per_step_mean": round(statistics.fmean(d_times) * 1e3, 3),
         "data_wait_share": round(min(1.0, t["wait"] / sum(d_times)), 4),
@@ -221,10 +221,10 @@ def measure(combo: Combo, cfg: dict[str, Any], flops: Optional[int], say: Callab
         "mfu": sig(tflops / peak) if tflops is not None and peak else None,
         "skipped_steps": t["skipped_steps"],
         "speedup_vs_fp32_eager": None,  # filled in once the whole matrix is measured
-        "plain_images_per_second": round(batch * world / plain_med, 2),
+        "plain_images_per_second": sig(batch * world / plain_med, 6),
         "plain_ms_per_step_median": round(plain_med * 1e3, 3),
         "plain_ms_per_step_p90": round(percentile(p_times, 90) * 1e3, 3),
-        "vs_plain_loop": round(plain_med / med, 4),
+        "vs_plain_loop": sig(plain_med / med),  # significant digits: a busy machine can make it 0.0230
     }
     say(f"bench: {cfg['model']} {combo.label}: {row['images_per_second']:.1f} img/s, {row['ms_per_step_median']:.2f}"
         f" ms median; plain loop {row['plain_images_per_second']:.1f} img/s; danlu/plain {row['vs_plain_loop']:.3f}")
@@ -315,7 +315,7 @@ def _speedups(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         base = next((b for b in rows if b["precision"] == "fp32" and b["compile"] == "off" and not b["cuda_graphs"]
                      and all(b[k] == r[k] for k in same)), None)
-        r["speedup_vs_fp32_eager"] = round(r["images_per_second"] / base["images_per_second"], 4) if base else None
+        r["speedup_vs_fp32_eager"] = sig(r["images_per_second"] / base["images_per_second"]) if base else None
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
