@@ -51,9 +51,10 @@ def make_identities(root: Path, identities: int = 24, per_identity: int = 16, si
     return root
 
 
-def train_tiny_face_run(out: Path) -> Path:
+def train_tiny_face_run(out: Path, *overrides: str) -> Path:
     """A MobileFaceNet (x0.25) run of 4 steps of the light ArcFace recipe on synthetic identities (32 px, 3
-    channels), trained on one thread: 2 shared cores make MobileFaceNet's many small ops stall on two under load."""
+    channels), trained on one thread: 2 shared cores make MobileFaceNet's many small ops stall on two under load.
+    `overrides` (recipe keys, as --set) come last and win."""
     import torch
 
     import danlu
@@ -64,7 +65,7 @@ def train_tiny_face_run(out: Path) -> Path:
         danlu.train("face_arcface_light", overrides=[
             "data.name=synthetic", "data.channels=3", "data.num_classes=8", "data.train_size=64", "data.test_size=32",
             "data.batch_size=8", "data.test_pairs=10", "data.size=32", "model.kwargs={width_mult: 0.25}",
-            "precision=fp32", "run.max_iter=4", "run.tensorboard=false", "run.snapshot_every=0"],
+            "precision=fp32", "run.max_iter=4", "run.tensorboard=false", "run.snapshot_every=0", *overrides],
             out=out, device="cpu", quiet=True)
     finally:
         torch.set_num_threads(threads)

@@ -58,6 +58,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from danlu.data.loader import END, prefetched
 from danlu.errors import DanluError, few
 
 INDEX_NAME, INDEX_FORMAT, INDEX_VERSION = "index.json", "danlu-wds", 1
@@ -628,9 +629,6 @@ def warn_skipped(skipped: list[dict[str, Any]], when: str = "") -> None:
 # ---------------------------------------------------------------- the loader
 
 
-from danlu.data.loader import END as _END  # noqa: E402 (the prefetch's end marker)
-
-
 def _seeded(*words: int) -> np.random.Generator:
     return np.random.default_rng([int(w) & 0xFFFFFFFF for w in words])
 
@@ -718,8 +716,6 @@ class ShardLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
-        from danlu.data.loader import prefetched
-
         decoder = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="danlu-wds-decode")
         try:
             for item in prefetched(lambda q, stop: self._produce(epoch, start, q, stop, decoder), self.prefetch,
@@ -746,7 +742,7 @@ class ShardLoader:
         try:
             n_batches = len(self)
             if start >= n_batches:
-                put(_END)
+                put(END)
                 return
             shard_at, within = self.order(epoch)
             rows = [self.positions(i) for i in range(start, n_batches)]
@@ -776,7 +772,7 @@ class ShardLoader:
                         return
             finally:  # leaving early (a break, an error): the reads not started yet are dropped
                 reader.shutdown(wait=True, cancel_futures=True)
-            put(_END)
+            put(END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(e)
 
