@@ -22,9 +22,11 @@ reported, not an error.
 
 Compressed shards, in the same run, at --size with random resized crop + flip:
   (d) danlu from WebDataset shards: `danlu prepare --format wds --keep-original` (the same JPEG bytes, in tar shards),
-      then epochs of the streamed ShardLoader (every image decoded again each epoch, in threads, at a reduced JPEG
-      scale where the source is at least twice --size) through Augment(resized_crop=(0.08, 1), flip, normalize) on the
-      device; `d_wds_uint8_only`: the loader alone. On CUDA also `d_wds_nvjpeg` (data.decode=cuda).
+      then epochs of the streamed ShardLoader with Augment(resized_crop=(0.08, 1), flip, normalize), as `danlu
+      train` runs them: every image decoded again each epoch, in threads, straight into its random resized crop (the
+      box of the source, decoded at the smallest JPEG scale that still covers --size: ShardLoader.take_crop), then
+      flip and normalize batched on the device; `d_wds_uint8_only`: the loader alone, decoding whole images (shorter
+      side to --size, centre crop). On CUDA also `d_wds_nvjpeg` (data.decode=cuda: nvJPEG, the crop on the GPU).
   (e) torchvision: `ImageFolder` + `transforms.v2` (decode, RandomResizedCrop(size), RandomHorizontalFlip, ToDtype,
       Normalize) + `DataLoader(num_workers=2, ...)`, the same transforms on the CPU workers.
 Target: (d) >= 2x (e) on 2 CPU cores; on a GPU, d_wds_nvjpeg >= 3,000 images/s at 224 px. The share of the CPU used by other processes during each measurement is printed beside it:
@@ -33,6 +35,7 @@ on a shared machine, figures measured beside someone else's job are not to be tr
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -135,6 +138,9 @@ def danlu_epochs(images, labels, batch: int, device: torch.device, cache, augmen
     """Images per second over `epochs` epochs (after `warmup`), uint8 batches -> augmented float32 on the device
     (augment None: the uint8 batches only, to show what the loader alone delivers)."""
     loader = make_loader(images, labels, batch, device=device, cache=cache, seed=0)
+    if augment is not None and hasattr(loader, "take_crop"):  # shards: the decoder does the random resized crop, as
+        augment = copy.copy(augment)  # in `danlu train`
+        loader.take_crop(augment)
     g = torch.Generator(device).manual_seed(1)
     n, t0 = 0, None
     for e in range(warmup + epochs):

@@ -77,3 +77,61 @@ def test_as_size():
     assert as_size(None, default=28) == (28, 28)
     with pytest.raises(DanluError, match=r"data.size=\[0, 4\]: expected positive sizes"):
         as_size([0, 4])
+
+
+def test_the_decoders_crop_boxes_are_the_device_warps():
+    """ResizedCrop.box, in whole source pixels, is augment._box's box for the same four draws."""
+    from danlu.data.augment import _box
+    from danlu.data.decode import ResizedCrop
+
+    rc, (H, W) = ResizedCrop((0.08, 1.0), (3 / 4, 4 / 3)), (300, 500)
+    d = torch.rand(200, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    fw, fh, cx, cy = _box(d, H, W, rc.area, rc.ratio)
+    for i in range(len(d)):
+        left, top, bw, bh = rc.box(W, H, d[i].tolist())
+        assert abs(bw - fw[i].item() * W) <= 0.5 and abs(bh - fh[i].item() * H) <= 0.5
+        assert 0 <= left <= W - bw and 0 <= top <= H - bh
+        assert abs(left + bw / 2 - (cx[i].item() + 1) / 2 * W) <= 1.5  # the same centre, to the pixel
+        assert abs(top + bh / 2 - (cy[i].item() + 1) / 2 * H) <= 1.5
+
+
+def test_a_crop_decodes_as_torchvisions_resized_crop(tmp_path):
+    """decode_image(crop=...): the box of the source resized with antialiasing, torchvision's resized_crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    from danlu.data.decode import ResizedCrop
+
+    img, rc = _photo(90, 150), ResizedCrop((0.1, 0.6))
+    path = _png(tmp_path, img)
+    for d in ([0.2, 0.3, 0.1, 0.9], [0.9, 0.8, 0.5, 0.5], [0.0, 0.0, 0.99, 0.0]):
+        left, top, bw, bh = rc.box(150, 90, d)
+        ref = TF.resized_crop(torch.from_numpy(img).permute(2, 0, 1), top, left, bh, bw, [24, 32], antialias=True)
+        ours = decode_image(path, (24, 32), 3, "crop", crop=(rc, d))
+        assert ours.shape == (3, 24, 32)
+        assert (torch.from_numpy(ours).float() - ref.float()).abs().mean() < 1.0, d
+
+
+def test_a_large_jpegs_crop_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch):
+    """A JPEG whose box is over twice the target is decoded at 1/2 (1/4, 1/8) and still looks like the full decode's
+    crop (a box 10% off would differ by over 20 levels); a box under twice the target is decoded whole."""
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as TF
+
+    from danlu.data.decode import ResizedCrop
+
+    img, rc = _photo(400, 600), ResizedCrop((0.5, 1.0))
+    path = tmp_path / "big.jpg"
+    Image.fromarray(img).save(path, quality=95)
+    full = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+    from danlu.data import decode
+
+    sizes = []
+    real = decode._resized_box
+    monkeypatch.setattr(decode, "_resized_box", lambda a, *r: (sizes.append(a.shape[1::-1]), real(a, *r))[1])
+    for d, target, scale in (([0.9, 0.5, 0.5, 0.5], (48, 64), 4), ([0.0, 0.5, 0.2, 0.7], (200, 200), 1)):
+        left, top, bw, bh = rc.box(600, 400, d)
+        ours = decode_image(path, target, 3, "crop", crop=(rc, d))
+        assert sizes[-1] == (600 // scale, 400 // scale), (d, sizes[-1])
+        ref = TF.resized_crop(full, top, left, bh, bw, list(target), antialias=True)
+        # DCT-scaled decoding, and the box snapped to the reduced image's pixel grid (up to half a reduced pixel)
+        assert (torch.from_numpy(ours).float() - ref.float()).abs().mean() < (4.0 if scale > 1 else 1.0), d

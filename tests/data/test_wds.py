@@ -206,8 +206,8 @@ def test_resume_mid_epoch_gives_the_same_batches_without_reading_what_came_befor
     monkeypatch.setattr(wds, "read_shard", lambda url, labels: (read.append(url), real(url, labels))[1])
     decoded = []
     real_decode = wds._decode_rows
-    monkeypatch.setattr(wds, "_decode_rows", lambda picked, out, lo, hi, im: (decoded.append(hi - lo),
-                                                                                real_decode(picked, out, lo, hi, im))[1])
+    monkeypatch.setattr(wds, "_decode_rows", lambda picked, out, lo, hi, *rest: (
+        decoded.append(hi - lo), real_decode(picked, out, lo, hi, *rest))[1])
     rest = _epoch(train, 4, epoch=3, start=11)
     assert len(rest) == len(full) - 11
     for (a, b), (c, d) in zip(full[11:], rest, strict=True):
@@ -215,6 +215,48 @@ def test_resume_mid_epoch_gives_the_same_batches_without_reading_what_came_befor
     assert sum(decoded) == 4 * len(rest)  # nothing before batch 11 was decoded
     assert len(read) < 7  # ... and the shards wholly before it were not opened
     assert _epoch(train, 4, epoch=3, start=len(full)) == []
+
+
+def _gradient_png(value: int, label: int, size=(30, 40)) -> bytes:
+    """A sample whose every pixel says where it is: (column, row, id), so a batch shows each row's crop box."""
+    from PIL import Image
+
+    y, x = np.mgrid[0:size[0], 0:size[1]]
+    arr = np.stack([x * 6, y * 8, np.full(size, value % 256)], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_decoder_crops_each_training_image_by_seed_epoch_and_position(tmp_path):
+    """take_crop: each training image is decoded into its random resized crop, the box drawn from (seed, epoch,
+    position in the epoch's sequence): the same crops on 1 or 2 processes and when resumed mid-epoch, others in the
+    next epoch; the Augment loses its resized crop; test loaders never crop."""
+    from danlu.data.augment import Augment
+
+    root = tmp_path / "s"
+    write_shards(root, [9, 13, 5, 11, 8, 12, 7], extra=lambda i: {"png": _gradient_png(i, i % 3)})
+    write_shards(root, [6, 5], name="val", start=1000, extra=lambda i: {"png": _gradient_png(i, i % 3)})
+    train, test = load_dataset("wds", root=str(root), size=(12, 16), streams=2)
+
+    def epoch(e, start=0, rank=0, world=1):
+        loader = make_loader(train.images, None, 8 // world, device="cpu", seed=5, rank=rank, world=world)
+        aug = Augment(flip=True, resized_crop=(0.1, 0.5))
+        assert loader.take_crop(aug) and aug.resized_crop is None and aug.flip
+        return [x for x, _ in loader.epoch(e, start=start)]
+
+    one = epoch(0)
+    x = torch.cat(one).float()
+    width = x[:, 0, 0, -1] - x[:, 0, 0, 0]  # columns x 6 spanned by each crop: at most half the area, so less
+    assert (width < 6 * 39 * 0.95).all() and len(set(width.tolist())) > 10  # than the whole width, and all kinds
+    two = [torch.cat(b) for b in zip(epoch(0, rank=0, world=2), epoch(0, rank=1, world=2))]
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(one[3:], epoch(0, start=3), strict=True))
+    assert not torch.equal(torch.cat(epoch(1)), x.to(torch.uint8))
+    plain = list(make_loader(train.images, None, 8, device="cpu", seed=5).epoch(0))  # no take_crop: whole images
+    assert all(int(b[i, 0, 0, -1]) - int(b[i, 0, 0, 0]) > 6 * 39 * 0.9 for b, _ in plain for i in range(len(b)))
+    tl = make_loader(test.images, None, 4, device="cpu", shuffle=False, drop_last=False)
+    assert not tl.take_crop(Augment(resized_crop=(0.1, 0.5)))
 
 
 def test_a_test_loader_counts_every_sample_once_over_ranks(shards):

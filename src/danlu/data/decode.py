@@ -8,6 +8,7 @@ pool keeps all cores busy without copying pixels between processes. A JPEG is de
 target is much smaller (`draft`, libjpeg's scaled decoding: 2-8x fewer pixels to decode), then resized with
 antialiasing. `resize="crop"`: scale so the image covers the target (shorter side to `size` for a square target),
 then take the centre, like torchvision's Resize + CenterCrop; `resize="exact"`: stretch to the target.
+`crop=(ResizedCrop, draws)`: a random resized crop of the source instead (the wds loader's training images).
 A file that is not a readable image (text, zero bytes, truncated, corrupt) raises `BadImage` with the reason.
 `decode_image` also takes an open binary file (`io.BytesIO(upload)`: `danlu serve` decodes uploads in memory) and
 `max_pixels`, a limit on width x height checked from the header before any pixel is decoded (image bombs).
@@ -20,6 +21,7 @@ import threading
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -62,13 +64,38 @@ def to_mode(im, channels: int):
     return im if im.mode == want else im.convert(want)
 
 
+@dataclass(frozen=True)
+class ResizedCrop:
+    """torchvision's RandomResizedCrop geometry for the decoder: a box of a share of the source's area in `area` and
+    an aspect ratio (width / height) log-uniform in `ratio`, clipped to the image (where torchvision would draw
+    again), placed uniformly where it fits: the same rule as the device warp's boxes (augment._box), on the source's
+    own pixels. The four uniforms in [0, 1) that pick a box are drawn by the caller (ShardLoader: from the seed, the
+    epoch and the sample's position), so a box depends on nothing else."""
+    area: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def box(self, W: int, H: int, d: Sequence[float]) -> tuple[int, int, int, int]:
+        """(left, top, width, height) in whole pixels of a W x H source for the draws d (share, log ratio, x, y)."""
+        share = self.area[0] + d[0] * (self.area[1] - self.area[0])
+        lo, hi = math.log(self.ratio[0]), math.log(self.ratio[1])
+        aspect = math.exp(lo + d[1] * (hi - lo))
+        bw = min(W, max(1, int(round(math.sqrt(share * W * H * aspect)))))
+        bh = min(H, max(1, int(round(math.sqrt(share * W * H / aspect)))))
+        return int(d[2] * (W - bw + 1)), int(d[3] * (H - bh + 1)), bw, bh
+
+
 def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channels: int = 3, resize: str = "crop",
-                 max_pixels: Optional[int] = None) -> np.ndarray:
+                 max_pixels: Optional[int] = None,
+                 crop: Optional[tuple[ResizedCrop, Sequence[float]]] = None) -> np.ndarray:
     """One image file (a path or an open binary file) -> (channels, h, w) uint8. Raises BadImage for anything that
-    is not a readable image, or one of more than `max_pixels` pixels (checked before decoding)."""
+    is not a readable image, or one of more than `max_pixels` pixels (checked before decoding).
+    `crop=(ResizedCrop, draws)`: a random resized crop instead of `resize` (the box in the source's pixels, resized to
+    (h, w) with antialiasing, as torchvision's RandomResizedCrop); a JPEG is decoded at the smallest DCT scale at which
+    the box still covers (h, w), so a large source costs a fraction of its full decode."""
     from PIL import Image
 
     h, w = size
+    box = None
     try:  # everything that reads the (untrusted) file: any failure means "not a readable image"
         with Image.open(path) as im:
             W0, H0 = im.size
@@ -77,8 +104,13 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
             if max_pixels is not None and W0 * H0 > max_pixels:
                 raise BadImage(f"image of {W0}x{H0} pixels is over the limit of {max_pixels} pixels "
                                f"(a decompression bomb?); expected a smaller image")
-            rw, rh = cover_size(W0, H0, h, w) if resize == "crop" else (w, h)  # the full image's size after resizing
-            im.draft("L" if channels == 1 else "RGB", (rw, rh))  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it
+            if crop is not None:  # the box, and the whole image's size at which the box becomes (w, h)
+                box = crop[0].box(W0, H0, crop[1])
+                rw, rh = math.ceil(W0 * w / box[2]), math.ceil(H0 * h / box[3])
+            else:
+                rw, rh = cover_size(W0, H0, h, w) if resize == "crop" else (w, h)  # the image's size after resizing
+            if 2 * rw <= W0 and 2 * rh <= H0:  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it (else no call:
+                im.draft("L" if channels == 1 else "RGB", (rw, rh))  # a draft at full scale decodes slower)
             im = to_mode(im, channels)
             im.load()  # decodes: a truncated or corrupt file fails here
     except BadImage:
@@ -95,11 +127,29 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
     # Resize to (rw, rh) then take the centred (w, h) window, as torchvision's Resize + CenterCrop do, in one Pillow
     # call: `box` is that window in the (possibly draft-reduced) source's coordinates, so the sampling grid and the
     # antialiasing filter are exactly those of resizing the whole image.
-    left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
-    fx, fy = im.size[0] / rw, im.size[1] / rh  # source pixels per resized pixel
-    box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+    if box is not None:  # the crop box, in whole pixels of the (possibly draft-reduced) decoded image
+        return _resized_box(np.array(im), box, im.size[0] / W0, im.size[1] / H0, h, w)
+    else:
+        left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
+        fx, fy = im.size[0] / rw, im.size[1] / rh  # source pixels per resized pixel
+        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
     a = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR, box=box))  # antialiased; (h, w) or (h, w, 3)
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _resized_box(a: np.ndarray, box: tuple[int, int, int, int], fx: float, fy: float, h: int, w: int) -> np.ndarray:
+    """The box (left, top, width, height; source pixels, scaled by fx, fy to the decoded image's) of a decoded
+    (H, W) or (H, W, 3) uint8 image, resized to (channels, h, w) uint8 with antialiasing: torch's uint8 resize
+    (torchvision's resize), which reads the channels-last pixels as they are and is 2x Pillow's on a CPU."""
+    import torch
+
+    H, W = a.shape[:2]
+    left, top = min(W - 1, int(round(box[0] * fx))), min(H - 1, int(round(box[1] * fy)))
+    right, bottom = max(left + 1, min(W, int(round((box[0] + box[2]) * fx)))), \
+        max(top + 1, min(H, int(round((box[1] + box[3]) * fy))))
+    t = torch.from_numpy(a if a.ndim == 3 else a[..., None]).permute(2, 0, 1)[None, :, top:bottom, left:right]
+    out = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+    return np.ascontiguousarray(out[0].numpy())
 
 
 def cover_size(W: int, H: int, h: int, w: int) -> tuple[int, int]:

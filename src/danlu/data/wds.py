@@ -35,7 +35,10 @@ before it: shards that lie wholly before batch i are not even opened.
 Decoding: `decode="cpu"` in a thread pool (Pillow releases the GIL; a JPEG at least twice the target is decoded at a
 reduced DCT scale, `decode.decode_image`), `"cuda"` batched with `torchvision.io.decode_jpeg(..., device="cuda")`
 (nvJPEG; PNG/WebP and what nvJPEG refuses fall back to the CPU), `"auto"`: cuda on a CUDA device. A background thread
-reads shards ahead and queues the decoding of the next batches while the step runs. An image that does not decode is
+reads shards ahead and queues the decoding of the next batches while the step runs. `take_crop(augment)` (training
+loaders; `danlu train` calls it): each image is decoded straight into augment's random resized crop, a box of the
+source's own pixels drawn from (seed, epoch, position in the epoch's sequence), at the smallest JPEG scale that covers
+it (nvJPEG: cropped and resized on the GPU). An image that does not decode is
 replaced by another image of its stream's share of the batch (the same on any number of processes; where that share
 holds no other good image, of this process's batch), counted, and listed in data_report.json at the end of the run.
 """
@@ -58,6 +61,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from danlu.data.decode import ResizedCrop
 from danlu.data.loader import END, prefetched
 from danlu.errors import DanluError, few
 
@@ -66,6 +70,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 TEST_SPLITS = ("val", "test")
 STATS_SAMPLES = 2048  # normalization statistics of a shard set come from its first samples
 DECODES = ("auto", "cpu", "cuda")
+_CROP_WORD = 0x52524331  # "RRC1": keeps the crop draws' random streams apart from the order's
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # scheme: http://, s3://, pipe:, file://
 _FSSPEC = ("s3", "gs", "gcs", "az", "abfs", "abfss", "hdfs", "webhdfs")  # opened through fsspec
 
@@ -661,6 +666,7 @@ class ShardLoader:
         self.decode = "cuda" if decode == "auto" and self.device.type == "cuda" else ("cpu" if decode == "auto"
                                                                                        else decode)
         self.skipped: dict[tuple[str, str], dict[str, Any]] = {}  # (shard, key) -> entry: images that did not decode
+        self.crop: Optional[ResizedCrop] = None  # training: each image's random resized crop, done by the decoder
         K = self.streams = images.streams
         if drop_last:
             G = self.global_batch
@@ -680,6 +686,16 @@ class ShardLoader:
     @property
     def global_batch(self) -> int:
         return self.batch_size * self.world
+
+    def take_crop(self, augment) -> bool:  # noqa: ANN001 - an Augment
+        """Training: decode each image straight into `augment`'s random resized crop, a box of the source's own
+        pixels (at the smallest JPEG scale that covers it), as DALI's and FFCV's decoders do, and take that op off
+        `augment` (its device warp keeps rotation, zoom and translation). Returns whether it did."""
+        if not self.drop_last or augment.resized_crop is None:
+            return False
+        self.crop = ResizedCrop(augment.resized_crop, augment.ratio)
+        augment.resized_crop = None
+        return True
 
     def __len__(self) -> int:
         """Batches per epoch (for each rank): N // G in training; in testing, enough for the largest rank's share."""
@@ -765,7 +781,7 @@ class ShardLoader:
                             live[first[nxt]] = reader.submit(self._read, first[nxt])
                         nxt += 1
                     picked = [live[int(k)].result()[int(w)] for k, w in zip(need[j], within[rws])]
-                    item = self._submit(picked, self.stream_of(rws), decoder)
+                    item = self._submit(picked, self.stream_of(rws), self._draws(epoch, rws), decoder)
                     for k in [k for k in live if last[k] == j]:  # no later batch needs these shards
                         del live[k]
                     if not put(item):
@@ -786,17 +802,25 @@ class ShardLoader:
                              f"indexed: prepare again, or delete index.json to count them anew")
         return [(url, key, data, label) for key, data, label in good]
 
-    def _submit(self, picked: list, streams: np.ndarray, decoder) -> tuple:  # noqa: ANN001
-        """Queue the decoding of one batch: (samples, streams, labels, images buffer, futures of bad rows)."""
+    def _draws(self, epoch: int, positions: np.ndarray) -> Optional[np.ndarray]:
+        """(B, 4) uniforms choosing each row's crop box (`crop` set, training only), from (seed, epoch, position in
+        the epoch's sequence): the same boxes on any number of processes, and when resumed mid-epoch."""
+        if self.crop is None or not self.drop_last:
+            return None
+        return np.stack([_seeded(self.seed, epoch, int(q), _CROP_WORD).random(4) for q in positions])
+
+    def _submit(self, picked: list, streams: np.ndarray, draws: Optional[np.ndarray], decoder) -> tuple:  # noqa: ANN001
+        """Queue the decoding of one batch: (samples, streams, labels, images buffer or crop draws, futures of bad
+        rows)."""
         B, (h, w), c = len(picked), self.images.size, self.images.channels
         labels = np.array([p[3] for p in picked], np.int64)
         if self.decode == "cuda":
-            return picked, streams, labels, None, []
+            return picked, streams, labels, draws, []
         out = torch.empty((B, c, h, w), dtype=torch.uint8, pin_memory=self.device.type == "cuda")  # pinned: copied
         # to the device without blocking
         arr = out.numpy()
         step = max(1, math.ceil(B / (self.workers * 2)))
-        futures = [decoder.submit(_decode_rows, picked, arr, lo, min(B, lo + step), self.images)
+        futures = [decoder.submit(_decode_rows, picked, arr, lo, min(B, lo + step), self.images, self.crop, draws)
                    for lo in range(0, B, step)]
         return picked, streams, labels, out, futures
 
@@ -805,7 +829,7 @@ class ShardLoader:
     def _finish(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         picked, streams, labels, out, futures = item
         if self.decode == "cuda":
-            x, bad = _decode_cuda(picked, self.images, self.device)
+            x, bad = _decode_cuda(picked, self.images, self.device, self.crop, out)  # out: the crop draws
         else:
             bad = {i: r for f in futures for i, r in f.result().items()}
             x = out
@@ -837,8 +861,10 @@ class ShardLoader:
                 x[i] = 0
 
 
-def _decode_rows(picked: list, out: np.ndarray, lo: int, hi: int, images: ShardImages) -> dict[int, str]:
-    """Decode rows lo..hi of a batch into `out` (CPU, Pillow); {row: reason} of those that are not images."""
+def _decode_rows(picked: list, out: np.ndarray, lo: int, hi: int, images: ShardImages,
+                 crop: Optional[ResizedCrop] = None, draws: Optional[np.ndarray] = None) -> dict[int, str]:
+    """Decode rows lo..hi of a batch into `out` (CPU, Pillow), each a random resized crop where `crop` and its
+    `draws` are given; {row: reason} of those that are not images."""
     from danlu.data.decode import BadImage, decode_image
 
     bad = {}
@@ -846,17 +872,20 @@ def _decode_rows(picked: list, out: np.ndarray, lo: int, hi: int, images: ShardI
         warnings.filterwarnings("ignore", module=r"PIL\.")
         for i in range(lo, hi):
             try:
-                out[i] = decode_image(io.BytesIO(picked[i][2]), images.size, images.channels, images.resize)
+                out[i] = decode_image(io.BytesIO(picked[i][2]), images.size, images.channels, images.resize,
+                                      crop=None if draws is None else (crop, draws[i]))
             except BadImage as e:
                 out[i] = 0
                 bad[i] = str(e)
     return bad
 
 
-def _decode_cuda(picked: list, images: ShardImages, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
+def _decode_cuda(picked: list, images: ShardImages, device: torch.device, crop: Optional[ResizedCrop] = None,
+                 draws: Optional[np.ndarray] = None) -> tuple[torch.Tensor, dict[int, str]]:
     """One batch decoded on the GPU: JPEGs batched through nvJPEG (torchvision.io.decode_jpeg), each resized to the
-    target (shorter side + centre crop, or stretched; antialiased) on the device; other formats, and JPEGs that
-    nvJPEG refuses, decoded on the CPU. (B, C, H, W) uint8 on `device`, {row: reason} of rows that are not images."""
+    target (shorter side + centre crop, or stretched; or the random resized crop of `crop` and its `draws`;
+    antialiased) on the device; other formats, and JPEGs that nvJPEG refuses, decoded on the CPU. (B, C, H, W) uint8
+    on `device`, {row: reason} of rows that are not images."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     from danlu.data.decode import BadImage, decode_image
@@ -881,20 +910,28 @@ def _decode_cuda(picked: list, images: ShardImages, device: torch.device) -> tup
                     cpu.append(i)
         for i, im in zip(jpeg, decoded):
             if im is not None:
-                out[i] = _resize_on_device(im, h, w, images.resize)
+                box = None if draws is None else crop.box(im.shape[-1], im.shape[-2], draws[i])
+                out[i] = _resize_on_device(im, h, w, images.resize, box)
     for i in sorted(cpu):
         try:
-            out[i] = torch.from_numpy(decode_image(io.BytesIO(picked[i][2]), (h, w), c, images.resize)).to(device)
+            out[i] = torch.from_numpy(decode_image(io.BytesIO(picked[i][2]), (h, w), c, images.resize,
+                                                   crop=None if draws is None else (crop, draws[i]))).to(device)
         except BadImage as e:
             out[i] = 0
             bad[i] = str(e)
     return out, bad
 
 
-def _resize_on_device(im: torch.Tensor, h: int, w: int, resize: str) -> torch.Tensor:
-    """(C, H0, W0) uint8 -> (C, h, w) uint8: decode.decode_image's geometry (crop: cover then centre), on the device."""
+def _resize_on_device(im: torch.Tensor, h: int, w: int, resize: str,
+                      box: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """(C, H0, W0) uint8 -> (C, h, w) uint8: decode.decode_image's geometry (crop: cover then centre; or the crop box
+    (left, top, width, height) resized to (h, w)), on the device."""
     from danlu.data.decode import cover_size
 
+    if box is not None:
+        x = im[None, :, box[1]:box[1] + box[3], box[0]:box[0] + box[2]].float()
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
     H0, W0 = im.shape[-2:]
     rw, rh = cover_size(W0, H0, h, w) if resize == "crop" else (w, h)
     x = torch.nn.functional.interpolate(im[None].float(), size=(rh, rw), mode="bilinear", antialias=True,

@@ -88,6 +88,8 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     augment = build_augment(recipe, train).for_rank(dist.rank, dist.world)  # draws for the global batch
     augment.memory_format, augment.dtype = speed.memory_format, precision.param_dtype  # the weights' layout, dtype
     augment.wide = wide_float(device)  # its draws: float64, float32 where the device has none (mps)
+    if hasattr(train_loader, "take_crop") and train_loader.take_crop(augment) and getattr(train, "report", None):
+        train.report["resized_crop"] = "decoder"  # shards: each training image cropped from its source as decoded
     generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
                             precision)
