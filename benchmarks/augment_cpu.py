@@ -32,6 +32,10 @@ def timed(fn, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from danlu.engine.speed import reuse_freed_memory
+
+    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
+    # forked workers) too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)

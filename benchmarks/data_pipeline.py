@@ -194,6 +194,10 @@ def torchvision_epochs(loader, device: torch.device, epochs: int, warmup: int = 
 
 
 def main() -> int:
+    from danlu.engine.speed import reuse_freed_memory
+
+    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
+    # forked workers) too
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--classes", type=int, default=10)

@@ -214,6 +214,10 @@ def parse_steps(text: str | None, models: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from danlu.engine.speed import reuse_freed_memory
+
+    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
+    # forked workers) too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lenet,resnet18", help="comma-separated, from: " + ", ".join(SPECS))

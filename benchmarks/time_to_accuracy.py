@@ -170,6 +170,10 @@ def summarize(runs: list[dict], budget: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from danlu.engine.speed import reuse_freed_memory
+
+    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
+    # forked workers) too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="mnist_fast")
     ap.add_argument("--seeds", type=int, default=10)

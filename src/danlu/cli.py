@@ -506,6 +506,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         _parser().print_help()
         return 0
     warnings.formatwarning = _one_line_warning
+    from danlu.engine.speed import reuse_freed_memory
+
+    reuse_freed_memory()  # before the first big tensor: batches reuse freed memory instead of page-faulting it in
     commands = {"train": _cmd_train, "eval": _cmd_eval, "recipes": _cmd_recipes, "models": _cmd_models,
                 "predict": _cmd_predict, "data": _cmd_data, "prepare": _cmd_prepare, "export": _cmd_export,
                 "compare": _cmd_compare, "bench": _cmd_bench, "serve": _cmd_serve, "face": _cmd_face}

@@ -36,7 +36,7 @@ from danlu.engine.metrics import Best
 from danlu.engine.params import freeze, param_groups
 from danlu.engine.precision import Precision
 from danlu.engine.schedule import Schedule
-from danlu.engine.speed import Speed
+from danlu.engine.speed import Speed, reuse_freed_memory
 from danlu.errors import DanluError
 
 
@@ -63,6 +63,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
                   world=dist.world)
     precision = Precision(recipe.precision, device, autocast_cache=not recipe.cuda_graphs)
     precision.configure_backends()
+    reuse_freed_memory()  # the library's runs too (the CLI did it already)
     torch.manual_seed(recipe.run.seed)  # the initial weights
     shape = input_shape(recipe, train.shape)  # what the model sees: the data's, resized by data.size
     if model is None:
