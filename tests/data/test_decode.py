@@ -127,7 +127,7 @@ def test_a_large_jpegs_crop_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch)
 
     sizes = []
     real = decode._resized_box
-    monkeypatch.setattr(decode, "_resized_box", lambda a, *r: (sizes.append(a.shape[1::-1]), real(a, *r))[1])
+    monkeypatch.setattr(decode, "_resized_box", lambda a, *r: (sizes.append(tuple(a.shape[:0:-1])), real(a, *r))[1])
     for d, target, scale in (([0.9, 0.5, 0.5, 0.5], (48, 64), 4), ([0.0, 0.5, 0.2, 0.7], (200, 200), 1)):
         left, top, bw, bh = rc.box(600, 400, d)
         ours = decode_image(path, target, 3, "crop", crop=(rc, d))
@@ -135,3 +135,16 @@ def test_a_large_jpegs_crop_is_decoded_at_a_reduced_scale(tmp_path, monkeypatch)
         ref = TF.resized_crop(full, top, left, bh, bw, list(target), antialias=True)
         # DCT-scaled decoding, and the box snapped to the reduced image's pixel grid (up to half a reduced pixel)
         assert (torch.from_numpy(ours).float() - ref.float()).abs().mean() < (4.0 if scale > 1 else 1.0), d
+
+
+def test_a_truncated_jpeg_is_a_bad_image_cropped_or_not(tmp_path):
+    from PIL import Image
+
+    from danlu.data.decode import ResizedCrop
+
+    buf = io.BytesIO()
+    Image.fromarray(_photo(64, 80)).save(buf, format="JPEG")
+    cut = buf.getvalue()[:len(buf.getvalue()) * 2 // 3]  # the header whole, the pixels cut
+    for crop in (None, (ResizedCrop(), [0.5, 0.5, 0.5, 0.5])):
+        with pytest.raises(BadImage, match="not a readable image .*truncated"):
+            decode_image(io.BytesIO(cut), (32, 32), 3, "crop", crop=crop)
