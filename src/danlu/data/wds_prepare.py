@@ -120,7 +120,7 @@ def prepare_shards(src: Union[str, Path], out: Union[str, Path], *, size: Option
     total = sum(len(items) for items in splits.values())
     next_report = max(1, total // 10)
     workers = workers or default_workers()
-    mtime = time.time()
+    mtime = int(time.time())  # whole seconds: a float mtime costs every member a pax header, two headers to parse
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="danlu-encode") as pool:
         for split, items in splits.items():
             order = np.random.default_rng([seed, len(items)]).permutation(len(items))  # classes mixed in every shard
