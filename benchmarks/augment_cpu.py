@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from danlu.data.augment import Augment, _crop_flip_by_slices, _gather2d
+from danlu.engine.speed import reuse_freed_memory
 
 
 def timed(fn, repeats: int) -> float:
@@ -32,10 +33,7 @@ def timed(fn, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from danlu.engine.speed import reuse_freed_memory
-
-    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
-    # forked workers) too
+    reuse_freed_memory()  # as every danlu process does; the side it is compared with runs in this process too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--size", type=int, default=224)

@@ -56,6 +56,7 @@ from danlu.data.datasets import channel_stats, load_dataset
 from danlu.data.loader import make_loader
 from danlu.data.datasets import prepare
 from danlu.data.wds_prepare import prepare_shards
+from danlu.engine.speed import reuse_freed_memory
 
 TARGET = 5.0
 TARGET_WDS = 2.0
@@ -194,10 +195,7 @@ def torchvision_epochs(loader, device: torch.device, epochs: int, warmup: int = 
 
 
 def main() -> int:
-    from danlu.engine.speed import reuse_freed_memory
-
-    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
-    # forked workers) too
+    reuse_freed_memory()  # as every danlu process does; the side it is compared with runs in this process too
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--classes", type=int, default=10)

@@ -17,13 +17,11 @@ from pathlib import Path
 
 from danlu import bench
 from danlu.io import write_json
+from danlu.engine.speed import reuse_freed_memory
 
 
 def main(argv: list[str] | None = None) -> int:
-    from danlu.engine.speed import reuse_freed_memory
-
-    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
-    # forked workers) too
+    reuse_freed_memory()  # as every danlu process does; the side it is compared with runs in this process too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="112,64", help="input sizes in pixels (default 112,64)")
     ap.add_argument("--batch", type=int, default=64)

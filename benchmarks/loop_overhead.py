@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import danlu
 from danlu.engine.devices import cpu_model
 from danlu.data.datasets import ImageSet, load_dataset
+from danlu.engine.speed import reuse_freed_memory
 
 TARGET = 0.97
 WARMUP = 20  # danlu's Plan.warmup_iters: steps left out of RunResult.images_per_second
@@ -214,10 +215,7 @@ def parse_steps(text: str | None, models: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from danlu.engine.speed import reuse_freed_memory
-
-    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
-    # forked workers) too
+    reuse_freed_memory()  # as every danlu process does; the side it is compared with runs in this process too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="lenet,resnet18", help="comma-separated, from: " + ", ".join(SPECS))

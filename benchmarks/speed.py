@@ -16,6 +16,7 @@ from pathlib import Path
 
 from danlu import bench
 from danlu.io import write_json
+from danlu.engine.speed import reuse_freed_memory
 
 TARGET = 0.97
 RUNS = [  # (model, size, batch, timed steps, warm-up steps): LeNet at Caffe's batch 64; ResNet-18 small enough
@@ -25,10 +26,7 @@ RUNS = [  # (model, size, batch, timed steps, warm-up steps): LeNet at Caffe's b
 
 
 def main(argv: list[str] | None = None) -> int:
-    from danlu.engine.speed import reuse_freed_memory
-
-    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
-    # forked workers) too
+    reuse_freed_memory()  # as every danlu process does; the side it is compared with runs in this process too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, help="timed steps per combination (default: 60 LeNet, 12 ResNet-18)")
     ap.add_argument("--precision", default="fp32,bf16")

@@ -41,6 +41,7 @@ from danlu.config import load_recipe
 from danlu.engine.build import load_data
 from danlu.io import write_json
 from danlu.runs import environment
+from danlu.engine.speed import reuse_freed_memory
 
 
 def danlu_run(recipe: str, seed: int, device: str, out: Path) -> dict:
@@ -170,10 +171,7 @@ def summarize(runs: list[dict], budget: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from danlu.engine.speed import reuse_freed_memory
-
-    reuse_freed_memory()  # as in every danlu process; what it compares with runs in this process (and its
-    # forked workers) too
+    reuse_freed_memory()  # as every danlu process does; the side it is compared with runs in this process too
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="mnist_fast")
     ap.add_argument("--seeds", type=int, default=10)

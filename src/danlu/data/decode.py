@@ -127,17 +127,16 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
         name = type(e).__name__
         msg = str(e).split("\n")[0].replace(str(path), "").strip(" '\"") or name  # an open file: its repr
         raise BadImage(f"not a readable image ({name}: {msg})") from None
-    # Resize to (rw, rh) then take the centred (w, h) window, as torchvision's Resize + CenterCrop do, in one Pillow
-    # call: `box` is that window in the (possibly draft-reduced) source's coordinates, so the sampling grid and the
-    # antialiasing filter are exactly those of resizing the whole image.
     if box is not None:  # the crop box, in whole pixels of the (possibly draft-reduced) decoded image
         a = torch.from_numpy(np.array(im))  # (H, W, 3) or (H, W)
         a = a.permute(2, 0, 1) if a.dim() == 3 else a[None]
         return _resized_box(a, box, im.size[0] / W0, im.size[1] / H0, h, w)
-    else:
-        left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
-        fx, fy = im.size[0] / rw, im.size[1] / rh  # source pixels per resized pixel
-        box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
+    # Resize to (rw, rh) then take the centred (w, h) window, as torchvision's Resize + CenterCrop do, in one Pillow
+    # call: `box` is that window in the (possibly draft-reduced) source's coordinates, so the sampling grid and the
+    # antialiasing filter are exactly those of resizing the whole image.
+    left, top = int(round((rw - w) / 2.0)), int(round((rh - h) / 2.0))
+    fx, fy = im.size[0] / rw, im.size[1] / rh  # source pixels per resized pixel
+    box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
     a = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR, box=box))  # antialiased; (h, w) or (h, w, 3)
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
 

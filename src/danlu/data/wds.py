@@ -810,26 +810,26 @@ class ShardLoader:
         return np.stack([_seeded(self.seed, epoch, int(q), _CROP_WORD).random(4) for q in positions])
 
     def _submit(self, picked: list, streams: np.ndarray, draws: Optional[np.ndarray], decoder) -> tuple:  # noqa: ANN001
-        """Queue the decoding of one batch: (samples, streams, labels, images buffer or crop draws, futures of bad
-        rows)."""
+        """Queue the decoding of one batch: (samples, streams, labels, crop draws, images buffer, futures of bad
+        rows); on CUDA no buffer nor futures: the batch is decoded when it is taken."""
         B, (h, w), c = len(picked), self.images.size, self.images.channels
         labels = np.array([p[3] for p in picked], np.int64)
         if self.decode == "cuda":
-            return picked, streams, labels, draws, []
+            return picked, streams, labels, draws, None, []
         out = torch.empty((B, c, h, w), dtype=torch.uint8, pin_memory=self.device.type == "cuda")  # pinned: copied
         # to the device without blocking
         arr = out.numpy()
         step = max(1, math.ceil(B / (self.workers * 2)))
         futures = [decoder.submit(_decode_rows, picked, arr, lo, min(B, lo + step), self.images, self.crop, draws)
                    for lo in range(0, B, step)]
-        return picked, streams, labels, out, futures
+        return picked, streams, labels, draws, out, futures
 
     # -- the consumer: wait for the batch, mend bad rows, hand it to the device
 
     def _finish(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        picked, streams, labels, out, futures = item
+        picked, streams, labels, draws, out, futures = item
         if self.decode == "cuda":
-            x, bad = _decode_cuda(picked, self.images, self.device, self.crop, out)  # out: the crop draws
+            x, bad = _decode_cuda(picked, self.images, self.device, self.crop, draws)
         else:
             bad = {i: r for f in futures for i, r in f.result().items()}
             x = out

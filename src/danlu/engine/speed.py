@@ -25,9 +25,9 @@ cudnn.benchmark is on for every CUDA run: the training shapes are fixed, so auto
 
 Freed memory is kept for reuse (`reuse_freed_memory`, once per process: `danlu` commands and every training run):
 glibc gives each block of 32 MiB or more (a 64 x 3 x 224 x 224 float32 batch is 38.5 MiB) its own mapping and
-returns it to the system when freed, so the next batch's tensor page-faults its memory in again; on a 2-core CPU that
-costs 4x the uint8 -> float conversion it serves (0.19 against 0.03 ms an image) and 17% of a MobileFaceNet training
-step. Not where the process already runs another allocator (jemalloc, tcmalloc, mimalloc through LD_PRELOAD) or
+returns it to the system when freed, so the next batch's tensor page-faults its memory in again (10,240 faults for
+a 40 MiB batch); on a 2-core CPU that cost a MobileFaceNet run a fifth of its speed and capped the store pipeline at
+half of what it reaches now (docs/BENCHMARKS.md). Not where the process already runs another allocator (jemalloc, tcmalloc, mimalloc through LD_PRELOAD) or
 glibc's MALLOC_* variables are set.
 
 `DeviceMonitor` says what the device is doing (GPU utilisation, memory, the share of step time spent waiting for
@@ -57,22 +57,23 @@ def reuse_freed_memory() -> bool:
     threshold; 64 MiB of padding when it grows), as jemalloc or tcmalloc would, which PyTorch's CPU tuning guide
     recommends. Once per process; returns whether it is in effect."""
     global _REUSING
-    if _REUSING is None:
-        _REUSING = False
-        import ctypes
-        import os
-        import sys
+    if _REUSING is not None:
+        return _REUSING
+    import ctypes
+    import os
+    import sys
 
-        env = os.environ
-        chosen = "malloc" in env.get("LD_PRELOAD", "") or any(k.startswith("MALLOC_") for k in env)
-        if sys.platform.startswith("linux") and not chosen:
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # malloc.h
-                _REUSING = bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-                                and libc.mallopt(M_TOP_PAD, 64 << 20))
-            except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-                _REUSING = False
+    env = os.environ
+    chosen = "malloc" in env.get("LD_PRELOAD", "") or any(k.startswith("MALLOC_") for k in env)
+    _REUSING = False
+    if sys.platform.startswith("linux") and not chosen:
+        try:
+            libc = ctypes.CDLL("libc.so.6")
+            M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_MAX = -1, -2, -4  # malloc.h
+            _REUSING = bool(libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+                            and libc.mallopt(M_TOP_PAD, 64 << 20))
+        except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+            pass
     return _REUSING
 
 
