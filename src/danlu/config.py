@@ -107,7 +107,8 @@ class DataCfg(_Section):
     label_key: str = "cls"  # the label's file in a sample: cls, txt, another extension, or json:FIELD
     streams: int = Field(8, ge=1)  # the epoch's order is K streams; the number of processes must divide it
     decode: Literal["auto", "cpu", "cuda"] = "auto"  # auto: nvJPEG on a CUDA device, else Pillow threads
-    workers: Optional[int] = Field(None, ge=1)  # decoding threads per process (default: every core)
+    workers: Optional[int] = Field(None, ge=1)  # decoders per process (default: every core): wds training batches
+    # decoded on the CPU in that many worker processes (a divisor of the process's streams), else threads
 
     @field_validator("label_key")
     @classmethod

@@ -185,36 +185,55 @@ def test_ranks_split_each_global_batch_as_one_process_sees_it(shards, world):
         assert torch.equal(torch.cat([per_rank[r][i][1] for r in range(world)]), y)
 
 
-def test_each_rank_reads_a_contiguous_share_of_the_epochs_shards(shards, monkeypatch):
-    train, _ = _load(shards, streams=4)
-    read: list[str] = []
+@pytest.mark.parametrize("workers", [1, 2])  # decoded in a thread; in 2 decode processes (each its own streams)
+def test_each_rank_reads_a_contiguous_share_of_the_epochs_shards(shards, monkeypatch, tmp_path, workers):
+    train, _ = _load(shards, streams=4, workers=workers)
+    log = tmp_path / "read.txt"  # written by whichever process reads
     real = wds.read_shard
-    monkeypatch.setattr(wds, "read_shard", lambda url, labels: (read.append(url), real(url, labels))[1])
+
+    def read_shard(url, labels):
+        with open(log, "a") as f:
+            f.write(url + "\n")
+        return real(url, labels)
+
+    monkeypatch.setattr(wds, "read_shard", read_shard)
     opened = []
     for r in range(2):
-        read.clear()
-        list(make_loader(train.images, None, 4, device="cpu", seed=5, rank=r, world=2).epoch(0))
-        opened.append(set(read))
+        log.write_text("")
+        loader = make_loader(train.images, None, 4, device="cpu", seed=5, rank=r, world=2)
+        assert loader.procs == (2 if workers == 2 else 0)
+        list(loader.epoch(0))
+        opened.append(set(log.read_text().split()))
     assert len(opened[0] & opened[1]) <= 1  # at most the one shard cut by the boundary between the ranks' streams
     assert len(opened[0]) < 7 and len(opened[1]) < 7 and len(opened[0] | opened[1]) == 7
 
 
-def test_resume_mid_epoch_gives_the_same_batches_without_reading_what_came_before(shards, monkeypatch):
-    train, _ = _load(shards, streams=2)
+@pytest.mark.parametrize("workers", [1, 2])  # decoded in a thread; in 2 decode processes
+def test_resume_mid_epoch_gives_the_same_batches_without_reading_what_came_before(shards, monkeypatch, tmp_path,
+                                                                                   workers):
+    train, _ = _load(shards, streams=2, workers=workers)
     full = _epoch(train, 4, epoch=3)
-    read: list[str] = []
-    real = wds.read_shard
-    monkeypatch.setattr(wds, "read_shard", lambda url, labels: (read.append(url), real(url, labels))[1])
-    decoded = []
-    real_decode = wds._decode_rows
-    monkeypatch.setattr(wds, "_decode_rows", lambda picked, out, lo, hi, *rest: (
-        decoded.append(hi - lo), real_decode(picked, out, lo, hi, *rest))[1])
+    reads, decodes = tmp_path / "read.txt", tmp_path / "decoded.txt"  # written by whichever process does it
+    real, real_decode = wds.read_shard, wds._decode_rows
+
+    def read_shard(url, labels):
+        with open(reads, "a") as f:
+            f.write(url + "\n")
+        return real(url, labels)
+
+    def decode_rows(picked, out, lo, hi, *rest):
+        with open(decodes, "a") as f:
+            f.write(f"{hi - lo}\n")
+        return real_decode(picked, out, lo, hi, *rest)
+
+    monkeypatch.setattr(wds, "read_shard", read_shard)
+    monkeypatch.setattr(wds, "_decode_rows", decode_rows)
     rest = _epoch(train, 4, epoch=3, start=11)
     assert len(rest) == len(full) - 11
     for (a, b), (c, d) in zip(full[11:], rest, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
-    assert sum(decoded) == 4 * len(rest)  # nothing before batch 11 was decoded
-    assert len(read) < 7  # ... and the shards wholly before it were not opened
+    assert sum(map(int, decodes.read_text().split())) == 4 * len(rest)  # nothing before batch 11 was decoded
+    assert len(reads.read_text().split()) < 7  # ... and the shards wholly before it were not opened
     assert _epoch(train, 4, epoch=3, start=len(full)) == []
 
 
@@ -400,7 +419,43 @@ def test_missing_folders_urls_and_shards_are_one_line_errors(tmp_path, file_serv
         load_dataset("wds", root="nope://x/train-000000.tar")
 
 
-def test_a_shard_changed_after_indexing_is_counted_again_or_named(tmp_path, file_server):
+def test_decode_processes_give_the_batches_of_a_decode_thread(tmp_path):
+    """data.workers >= 2 on a CPU: training batches are decoded by worker processes, each its own streams; the
+    same pixels, labels, crops, stand-ins for bad images and skip list as one thread, on 1 and 2 ranks, for every
+    epoch and from a mid-epoch start."""
+    from danlu.data.augment import Augment
+
+    root = tmp_path / "s"
+    write_shards(root, [9, 13, 5, 11, 8, 12, 7], extra=lambda i: {"png": b"\x89PNG not really"} if i == 17 else
+                 {"png": _gradient_png(i, i % 3)})
+    write_shards(root, [6], name="val", start=1000)
+    got = {}
+    for workers in (1, 2, 4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            train, _ = load_dataset("wds", root=str(root), size=(12, 16), streams=4, workers=workers)
+            runs = []
+            for world, start in ((1, 0), (1, 3), (2, 0)):
+                loaders = [make_loader(train.images, None, 8 // world, device="cpu", seed=5, rank=r, world=world)
+                           for r in range(world)]
+                for ld in loaders:
+                    ld.take_crop(Augment(resized_crop=(0.1, 0.5)))
+                assert loaders[0].procs == (0 if workers == 1 else min(workers, 4 // world))
+                for e in range(2):
+                    batches = [list(ld.epoch(e, start=start)) for ld in loaders]
+                    runs += [(torch.cat([b[i][0] for b in batches]), torch.cat([b[i][1] for b in batches]))
+                             for i in range(len(batches[0]))]
+                runs.append(sorted({k for ld in loaders for k in ld.skipped}))
+        got[workers] = runs
+    assert got[1][-1] == [(str(root / "train-000001.tar"), "s000017")]  # the bad image, replaced and listed
+    for workers in (2, 4):
+        assert len(got[workers]) == len(got[1])
+        for a, b in zip(got[1], got[workers]):
+            assert a == b if isinstance(a, list) else (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_shard_changed_after_indexing_is_counted_again_or_named(tmp_path, file_server, workers):
     src = class_folder(tmp_path / "p" / "train", classes=("a", "b"), per_class=10, ext=".png", size=(16, 16))
     class_folder(tmp_path / "p" / "val", classes=("a", "b"), per_class=2, ext=".png", size=(16, 16))
     src = src.parent
@@ -413,8 +468,8 @@ def test_a_shard_changed_after_indexing_is_counted_again_or_named(tmp_path, file
     assert len(train) < 20
     for p in (tmp_path / "o").iterdir():
         file_server.files[f"o/{p.name}"] = p.read_bytes()
-    remote, test = load_dataset("wds", root=file_server.url + "o/", size=8, streams=2)  # over HTTP the index is
-    loader = make_loader(remote.images, None, 2, device="cpu")  # trusted...
+    remote, test = load_dataset("wds", root=file_server.url + "o/", size=8, streams=2, workers=workers)  # over HTTP
+    loader = make_loader(remote.images, None, 2, device="cpu")  # the index is trusted...
     with pytest.raises(DanluError, match=r"holds \d+ readable samples, its index \d+ .* prepare again"):
         list(loader.epoch(0))  # ... until the shard is read: one line, no hang
 

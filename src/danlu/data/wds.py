@@ -32,10 +32,13 @@ reads its own shards:
 Batches per epoch: N // G, the same every epoch. `epoch(e, start=i)` resumes at batch i without decoding anything
 before it: shards that lie wholly before batch i are not even opened.
 
-Decoding: `decode="cpu"` in a thread pool (Pillow releases the GIL; a JPEG at least twice the target is decoded at a
-reduced DCT scale, `decode.decode_image`), `"cuda"` batched with `torchvision.io.decode_jpeg(..., device="cuda")`
-(nvJPEG; PNG/WebP and what nvJPEG refuses fall back to the CPU), `"auto"`: cuda on a CUDA device. A background thread
-reads shards ahead and queues the decoding of the next batches while the step runs. `take_crop(augment)` (training
+Decoding: `decode="cpu"` for training in `data.workers` worker processes (torch's DataLoader, started at the first
+epoch and kept; each one reads the shards of, and decodes, its own contiguous share of this rank's streams, so a batch
+is their parts one after the other, the same as one thread's), else (testing, one worker, or streams that do not
+split) in a thread pool; a JPEG at least twice the target is decoded at a reduced DCT scale, `decode.decode_image`.
+`"cuda"`: batched with `torchvision.io.decode_jpeg(..., device="cuda")` (nvJPEG; PNG/WebP and what nvJPEG refuses
+fall back to the CPU); `"auto"`: cuda on a CUDA device. Shards are read ahead (two reader threads, in each decode
+process) and the next batches are decoded while the step runs. `take_crop(augment)` (training
 loaders; `danlu train` calls it): each image is decoded straight into augment's random resized crop, a box of the
 source's own pixels drawn from (seed, epoch, position in the epoch's sequence), at the smallest JPEG scale that covers
 it (nvJPEG: cropped and resized on the GPU). An image that does not decode is
@@ -44,6 +47,7 @@ holds no other good image, of this process's batch), counted, and listed in data
 """
 from __future__ import annotations
 
+import copy
 import io
 import json
 import math
@@ -53,6 +57,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import closing
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -682,6 +687,11 @@ class ShardLoader:
                                  f"expected a per-process batch that is a multiple of {step}, e.g. "
                                  f"{near[0]} or {near[1]}")
             self.per_stream = self.n // K  # samples each stream holds in an epoch
+        local = K // world if drop_last else 0  # decode processes split this rank's streams between them
+        self.procs = max((d for d in range(1, min(self.workers, local) + 1) if local % d == 0), default=1)
+        if self.procs < 2 or self.decode != "cpu":
+            self.procs = 0  # decoded in threads of this process (testing, one worker, nvJPEG)
+        self._decoders: Optional[tuple[_DecodeShare, Any]] = None  # (its dataset, the DataLoader) once started
 
     @property
     def global_batch(self) -> int:
@@ -732,6 +742,9 @@ class ShardLoader:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
+        if self.procs:
+            yield from self._epoch_in_processes(epoch, start)
+            return
         decoder = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="danlu-wds-decode")
         try:
             for item in prefetched(lambda q, stop: self._produce(epoch, start, q, stop, decoder), self.prefetch,
@@ -756,41 +769,46 @@ class ShardLoader:
             return False
 
         try:
-            n_batches = len(self)
-            if start >= n_batches:
-                put(END)
-                return
-            shard_at, within = self.order(epoch)
-            rows = [self.positions(i) for i in range(start, n_batches)]
-            need = [shard_at[r] for r in rows]  # shard of every row, per batch
-            first = list(dict.fromkeys(int(k) for nd in need for k in nd))  # shards in the order they are needed
-            last = {int(k): j for j, nd in enumerate(need) for k in np.unique(nd)}
             ahead = self.streams // self.world + 2 if self.drop_last else 2  # shards read ahead of the batch's own
-            reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="danlu-wds-read")
-            try:
-                live: dict[int, Future] = {}
-                nxt = 0
-                for j, rws in enumerate(rows):
-                    if stop.is_set():
+            with closing(self._picked(epoch, start, self.positions, ahead)) as batches:
+                for rws, picked in batches:
+                    if stop.is_set() or not put(self._submit(picked, self.stream_of(rws), self._draws(epoch, rws),
+                                                             decoder)):
                         return
-                    for k in np.unique(need[j]).tolist():
-                        if k not in live:
-                            live[k] = reader.submit(self._read, k)
-                    while nxt < len(first) and len(live) < len(np.unique(need[j])) + ahead:
-                        if first[nxt] not in live and last.get(first[nxt], -1) >= j:
-                            live[first[nxt]] = reader.submit(self._read, first[nxt])
-                        nxt += 1
-                    picked = [live[int(k)].result()[int(w)] for k, w in zip(need[j], within[rws])]
-                    item = self._submit(picked, self.stream_of(rws), self._draws(epoch, rws), decoder)
-                    for k in [k for k in live if last[k] == j]:  # no later batch needs these shards
-                        del live[k]
-                    if not put(item):
-                        return
-            finally:  # leaving early (a break, an error): the reads not started yet are dropped
-                reader.shutdown(wait=True, cancel_futures=True)
             put(END)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(e)
+
+    def _picked(self, epoch: int, start: int, rows_of, ahead: int) -> Iterator[tuple[np.ndarray, list]]:  # noqa: ANN001
+        """(positions, samples) of batches start, start + 1, ... of `epoch`, `rows_of(i)` the positions wanted of
+        batch i: the shards they lie in are read in the order needed (two reader threads, `ahead` shards beyond the
+        batch's own in flight), each dropped after the last batch that needs it."""
+        n_batches = len(self)
+        if start >= n_batches:
+            return
+        shard_at, within = self.order(epoch)
+        rows = [rows_of(i) for i in range(start, n_batches)]
+        need = [shard_at[r] for r in rows]  # shard of every row, per batch
+        first = list(dict.fromkeys(int(k) for nd in need for k in nd))  # shards in the order they are needed
+        last = {int(k): j for j, nd in enumerate(need) for k in np.unique(nd)}
+        reader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="danlu-wds-read")
+        try:
+            live: dict[int, Future] = {}
+            nxt = 0
+            for j, rws in enumerate(rows):
+                for k in np.unique(need[j]).tolist():
+                    if k not in live:
+                        live[k] = reader.submit(self._read, k)
+                while nxt < len(first) and len(live) < len(np.unique(need[j])) + ahead:
+                    if first[nxt] not in live and last.get(first[nxt], -1) >= j:
+                        live[first[nxt]] = reader.submit(self._read, first[nxt])
+                    nxt += 1
+                picked = [live[int(k)].result()[int(w)] for k, w in zip(need[j], within[rws])]
+                for k in [k for k in live if last[k] == j]:  # no later batch needs these shards
+                    del live[k]
+                yield rws, picked
+        finally:  # leaving early (a break, an error): the reads not started yet are dropped
+            reader.shutdown(wait=True, cancel_futures=True)
 
     def _read(self, k: int) -> list[tuple[str, str, bytes, int]]:
         """Shard k's valid samples as (shard url, key, image bytes, label); its count must be the index's."""
@@ -824,6 +842,42 @@ class ShardLoader:
                    for lo in range(0, B, step)]
         return picked, streams, labels, draws, out, futures
 
+    # -- decode processes: each one reads and decodes the rows of its own streams of every batch
+
+    def _epoch_in_processes(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches decoded by `procs` worker processes (torch's DataLoader: started for the epoch, their parts
+        handed over in shared memory, in turn), process j taking the j-th contiguous share of this rank's streams:
+        their rows of each batch are contiguous too, so a batch is its parts one after the other."""
+        from torch.utils.data import DataLoader
+
+        W = self.procs
+        if self._decoders is None:  # started at the first epoch, kept for the next ones
+            share = _DecodeShare(self)
+            self._decoders = share, DataLoader(share, batch_size=None, num_workers=W, prefetch_factor=self.prefetch,
+                                               pin_memory=self.device.type == "cuda", persistent_workers=True)
+        share, decoders = self._decoders
+        share.at[0], share.at[1] = epoch, start  # read by each process as the epoch begins there
+        it = iter(decoders)
+        try:
+            parts: list = []
+            for part in it:
+                if isinstance(part, _Failed):
+                    part.throw()
+                parts.append(part)
+                if len(parts) < W:
+                    continue
+                x = (torch.from_numpy(np.concatenate([p[0].numpy() for p in parts])) if self.device.type == "cpu"
+                     else torch.cat([p[0].to(self.device, non_blocking=True) for p in parts]))  # numpy: one
+                # thread's copy, no intra-op team to wake and spin beside the decode processes
+                labels, streams = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+                bad = {i + k * len(parts[0][1]): b for k, p in enumerate(parts) for i, b in p[3].items()}
+                parts = []
+                if bad:
+                    self._mend(x, labels, streams, bad)
+                yield x, torch.from_numpy(labels).to(self.device, non_blocking=True)
+        finally:
+            del it  # left early: the next epoch's start drops what the processes decoded ahead
+
     # -- the consumer: wait for the batch, mend bad rows, hand it to the device
 
     def _finish(self, item: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -833,19 +887,20 @@ class ShardLoader:
         else:
             bad = {i: r for f in futures for i, r in f.result().items()}
             x = out
+        bad = {i: (picked[i][0], picked[i][1], reason) for i, reason in bad.items()}
         if bad:
-            self._mend(x, labels, streams, bad, picked)
+            self._mend(x, labels, streams, bad)
         y = torch.from_numpy(labels)
         if x.device != self.device:
             x = x.to(self.device, non_blocking=True)
         return x, y.to(self.device, non_blocking=True)
 
-    def _mend(self, x: torch.Tensor, labels: np.ndarray, streams: np.ndarray, bad: dict[int, str],
-              picked: list) -> None:
-        """Replace each row that did not decode by the next good row of its stream's share of the batch (cyclically;
-        the same on any number of processes), else by the next good row of this rank's batch, else by zeros."""
-        for i, reason in sorted(bad.items()):
-            url, key = picked[i][0], picked[i][1]
+    def _mend(self, x: torch.Tensor, labels: np.ndarray, streams: np.ndarray,
+              bad: dict[int, tuple[str, str, str]]) -> None:
+        """Replace each row that did not decode ({row: (shard, key, reason)}) by the next good row of its stream's
+        share of the batch (cyclically; the same on any number of processes), else by the next good row of this
+        rank's batch, else by zeros."""
+        for i, (url, key, reason) in sorted(bad.items()):
             entry = {"shard": url, "key": key, "reason": reason}
             if not self.skipped:
                 warnings.warn(f"data: {_short(url)} {key}: {reason}; replaced by another image of its batch (every "
@@ -859,6 +914,45 @@ class ShardLoader:
                 labels[i] = labels[good[0]]
             else:
                 x[i] = 0
+
+
+class _Failed:
+    """An error in a decode process, handed to the training process to raise there as itself (a DanluError keeps
+    its one line), rather than as the DataLoader's multi-line report of a worker's traceback."""
+
+    def __init__(self, e: BaseException):
+        self.error = e if isinstance(e, DanluError) else RuntimeError(f"shard decoding process: {type(e).__name__}: {e}")
+
+    def throw(self) -> None:
+        raise self.error
+
+
+class _DecodeShare(torch.utils.data.IterableDataset):
+    """What decode process j of a ShardLoader's `procs` yields for an epoch: for each batch from `start`, the rows of
+    its streams (the j-th contiguous share of this rank's), read and decoded here, as (uint8 (b, C, H, W), labels,
+    streams, {row: (shard, key, reason)} of rows that did not decode)."""
+
+    def __init__(self, loader: ShardLoader):
+        self.loader = copy.copy(loader)  # without the processes: no reference cycle keeps them alive, and a process
+        self.loader._decoders = None  # forked later (another loader's) inherits no DataLoader of this one's to collect
+        self.at = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, start), set by the training process
+
+    def __iter__(self) -> Iterator:
+        info = torch.utils.data.get_worker_info()
+        j, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        L, (epoch, start) = self.loader, self.at.tolist()
+        b = L.batch_size // W  # rows of a batch this process decodes
+        try:
+            with closing(L._picked(epoch, start, lambda i: L.positions(i)[j * b:(j + 1) * b],
+                                   L.streams // L.world // W + 2)) as batches:
+                for rws, picked in batches:
+                    (h, w), c = L.images.size, L.images.channels
+                    out = torch.empty((len(picked), c, h, w), dtype=torch.uint8)
+                    bad = _decode_rows(picked, out.numpy(), 0, len(picked), L.images, L.crop, L._draws(epoch, rws))
+                    yield (out, np.array([p[3] for p in picked], np.int64), L.stream_of(rws),
+                           {i: (picked[i][0], picked[i][1], reason) for i, reason in bad.items()})
+        except Exception as e:  # noqa: BLE001 - raised in the training process
+            yield _Failed(e)
 
 
 def _decode_rows(picked: list, out: np.ndarray, lo: int, hi: int, images: ShardImages,
