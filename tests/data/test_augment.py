@@ -110,6 +110,27 @@ def test_the_cpu_slice_path_equals_the_gathers(crop, flip):
     assert torch.equal(_crop_flip_by_slices(x, p, crop), _gather2d(xp, rows, cols))
 
 
+@pytest.mark.parametrize("channels,mean,layout", [(3, "channel", torch.preserve_format), (3, "pixel", torch.channels_last),
+                                                  (1, None, torch.preserve_format)])
+@pytest.mark.parametrize("crop,flip,scale", [(3, True, 1 / 255), (0, True, 1.0), (4, False, 1 / 255)])
+def test_the_cpu_numpy_path_equals_the_batched_ops(channels, mean, layout, crop, flip, scale):
+    """On a CPU, Augment crops, flips, converts and normalizes image by image in numpy: bitwise the values (and the
+    layout) of the batched torch ops it replaces."""
+    from danlu.data.augment import _crop_flip_by_slices
+
+    x = batch(B=9, C=channels, H=17, W=23)
+    m = {"channel": torch.rand(channels).tolist(), "pixel": torch.rand(channels, 17, 23), None: None}[mean]
+    s = (torch.rand(channels) + 0.1).tolist() if mean else None
+    aug = Augment(flip=flip, crop=crop, scale=scale, mean=m, std=s)
+    aug.memory_format = layout
+    p = aug._draw(9, 17, 23, gen(3), x.device)
+    expect = _crop_flip_by_slices(x, p, crop).to(torch.float32, memory_format=layout).mul_(scale)
+    if aug.mean is not None:
+        expect.sub_(aug.mean).div_(aug.std)
+    got = aug(x, gen(3))
+    assert torch.equal(got, expect) and got.stride() == expect.stride()
+
+
 def test_shift_offsets_in_range():
     aug = Augment(shift=0.1)
     p = aug._draw(10000, 32, 20, gen(0), torch.device("cpu"))
