@@ -39,6 +39,10 @@ class ModelCfg(_Section):
     head: Optional[Literal["softmax", "arcface", "cosface"]] = None  # None: the model's default (softmax)
     scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
     margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin
+    # epochs over which the margin grows from 0 to `margin` (linearly, by iteration): a normalized softmax first, so
+    # that the identities' weights spread apart before the margin asks for more (from scratch on a few identities,
+    # ArcFace can otherwise fall into a state where every weight points one way and every face the other, at chance)
+    margin_warmup: float = Field(0.0, ge=0)
     embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
     # at test time also run each image's mirror image: face models add the two embeddings (verify, embed, serve...),
     # classifiers average the two logits; null: on for face models, off for classifiers (a flipped digit is another)

@@ -29,6 +29,49 @@ def test_cosface_subtracts_the_margin_on_the_target_only():
     assert torch.allclose(got, s * torch.tensor([[0.2, 0.7 - m], [0.5 - m, -0.1]]), atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["arcface", "cosface"])
+def test_the_margin_grows_with_the_schedule_from_a_normalized_softmax(kind):
+    """model.margin_warmup: the Schedule sets the share of the margin in effect by iteration, (it + 1) / N up to 1:
+    none at the start (the plain scaled-cosine cross-entropy), half way a loss with half the margin."""
+    from danlu.engine.schedule import Schedule
+
+    s, m, N = 32.0, 0.4, 10
+    logits = s * torch.tensor([[0.8, 0.1, -0.3], [-0.2, 0.2, 0.6], [-0.99, 0.1, 0.0]])
+    labels = torch.tensor([0, 2, 0])
+    loss = MarginLoss(kind, s, m)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    schedule = Schedule(lambda it: 0.1, margin=loss, margin_iters=N)
+    ramps = []
+    for it in (0, 4, 9, 30):
+        schedule(it, opt)
+        ramps.append(loss.ramp)
+    assert ramps == [0.1, 0.5, 1.0, 1.0]
+    loss.ramp = 0.0
+    assert torch.allclose(loss.margin_logits(logits, labels), logits, atol=1e-5)
+    loss.ramp = 0.5
+    assert torch.allclose(loss(logits, labels), MarginLoss(kind, s, m / 2)(logits, labels))
+    loss.ramp = 1.0
+    assert torch.allclose(loss(logits, labels), MarginLoss(kind, s, m)(logits, labels))
+    assert not torch.allclose(MarginLoss(kind, s, m / 2)(logits, labels), MarginLoss(kind, s, m)(logits, labels))
+
+
+def test_a_recipes_margin_warmup_reaches_the_schedule_of_its_build():
+    import danlu
+    from danlu.config import load_recipe
+    from danlu.engine.build import build
+
+    train, test = danlu.load_dataset("synthetic", size=32, channels=3, num_classes=4, train_size=64, test_size=16)
+    for warmup, iters in ((2.5, 10), (0.0, 0)):  # 64 images in batches of 16: 4 iterations an epoch
+        recipe = load_recipe(overrides=["model.name=mobilefacenet", "model.head=arcface", "model.kwargs.width_mult=0.25",
+                                        f"model.margin_warmup={warmup}", "data.name=synthetic", "data.size=32",
+                                        "data.channels=3", "data.num_classes=4", "data.batch_size=16",
+                                        "precision=fp32"])
+        p = build(recipe, train, test, torch.device("cpu")).parts
+        assert p.schedule.margin is p.criterion and p.schedule.margin_iters == iters
+        p.schedule(0, p.optimizer)
+        assert p.criterion.ramp == (0.1 if iters else 1.0)
+
+
 def test_cosine_head_gives_scaled_cosines():
     head = CosineHead(4, 3, scale=10.0)
     emb = F.normalize(torch.randn(5, 4), dim=1)

@@ -83,7 +83,10 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     max_iter = total_iters(recipe.run, per_epoch, train_loader.global_batch)
     base_lr = scaled_lr(recipe, train_loader.global_batch)
     lr_at = build_schedule(recipe, base_lr, per_epoch, max_iter) if lr is None else (lambda it: lr)
-    schedule = Schedule(lr_at, frozen, _unfreeze_iter(recipe, per_epoch, dist, speed) if frozen else None)
+    criterion = build_criterion(recipe)
+    schedule = Schedule(lr_at, frozen, _unfreeze_iter(recipe, per_epoch, dist, speed) if frozen else None,
+                        margin=criterion if hasattr(criterion, "ramp") else None,
+                        margin_iters=round(recipe.model.margin_warmup * per_epoch))
     optimizer = build_optimizer(recipe, model, base_lr if lr is None else lr, head)
     ema = EMA(model, recipe.optim.ema) if recipe.optim.ema else None  # before any wrap: the plain module's weights
     augment = build_augment(recipe, train).for_rank(dist.rank, dist.world)  # draws for the global batch
@@ -94,7 +97,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
                             precision)
-    parts = Parts(step_model, optimizer, build_criterion(recipe), augment, generator, train_loader, test_loader,
+    parts = Parts(step_model, optimizer, criterion, augment, generator, train_loader, test_loader,
                   precision, dist, schedule, evaluate=build_evaluator(recipe, test), ema=ema,
                   best=Best(monitored(recipe), recipe.run.early_stop))
     return Build(parts, model, speed, per_epoch, max_iter, base_lr, report)

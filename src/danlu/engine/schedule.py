@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from danlu.errors import DanluError, nearest
 
@@ -95,18 +96,23 @@ def lr_at(it: int, *, policy: str, base_lr: float, max_iter: int, iters_per_epoc
 
 class Schedule:
     """What changes with the iteration, applied by the training loop once per step, before the step: every
-    parameter group's LR (the policy's rate x the group's `lr_mult`, engine/params.py) and, from iteration
-    `unfreeze_at` on, the `frozen` parameters train. A pure function of `it`, so a resumed run continues exactly.
+    parameter group's LR (the policy's rate x the group's `lr_mult`, engine/params.py); from iteration
+    `unfreeze_at` on, the `frozen` parameters train; a face head's margin grows to its full size over the first
+    `margin_iters` steps (model.margin_warmup). A pure function of `it`, so a resumed run continues exactly.
 
         schedule = Schedule(lambda it: 0.1 * 0.5 ** (it // 100), frozen=backbone, unfreeze_at=300)
         lr = schedule(it, optimizer)          # the policy's rate (what the log shows)
     """
 
-    def __init__(self, rate: Callable[[int], float], frozen: Sequence = (), unfreeze_at: int | None = None):
+    def __init__(self, rate: Callable[[int], float], frozen: Sequence = (), unfreeze_at: int | None = None,
+                 margin: Any = None, margin_iters: int = 0):
         self.rate, self.frozen, self.unfreeze_at = rate, list(frozen), unfreeze_at
+        self.margin, self.margin_iters = margin, margin_iters  # a MarginLoss whose margin grows over margin_iters
 
     def __call__(self, it: int, optimizer) -> float:
         lr = self.rate(it)
+        if self.margin is not None and self.margin_iters > 0:
+            self.margin.ramp = min(1.0, (it + 1) / self.margin_iters)
         for group in optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         if self.frozen and self.unfreeze_at is not None and it >= self.unfreeze_at:

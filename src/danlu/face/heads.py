@@ -53,26 +53,26 @@ class MarginLoss(nn.Module):
         if kind not in ("arcface", "cosface"):
             raise DanluError(f"model.head={kind!r}: a margin loss needs arcface or cosface")
         self.kind, self.scale, self.margin, self.label_smoothing = kind, float(scale), float(margin), label_smoothing
-        self.cos_m, self.sin_m = math.cos(margin), math.sin(margin)
-        self.th, self.mm = math.cos(math.pi - margin), math.sin(math.pi - margin) * margin
+        self.ramp = 1.0  # the share of the margin in effect (model.margin_warmup: set by the Schedule each step)
 
     def margin_logits(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """(B, classes) logits with the margin applied to each row's target column, float32."""
+        m = self.margin * self.ramp
         cos = (logits.float() / self.scale).clamp(-1.0, 1.0)  # (B, classes)
         target = cos.gather(1, labels[:, None])  # (B, 1) cos(theta_y)
         if self.kind == "arcface":
             sin = (1.0 - target.square()).clamp_min(0.0).sqrt()
-            phi = target * self.cos_m - sin * self.sin_m  # cos(theta_y + m)
-            phi = torch.where(target > self.th, phi, target - self.mm)
+            phi = target * math.cos(m) - sin * math.sin(m)  # cos(theta_y + m)
+            phi = torch.where(target > math.cos(math.pi - m), phi, target - math.sin(math.pi - m) * m)
         else:
-            phi = target - self.margin
+            phi = target - m
         return self.scale * cos.scatter(1, labels[:, None], phi)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.margin_logits(logits, labels), labels, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, scale={self.scale}, margin={self.margin}"
+        return f"{self.kind}, scale={self.scale}, margin={self.margin}" + (f" (x {self.ramp:.3g} now)" if self.ramp < 1 else "")
 
 
 def build_criterion(head: str, scale: float, margin: float, label_smoothing: float = 0.0) -> nn.Module:
