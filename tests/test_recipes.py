@@ -138,8 +138,8 @@ def test_the_face_recipes():
     assert (f.model.name, f.model.head, f.model.embedding_dim, f.data.split, f.precision) == (
         "inception_resnet_v1", "softmax", 512, "identities", "fp16")
     a = load_recipe("face_arcface_light")
-    assert (a.model.name, a.model.head, a.model.scale, a.model.margin, a.data.split) == (
-        "mobilefacenet", "arcface", 32.0, 0.3, "identities")
+    assert (a.model.name, a.model.head, a.model.scale, a.model.margin, a.model.margin_warmup, a.data.split) == (
+        "mobilefacenet", "arcface", 32.0, 0.3, 5.0, "identities")
     assert (a.run.epochs, a.run.min_images) == (20, 40000)  # LFW-sized sets 20 epochs, small ones 40,000 images
 
 
