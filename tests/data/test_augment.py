@@ -116,19 +116,21 @@ def test_the_cpu_slice_path_equals_the_gathers(crop, flip):
 def test_the_cpu_numpy_path_equals_the_batched_ops(channels, mean, layout, crop, flip, scale):
     """On a CPU, Augment crops, flips, converts and normalizes image by image in numpy: bitwise the values (and the
     layout) of the batched torch ops it replaces."""
-    from danlu.data.augment import _crop_flip_by_slices
+    from danlu.data.augment import _PER_IMAGE, _crop_flip_by_slices, _crop_flip_normalize_cpu
 
-    x = batch(B=9, C=channels, H=17, W=23)
-    m = {"channel": torch.rand(channels).tolist(), "pixel": torch.rand(channels, 17, 23), None: None}[mean]
+    H, W = 190, 181  # an image of at least _PER_IMAGE values, the size from which Augment takes that path
+    x = batch(B=5, C=channels, H=H, W=W)
+    assert x[0].numel() >= _PER_IMAGE
+    m = {"channel": torch.rand(channels).tolist(), "pixel": torch.rand(channels, H, W), None: None}[mean]
     s = (torch.rand(channels) + 0.1).tolist() if mean else None
     aug = Augment(flip=flip, crop=crop, scale=scale, mean=m, std=s)
     aug.memory_format = layout
-    p = aug._draw(9, 17, 23, gen(3), x.device)
+    p = aug._draw(5, H, W, gen(3), x.device)
     expect = _crop_flip_by_slices(x, p, crop).to(torch.float32, memory_format=layout).mul_(scale)
     if aug.mean is not None:
         expect.sub_(aug.mean).div_(aug.std)
-    got = aug(x, gen(3))
-    assert torch.equal(got, expect) and got.stride() == expect.stride()
+    for got in (aug(x, gen(3)), _crop_flip_normalize_cpu(x, p, crop, scale, aug.mean, aug.std, layout)):
+        assert torch.equal(got, expect) and got.stride() == expect.stride()
 
 
 def test_shift_offsets_in_range():

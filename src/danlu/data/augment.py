@@ -109,6 +109,10 @@ def _crop_flip_by_slices(x: Tensor, p: dict[str, Tensor], pad: int) -> Tensor:
     return out
 
 
+_PER_IMAGE = 32768  # values an image from which the CPU's last step goes image by image (a 28 px digit's 784 are
+# faster as one batched op each: four numpy calls an image cost more than the whole batch's pass)
+
+
 def _crop_flip_normalize_cpu(x: Tensor, p: dict[str, Tensor], pad: int, scale: float, mean: Tensor | None,
                              std: Tensor | None, memory_format: torch.memory_format) -> Tensor:
     """Crop, flip, float and normalization on the CPU: the batch padded and mirrored whole (one op each, uint8), then
@@ -570,7 +574,8 @@ class Augment:
             p = self._draw(B, H, W, generator, x.device)
         mean, std = self._stat("_mean", x.device), self._stat("_std", x.device)
         if (x.device.type == "cpu" and self.dtype == torch.float32 and not (train and self._continuous)
-                and "dy" not in p and (self.size is None or tuple(x.shape[-2:]) == self.size)):
+                and "dy" not in p and (self.size is None or tuple(x.shape[-2:]) == self.size)
+                and x[0].numel() >= _PER_IMAGE):
             return _crop_flip_normalize_cpu(x, p, self.crop, self.scale, mean, std, self.memory_format), p
         if p and (self.shift or self.flip or self.crop):
             x = self._geometric(x, p)
