@@ -845,8 +845,8 @@ class ShardLoader:
     # -- decode processes: each one reads and decodes the rows of its own streams of every batch
 
     def _epoch_in_processes(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches decoded by `procs` worker processes (torch's DataLoader: started for the epoch, their parts
-        handed over in shared memory, in turn), process j taking the j-th contiguous share of this rank's streams:
+        """Batches decoded by `procs` worker processes (torch's DataLoader: started at the first epoch and kept,
+        their parts handed over in shared memory, in turn), process j taking the j-th contiguous share of this rank's streams:
         their rows of each batch are contiguous too, so a batch is its parts one after the other."""
         from torch.utils.data import DataLoader
 
