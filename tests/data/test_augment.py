@@ -131,6 +131,9 @@ def test_the_cpu_numpy_path_equals_the_batched_ops(channels, mean, layout, crop,
         expect.sub_(aug.mean).div_(aug.std)
     for got in (aug(x, gen(3)), _crop_flip_normalize_cpu(x, p, crop, scale, aug.mean, aug.std, layout)):
         assert torch.equal(got, expect) and got.stride() == expect.stride()
+    for size in ((H, W), (8, 8))[:1 if mean == "pixel" else 2]:  # an empty batch (a rank's share can end before its
+        # last test batch), on either path
+        assert aug(batch(B=0, C=channels, H=size[0], W=size[1]), gen(3)).shape == (0, channels, *size)
 
 
 def test_shift_offsets_in_range():

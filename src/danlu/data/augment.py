@@ -575,7 +575,7 @@ class Augment:
         mean, std = self._stat("_mean", x.device), self._stat("_std", x.device)
         if (x.device.type == "cpu" and self.dtype == torch.float32 and not (train and self._continuous)
                 and "dy" not in p and (self.size is None or tuple(x.shape[-2:]) == self.size)
-                and x[0].numel() >= _PER_IMAGE):
+                and math.prod(x.shape[1:]) >= _PER_IMAGE):  # (an empty batch too: a rank's last test batch)
             return _crop_flip_normalize_cpu(x, p, self.crop, self.scale, mean, std, self.memory_format), p
         if p and (self.shift or self.flip or self.crop):
             x = self._geometric(x, p)
