@@ -119,8 +119,9 @@ def _crop_flip_normalize_cpu(x: Tensor, p: dict[str, Tensor], pad: int, scale: f
     image by image in numpy its window (of the mirror where flipped) becomes float32 and is scaled, centred and
     divided while it is in the cache, on this one thread. The same values as the batched ops (the same float32
     operations in the same order). Batched, each op is a pass over a 38 MiB float batch (224 px, 64 images) that
-    wakes the intra-op threads, which then spin beside a shard loader's decode processes: 2.5x this thread's time
-    on 2 cores (docs/BENCHMARKS.md). x uint8 (B, C, H, W) -> float32 (B, C, H, W)."""
+    wakes the intra-op threads, which then spin beside a shard loader's decode processes (about 3x this thread's
+    time on 2 cores, an ad-hoc measurement; the shard rows of docs/BENCHMARKS.md show the whole effect).
+    x uint8 (B, C, H, W) -> float32 (B, C, H, W)."""
     B, C, H, W = x.shape
     fmt = torch.contiguous_format if memory_format == torch.preserve_format else memory_format
     out = torch.empty((B, C, H, W), dtype=torch.float32, memory_format=fmt)

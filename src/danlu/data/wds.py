@@ -846,8 +846,8 @@ class ShardLoader:
 
     def _epoch_in_processes(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches decoded by `procs` worker processes (torch's DataLoader: started at the first epoch and kept,
-        their parts handed over in shared memory, in turn), process j taking the j-th contiguous share of this rank's streams:
-        their rows of each batch are contiguous too, so a batch is its parts one after the other."""
+        their parts handed over in shared memory, in turn), process j taking the j-th contiguous share of this rank's
+        streams: their rows of each batch are contiguous too, so a batch is its parts one after the other."""
         from torch.utils.data import DataLoader
 
         W = self.procs
@@ -921,7 +921,8 @@ class _Failed:
     its one line), rather than as the DataLoader's multi-line report of a worker's traceback."""
 
     def __init__(self, e: BaseException):
-        self.error = e if isinstance(e, DanluError) else RuntimeError(f"shard decoding process: {type(e).__name__}: {e}")
+        self.error = e if isinstance(e, DanluError) else \
+            RuntimeError(f"shard decoding process: {type(e).__name__}: {e}")
 
     def throw(self) -> None:
         raise self.error
@@ -942,11 +943,11 @@ class _DecodeShare(torch.utils.data.IterableDataset):
         j, W = (info.id, info.num_workers) if info is not None else (0, 1)
         L, (epoch, start) = self.loader, self.at.tolist()
         b = L.batch_size // W  # rows of a batch this process decodes
+        (h, w), c = L.images.size, L.images.channels
         try:
             with closing(L._picked(epoch, start, lambda i: L.positions(i)[j * b:(j + 1) * b],
                                    L.streams // L.world // W + 2)) as batches:
                 for rws, picked in batches:
-                    (h, w), c = L.images.size, L.images.channels
                     out = torch.empty((len(picked), c, h, w), dtype=torch.uint8)
                     bad = _decode_rows(picked, out.numpy(), 0, len(picked), L.images, L.crop, L._draws(epoch, rws))
                     yield (out, np.array([p[3] for p in picked], np.int64), L.stream_of(rws),

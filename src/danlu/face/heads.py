@@ -72,7 +72,8 @@ class MarginLoss(nn.Module):
         return F.cross_entropy(self.margin_logits(logits, labels), labels, label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, scale={self.scale}, margin={self.margin}" + (f" (x {self.ramp:.3g} now)" if self.ramp < 1 else "")
+        now = f" (x {self.ramp:.3g} now)" if self.ramp < 1 else ""
+        return f"{self.kind}, scale={self.scale}, margin={self.margin}{now}"
 
 
 def build_criterion(head: str, scale: float, margin: float, label_smoothing: float = 0.0) -> nn.Module:
