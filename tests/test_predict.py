@@ -41,9 +41,7 @@ def test_predictions_are_the_models_own_on_the_decoded_files(lenet_run, digits, 
     result = json.loads((tmp_path / "p.json").read_text())
     got = result["images"]
     assert [g["file"] for g in got] == [str(folder / f"{i:02d}.png") for i in range(30)]  # sorted, all of them
-    # the reference: the run's model, preprocessing and precision (`precision: auto` takes bf16 where the probe
-    # measures it faster on this CPU, which depends on the machine and its load) on the original tensors (PNG is
-    # lossless)
+    # the reference: the run's model, preprocessing and precision on the original tensors (PNG is lossless)
     run = load_run(lenet_run, device="cpu")
     with torch.no_grad(), run.precision.autocast():
         probs = run.model(run.augment(images, train=False)).float().softmax(1)  # (30, 10)

@@ -65,7 +65,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                       bucket_mb=recipe.dist.bucket_mb)
     recipe = _share_global_batch(recipe, dist.world, state)
     train_data, test_data = _data(recipe, train_data, test_data)
-    recipe, auto = resolve_precision(recipe, train_data, dist.device, dist)  # auto -> a format, saved as that
+    recipe, auto = resolve_precision(recipe, dist.device, dist)  # auto -> a format, saved as that
     b = build(recipe, train_data, test_data, dist.device, dist, model=model, init=state is None)
     p = b.parts
     fits = _probe_batch(recipe, b, train_data, dist, quiet) if recipe.run.find_batch_size else None

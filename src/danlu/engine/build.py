@@ -103,34 +103,17 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     return Build(parts, model, speed, per_epoch, max_iter, base_lr, report)
 
 
-def resolve_precision(recipe: Recipe, train: ImageSet, device: torch.device,
+def resolve_precision(recipe: Recipe, device: torch.device,
                       dist: Optional[Dist] = None) -> tuple[Recipe, Optional[str]]:
     """precision: auto -> the recipe with the format it resolves to here, and why (None where it was not auto).
-    On a CPU the probe times the recipe's own model, freshly built, on up to 64 training images; with several
-    processes rank 0 decides for all."""
+    With several processes rank 0 decides for all."""
     if recipe.precision != "auto":
         return recipe, None
     from danlu.config import build_recipe
     from danlu.engine.precision import resolve_auto
-    from danlu.engine.speed import bf16_gain
-    from danlu.engine.devices import cpu_model
-
-    probe = None
-    if device.type == "cpu":
-        shape = input_shape(recipe, train.shape)
-        n = min(64, recipe.data.batch_size, len(train))
-
-        def probe() -> float:
-            model = build_model(recipe, shape, len(train.classes)).train()
-            x = build_augment(recipe)(torch.as_tensor(train.images[:n]), train=False)
-            if recipe.channels_last is True:
-                model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-            key = "|".join(map(str, (cpu_model(), torch.__version__, torch.get_num_threads(), recipe.model.name,
-                                     sorted(recipe.model.kwargs.items()), shape, n, recipe.channels_last)))
-            return bf16_gain(model, x, cache_key=key)
 
     dist = dist or Dist(device=device)
-    name, why = dist.broadcast_object(resolve_auto(device, probe) if dist.is_main else None)
+    name, why = dist.broadcast_object(resolve_auto(device) if dist.is_main else None)
     tree = recipe.to_dict()
     tree["precision"] = name
     return build_recipe(tree), f"precision auto -> {name}: {why}"

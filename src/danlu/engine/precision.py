@@ -20,9 +20,11 @@ so it never branches on dtype. The formats (`precision:` in a recipe):
           checks where float32's rounding would hide the answer (2 processes x batch B against 1 x 2B agree to
           ~1e-12 in float64, to ~1e-4 in float32 after 50 steps, depending on the CPU's kernels).
     auto  resolved once, when a run starts, to one of the above (`resolve_auto`), and saved as that in recipe.yaml
-          and summary.json: bf16 on GPUs with bf16 tensor cores (Ampere and later), fp32 on older GPUs; on a CPU,
-          bf16 where a measured probe of the run's own model shows it at least 1.3x faster than fp32, else fp32
-          (1.3x: clear of the 1.1x to 1.2x that LeNet measures on an AVX-512 CPU, where run-to-run noise would flip it).
+          and summary.json: bf16 on GPUs with bf16 tensor cores (Ampere and later), fp32 on older GPUs and on CPUs.
+          On a CPU bf16 is only taken when asked: whether it is faster depends on the CPU, the model and the threads
+          each process has (LeNet on a 2-core AMD EPYC: 1.90x with 2 threads, 1.15x with 1 each), so a measured
+          choice would differ between 1 process and 2, and between a quiet machine and a busy one, and with it the
+          result. `danlu bench --device cpu --precision fp32,bf16` measures it for a model.
 
 The TF32 switches are process-wide torch settings: `configure_backends()` sets them, once, where a run starts
 (training, or loading a run for inference); building a Precision changes nothing outside it. fp32 and fp64 switch
@@ -31,7 +33,7 @@ TF32 off (fp32 means fp32); the mixed-precision modes (tf32, bf16, fp16) let the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Optional
 
 import torch
@@ -40,7 +42,6 @@ from danlu.errors import DanluError
 
 PRECISIONS = ("auto", "fp32", "tf32", "fp16", "bf16", "fp64")
 FORMATS = PRECISIONS[1:]  # what a Precision is built from (and bench measures); auto is a policy that picks one
-CPU_BF16_GAIN = 1.3  # auto on a CPU: bf16 where the probe measures it at least this much faster than fp32
 _AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _NULL = contextlib.nullcontext()  # reusable: entering it does nothing
 
@@ -81,7 +82,7 @@ class Precision:
     def for_inference(cls, name: str, device: torch.device | str) -> "Precision":
         """The precision a run trained with, for evaluation or prediction on `device`: as training, except that a
         tf32 run evaluated off CUDA computes in fp32 (TF32 exists only on NVIDIA tensor cores), and auto takes the
-        device's rule without a probe (bf16 on a GPU with bf16 tensor cores, else fp32)."""
+        device's rule (bf16 on a GPU with bf16 tensor cores, else fp32)."""
         device = torch.device(device)
         if name == "auto":
             name = resolve_auto(device)[0]
@@ -143,17 +144,13 @@ class Precision:
             self._scale = None
 
 
-def resolve_auto(device: torch.device, probe: Optional[Callable[[], float]] = None) -> tuple[str, str]:
-    """precision: auto -> (a format, why). On CUDA by what the GPU has; on a CPU by `probe()`, bf16's speed over
-    fp32 measured on the run's own model (none given: fp32)."""
+def resolve_auto(device: torch.device) -> tuple[str, str]:
+    """precision: auto -> (a format, why): bf16 on a GPU with bf16 tensor cores, else fp32 (a CPU included)."""
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 8 and torch.cuda.is_bf16_supported():
             return "bf16", f"bf16 tensor cores (compute capability {major}.{minor}); TF32 for the float32 rest"
         return "fp32", f"no bf16 tensor cores (compute capability {major}.{minor})"
-    if probe is None:
-        return "fp32", f"{device.type}: no probe"
-    gain = probe()
-    verdict = "bf16" if gain >= CPU_BF16_GAIN else "fp32"
-    return verdict, f"bf16 measured {gain:.2f}x fp32 on this CPU with the run's model (bf16 from {CPU_BF16_GAIN}x)"
+    return "fp32", (f"{device.type}: fp32, the same on any number of processes and threads "
+                    "(bf16 only when asked: danlu bench --precision fp32,bf16 measures it)")
