@@ -101,11 +101,14 @@ def read_image(src: Union[str, Path, bytes, np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------- detection
 
 _local = threading.local()  # one detector per thread: OpenCV's detectors are not shared between threads
+_import_lock = threading.Lock()  # cv2's first import and its `data` subpackage's, once, whichever thread comes first
 
 
 def _cv2():
     try:
-        import cv2
+        with _import_lock:  # two threads importing cv2.data at once: one of them got "cannot import name 'data'"
+            import cv2
+            import cv2.data  # noqa: F401  the bundled cascades' folder (a subpackage `import cv2` leaves out)
     except ImportError:
         raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
     if not hasattr(cv2, "CascadeClassifier"):
@@ -117,11 +120,9 @@ def _cascade(name: str):
     cache = _local.__dict__.setdefault("cascades", {})
     if name not in cache:
         cv2 = _cv2()
-        from cv2 import data as cv2_data  # the bundled cascades' folder (a subpackage, not imported by `import cv2`)
-
-        c = cv2.CascadeClassifier(str(Path(cv2_data.haarcascades) / name))
+        c = cv2.CascadeClassifier(str(Path(cv2.data.haarcascades) / name))
         if c.empty():
-            raise DanluError(f"{name}: OpenCV's bundled Haar cascade could not be loaded from {cv2_data.haarcascades}")
+            raise DanluError(f"{name}: OpenCV's bundled Haar cascade could not be loaded from {cv2.data.haarcascades}")
         cache[name] = c
     return cache[name]
 
