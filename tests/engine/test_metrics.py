@@ -80,10 +80,18 @@ def test_face_and_gpu_figures_in_console_lines(tmp_path, capsys):
     log.event({"kind": "test", "iter": 5, "verification_acc": 0.9, "verification_std": 0.05, "pairs": 600,
                "tar_at_far_1e-2": 0.8, "tar_at_far_1e-3": None, "lowest_far": 1 / 300, "tar_at_lowest_far": 0.7,
                "different_pairs": 300})
+    face = {"kind": "test", "iter": 10, "verification_acc": 0.5, "verification_std": 0.05, "pairs": 600,
+            "tar_at_far_1e-2": 0.1, "tar_at_far_1e-3": None, "lowest_far": 1 / 300, "tar_at_lowest_far": 0.1,
+            "different_pairs": 300}
+    log.event({**face, "head_cosine": 0.95})  # a margin head whose identity weights all point one way
+    log.event({**face, "head_cosine": 0.05})
     log.close()
-    train, test = capsys.readouterr().out.splitlines()
+    train, test, collapsed, spread = capsys.readouterr().out.splitlines()
     assert train.endswith("10 img/s  gpu 84% 1234 MB, data wait 2%")
     assert test.startswith("[test]  iter      5/50  verification 0.9000 +- 0.0500 (600 pairs)  TAR 0.8000 at FAR 1e-2")
+    assert "collapsed" not in test and "collapsed" not in spread
+    assert collapsed.endswith("collapsed: the identity weights point one way (mean cosine 0.95); a longer "
+                              "model.margin_warmup or a smaller model.margin lets them spread")
 
 
 def test_a_disabled_log_writes_nothing(tmp_path, capsys):

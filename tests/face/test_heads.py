@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from danlu.errors import DanluError
-from danlu.face.heads import CosineHead, MarginLoss, build_criterion
+from danlu.face.heads import COLLAPSED, CosineHead, MarginLoss, build_criterion
 from danlu.models import create_model
 
 
@@ -103,3 +103,16 @@ def test_inception_resnet_v1_is_facenets_size():
     assert 23_000_000 < n < 24_000_000  # facenet-pytorch's InceptionResnetV1 without its logits layer: 23.48M
     with torch.no_grad():
         assert model.embed(torch.randn(1, 3, 160, 160)).shape == (1, 512)
+
+
+def test_the_identity_weights_mean_cosine_tells_spread_weights_from_collapsed_ones():
+    head = CosineHead(16, 7)
+    w = F.normalize(head.weight.detach(), dim=1)
+    pairs = [(w[i] @ w[j]).item() for i in range(7) for j in range(7) if i != j]
+    assert head.mean_cosine() == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)  # the plain mean over pairs
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(16)[:7] * 3)  # orthogonal, of any length
+    assert head.mean_cosine() == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(16).expand(7, 16) + 1e-3 * torch.randn(7, 16))  # all one way
+    assert head.mean_cosine() > COLLAPSED

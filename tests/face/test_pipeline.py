@@ -9,6 +9,7 @@ import torch
 import danlu
 from danlu.cli import main
 from danlu.face import Gallery, load_face_run
+from danlu.face.heads import COLLAPSED
 
 from .synth import make_identities
 
@@ -93,6 +94,7 @@ def test_training_reaches_verification_well_above_chance(faces):
     tests = [json.loads(ln) for ln in (root / "run" / "metrics.jsonl").read_text().splitlines()]
     tests = [e for e in tests if e["kind"] == "test"]
     assert [e["iter"] for e in tests] == [200, 400] and all(0 <= e["verification_acc"] <= 1 for e in tests)
+    assert all(-1 <= e["head_cosine"] < COLLAPSED for e in tests)  # the ArcFace head's identities spread
     face = json.loads((root / "run" / "face.json").read_text())
     assert face["preprocess"]["size"] == 32 and -1 <= face["threshold"] <= 1
     assert (root / "run" / "curves.png").stat().st_size > 0

@@ -194,10 +194,14 @@ class RunLog:
 
 def _line(r: dict[str, Any], total: int) -> str:
     if r["kind"] == "test" and "verification_acc" in r:  # face runs: verification on held-out identities
+        from danlu.face.heads import COLLAPSED
         from danlu.face.verify import describe_tar
 
+        collapse = (f"  collapsed: the identity weights point one way (mean cosine {r['head_cosine']:.2f}); "
+                    f"a longer model.margin_warmup or a smaller model.margin lets them spread"
+                    if r.get("head_cosine", 0.0) >= COLLAPSED else "")
         return (f"[test]  iter {r['iter']:>6}/{total}  verification {r['verification_acc']:.4f} +- "
-                f"{r['verification_std']:.4f} ({r['pairs']} pairs)  {describe_tar(r)}")
+                f"{r['verification_std']:.4f} ({r['pairs']} pairs)  {describe_tar(r)}{collapse}")
     if r["kind"] == "test":
         top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
         ema = f"  (ema: loss {r['ema_loss']:.4f}  acc {r['ema_acc']:.4f})" if r.get("ema_acc") is not None else ""

@@ -317,7 +317,8 @@ def embed_loader(model: torch.nn.Module, loader, augment, precision) -> torch.Te
 
 class VerificationEval:
     """Parts.evaluate for face runs: embeds the held-out identities' images, scores `n_pairs` seeded same and
-    different pairs, and returns LFW's 10-fold accuracy as `verification_acc` (+ std, threshold, TAR@FAR)."""
+    different pairs, and returns LFW's 10-fold accuracy as `verification_acc` (+ std, threshold, TAR@FAR); with a
+    margin head also `head_cosine`, its identity weights' mean cosine (CosineHead.mean_cosine: a collapse shows)."""
 
     def __init__(self, labels: torch.Tensor, n_pairs: int, seed: int):
         y = labels.cpu().numpy()
@@ -333,7 +334,9 @@ class VerificationEval:
         emb = embed_loader(model, loader, augment, precision)  # (N, D); every rank sees the whole held-out set
         sim = (emb[self.a.to(emb.device)] * emb[self.b.to(emb.device)]).sum(1).cpu().numpy()  # (P,) cosine
         r = scores(sim, self.same)
-        return {"verification_acc": r["accuracy_mean"], "verification_std": r["accuracy_std"],
+        head = getattr(_embedder(model), "head", None)
+        spread = {"head_cosine": head.mean_cosine()} if hasattr(head, "mean_cosine") else {}
+        return {**spread, "verification_acc": r["accuracy_mean"], "verification_std": r["accuracy_std"],
                 "threshold": r["threshold"], "tar_at_far_1e-2": r["tar_at_far_1e-2"],
                 "tar_at_far_1e-3": r["tar_at_far_1e-3"], "lowest_far": r["lowest_far"],
                 "tar_at_lowest_far": r["tar_at_lowest_far"], "different_pairs": r["different_pairs"],
