@@ -22,9 +22,10 @@ so it never branches on dtype. The formats (`precision:` in a recipe):
     auto  resolved once, when a run starts, to one of the above (`resolve_auto`), and saved as that in recipe.yaml
           and summary.json: bf16 on GPUs with bf16 tensor cores (Ampere and later), fp32 on older GPUs and on CPUs.
           On a CPU bf16 is only taken when asked: whether it is faster depends on the CPU, the model and the threads
-          each process has (LeNet on a 2-core AMD EPYC: 1.90x with 2 threads, 1.15x with 1 each), so a measured
-          choice would differ between 1 process and 2, and between a quiet machine and a busy one, and with it the
-          result. `danlu bench --device cpu --precision fp32,bf16` measures it for a model.
+          each process has (LeNet on a 2-core AMD EPYC, 2026-12-01, by the timing probe auto used to run: 1.90x
+          with 2 threads, 1.15x with 1 each), so a measured choice would differ between 1 process and 2, and between
+          a quiet machine and a busy one, and with it the result. `danlu bench --device cpu --precision fp32,bf16`
+          measures it for a model.
 
 The TF32 switches are process-wide torch settings: `configure_backends()` sets them, once, where a run starts
 (training, or loading a run for inference); building a Precision changes nothing outside it. fp32 and fp64 switch
@@ -153,4 +154,4 @@ def resolve_auto(device: torch.device) -> tuple[str, str]:
             return "bf16", f"bf16 tensor cores (compute capability {major}.{minor}); TF32 for the float32 rest"
         return "fp32", f"no bf16 tensor cores (compute capability {major}.{minor})"
     return "fp32", (f"{device.type}: fp32, the same on any number of processes and threads "
-                    "(bf16 only when asked: danlu bench --precision fp32,bf16 measures it)")
+                    "(bf16 only when asked: danlu bench --device cpu --precision fp32,bf16 measures it)")

@@ -102,9 +102,13 @@ def read_image(src: Union[str, Path, bytes, np.ndarray]) -> np.ndarray:
 
 _local = threading.local()  # one detector per thread: OpenCV's detectors are not shared between threads
 _import_lock = threading.Lock()  # cv2's first import and its `data` subpackage's, once, whichever thread comes first
+_CV2: Any = None  # the module, once imported and checked
 
 
 def _cv2():
+    global _CV2
+    if _CV2 is not None:
+        return _CV2
     try:
         with _import_lock:  # two threads importing cv2.data at once: one of them got "cannot import name 'data'"
             import cv2
@@ -113,6 +117,7 @@ def _cv2():
         raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
     if not hasattr(cv2, "CascadeClassifier"):
         raise DanluError(f"OpenCV {cv2.__version__} has no CascadeClassifier; expected opencv-python-headless 4.x")
+    _CV2 = cv2
     return cv2
 
 
