@@ -23,9 +23,10 @@ reported, not an error.
 Compressed shards, in the same run, at --size with random resized crop + flip:
   (d) danlu from WebDataset shards: `danlu prepare --format wds --keep-original` (the same JPEG bytes, in tar shards),
       then epochs of the streamed ShardLoader with Augment(resized_crop=(0.08, 1), flip, normalize), as `danlu
-      train` runs them: every image decoded again each epoch, in threads, straight into its random resized crop (the
-      box of the source, decoded at the smallest JPEG scale that still covers --size: ShardLoader.take_crop), then
-      flip and normalize batched on the device; `d_wds_uint8_only`: the loader alone, decoding whole images (shorter
+      train` runs them: every image decoded again each epoch, in `data.workers` decode processes (kept across
+      epochs, going on into the next), straight into its random resized crop (the box of the source, decoded by
+      simplejpeg at the smallest JPEG scale that still covers --size, and mirrored there: ShardLoader.take_crop),
+      then normalized on the device; `d_wds_uint8_only`: the loader alone, decoding whole images (shorter
       side to --size, centre crop). On CUDA also `d_wds_nvjpeg` (data.decode=cuda: nvJPEG, the crop on the GPU).
   (e) torchvision: `ImageFolder` + `transforms.v2` (decode, RandomResizedCrop(size), RandomHorizontalFlip, ToDtype,
       Normalize) + `DataLoader(num_workers=2, ...)`, the same transforms on the CPU workers.

@@ -148,3 +148,61 @@ def test_a_truncated_jpeg_is_a_bad_image_cropped_or_not(tmp_path):
     for crop in (None, (ResizedCrop(), [0.5, 0.5, 0.5, 0.5])):
         with pytest.raises(BadImage, match="not a readable image .*truncated"):
             decode_image(io.BytesIO(cut), (32, 32), 3, "crop", crop=crop)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_decode_crop_gives_decode_images_pixels(channels):
+    """The shard decoders' fast path (simplejpeg: the size from the header, the DCT scale Pillow's draft would take)
+    writes exactly what decode_image(crop=...) returns: boxes enlarged (OpenCV's resize), shrunk at full scale, and
+    decoded at 1/2 and 1/4; a PNG and a CMYK JPEG, which simplejpeg does not take, through decode_image itself."""
+    from PIL import Image
+
+    from danlu.data import decode
+    from danlu.data.decode import ResizedCrop, decode_crop
+
+    assert decode._simplejpeg() is not None  # a dependency: the fast path is the one tested
+    img = _photo(300, 400)
+    files = {}
+    for fmt, mode in (("JPEG", "RGB"), ("PNG", "RGB"), ("JPEG", "CMYK"), ("JPEG", "L")):
+        buf = io.BytesIO()
+        Image.fromarray(img).convert(mode).save(buf, format=fmt, quality=90)
+        files[fmt, mode] = buf.getvalue()
+    rc = ResizedCrop((0.05, 1.0))
+    scales = []
+    real = decode._resized_box
+    for (fmt, mode), data in files.items():
+        for d, size in (([0.0, 0.5, 0.3, 0.6], (64, 64)), ([0.0, 0.2, 0.9, 0.1], (96, 80)),
+                        ([1.0, 0.5, 0.5, 0.5], (224, 224)), ([0.9, 0.5, 0.1, 0.4], (70, 90)),
+                        ([0.5, 0.9, 0.5, 0.5], (32, 40))):
+            out = np.zeros((channels, *size), np.uint8)
+
+            def spy(t, box, fx, fy, h, w, copy=True):
+                scales.append(round(1 / fx))
+                return real(t, box, fx, fy, h, w, copy)
+
+            decode._resized_box = spy
+            try:
+                decode_crop(data, size, channels, rc, d, out)
+            finally:
+                decode._resized_box = real
+            ref = decode_image(io.BytesIO(data), size, channels, crop=(rc, d))
+            assert np.array_equal(out, ref), (fmt, mode, d, size, np.abs(out.astype(int) - ref).max())
+    assert {1, 2, 4} <= set(scales)  # whole, half and quarter scale decodes were among them
+    mirror = ResizedCrop((0.05, 1.0), flip=True)  # the training flip, done by the decoder: where d[4] < 0.5
+    for data in files.values():
+        for d in ([0.0, 0.5, 0.3, 0.6], [1.0, 0.5, 0.5, 0.5]):
+            plain = decode_image(io.BytesIO(data), (64, 64), channels, crop=(rc, d))
+            for u, want in ((0.2, plain[..., ::-1]), (0.7, plain)):
+                out = np.zeros((channels, 64, 64), np.uint8)
+                decode_crop(data, (64, 64), channels, mirror, d + [u], out)
+                assert np.array_equal(out, want)
+                assert np.array_equal(decode_image(io.BytesIO(data), (64, 64), channels, crop=(mirror, d + [u])), want)
+
+
+def test_decode_crop_of_a_bad_file_raises_bad_image():
+    from danlu.data.decode import ResizedCrop, decode_crop
+
+    out = np.zeros((3, 8, 8), np.uint8)
+    for data in (b"\xff\xd8\xff\xe0 not really a jpeg", b"plain text"):
+        with pytest.raises(BadImage, match="not a readable image"):
+            decode_crop(data, (8, 8), 3, ResizedCrop(), [0.5] * 4, out)

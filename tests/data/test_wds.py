@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 import warnings
 
@@ -185,25 +186,55 @@ def test_ranks_split_each_global_batch_as_one_process_sees_it(shards, world):
         assert torch.equal(torch.cat([per_rank[r][i][1] for r in range(world)]), y)
 
 
+def _log_reads(monkeypatch, log):
+    """Record, from whichever process does it, each shard read and each decoded row count with the epoch it is for:
+    a process asks for an epoch's order before reading its shards, and finishes an epoch before the next (the decode
+    processes go on into the next epoch when one is taken whole). Returns a function: epoch -> (urls, rows)."""
+    real_read, real_decode, real_order = wds.read_shard, wds._decode_rows, wds.ShardLoader.order
+
+    def write(*words):
+        with open(log, "a") as f:
+            f.write(" ".join(map(str, (os.getpid(), *words))) + "\n")
+
+    def read_shard(url, labels):
+        write("read", url)
+        return real_read(url, labels)
+
+    def decode_rows(picked, out, lo, hi, *rest):
+        write("rows", hi - lo)
+        return real_decode(picked, out, lo, hi, *rest)
+
+    def order(self, epoch):
+        write("epoch", epoch)
+        return real_order(self, epoch)
+
+    monkeypatch.setattr(wds, "read_shard", read_shard)
+    monkeypatch.setattr(wds, "_decode_rows", decode_rows)
+    monkeypatch.setattr(wds.ShardLoader, "order", order)
+    log.write_text("")
+
+    def of(epoch):
+        at, urls, rows = {}, [], 0
+        for pid, kind, value in (line.split() for line in log.read_text().splitlines()):
+            if kind == "epoch":
+                at[pid] = int(value)
+            elif at.get(pid) == epoch:
+                urls, rows = (urls + [value], rows) if kind == "read" else (urls, rows + int(value))
+        return urls, rows
+
+    return of
+
+
 @pytest.mark.parametrize("workers", [1, 2])  # decoded in a thread; in 2 decode processes (each its own streams)
 def test_each_rank_reads_a_contiguous_share_of_the_epochs_shards(shards, monkeypatch, tmp_path, workers):
     train, _ = _load(shards, streams=4, workers=workers)
-    log = tmp_path / "read.txt"  # written by whichever process reads
-    real = wds.read_shard
-
-    def read_shard(url, labels):
-        with open(log, "a") as f:
-            f.write(url + "\n")
-        return real(url, labels)
-
-    monkeypatch.setattr(wds, "read_shard", read_shard)
     opened = []
     for r in range(2):
-        log.write_text("")
+        of = _log_reads(monkeypatch, tmp_path / "log.txt")
         loader = make_loader(train.images, None, 4, device="cpu", seed=5, rank=r, world=2)
         assert loader.procs == (2 if workers == 2 else 0)
         list(loader.epoch(0))
-        opened.append(set(log.read_text().split()))
+        opened.append(set(of(0)[0]))
     assert len(opened[0] & opened[1]) <= 1  # at most the one shard cut by the boundary between the ranks' streams
     assert len(opened[0]) < 7 and len(opened[1]) < 7 and len(opened[0] | opened[1]) == 7
 
@@ -213,27 +244,14 @@ def test_resume_mid_epoch_gives_the_same_batches_without_reading_what_came_befor
                                                                                    workers):
     train, _ = _load(shards, streams=2, workers=workers)
     full = _epoch(train, 4, epoch=3)
-    reads, decodes = tmp_path / "read.txt", tmp_path / "decoded.txt"  # written by whichever process does it
-    real, real_decode = wds.read_shard, wds._decode_rows
-
-    def read_shard(url, labels):
-        with open(reads, "a") as f:
-            f.write(url + "\n")
-        return real(url, labels)
-
-    def decode_rows(picked, out, lo, hi, *rest):
-        with open(decodes, "a") as f:
-            f.write(f"{hi - lo}\n")
-        return real_decode(picked, out, lo, hi, *rest)
-
-    monkeypatch.setattr(wds, "read_shard", read_shard)
-    monkeypatch.setattr(wds, "_decode_rows", decode_rows)
+    of = _log_reads(monkeypatch, tmp_path / "log.txt")
     rest = _epoch(train, 4, epoch=3, start=11)
     assert len(rest) == len(full) - 11
     for (a, b), (c, d) in zip(full[11:], rest, strict=True):
         assert torch.equal(a, c) and torch.equal(b, d)
-    assert sum(map(int, decodes.read_text().split())) == 4 * len(rest)  # nothing before batch 11 was decoded
-    assert len(reads.read_text().split()) < 7  # ... and the shards wholly before it were not opened
+    urls, rows = of(3)
+    assert rows == 4 * len(rest)  # nothing before batch 11 was decoded
+    assert len(urls) < 7  # ... and the shards wholly before it were not opened
     assert _epoch(train, 4, epoch=3, start=len(full)) == []
 
 
@@ -251,7 +269,8 @@ def _gradient_png(value: int, label: int, size=(30, 40)) -> bytes:
 def test_the_decoder_crops_each_training_image_by_seed_epoch_and_position(tmp_path):
     """take_crop: each training image is decoded into its random resized crop, the box drawn from (seed, epoch,
     position in the epoch's sequence): the same crops on 1 or 2 processes and when resumed mid-epoch, others in the
-    next epoch; the Augment loses its resized crop; test loaders never crop."""
+    next epoch, about half of them mirrored; the Augment loses its resized crop and its flip; test loaders never
+    crop."""
     from danlu.data.augment import Augment
 
     root = tmp_path / "s"
@@ -262,13 +281,14 @@ def test_the_decoder_crops_each_training_image_by_seed_epoch_and_position(tmp_pa
     def epoch(e, start=0, rank=0, world=1):
         loader = make_loader(train.images, None, 8 // world, device="cpu", seed=5, rank=rank, world=world)
         aug = Augment(flip=True, resized_crop=(0.1, 0.5))
-        assert loader.take_crop(aug) and aug.resized_crop is None and aug.flip
+        assert loader.take_crop(aug) and aug.resized_crop is None and not aug.flip and loader.crop.flip
         return [x for x, _ in loader.epoch(e, start=start)]
 
     one = epoch(0)
     x = torch.cat(one).float()
     width = x[:, 0, 0, -1] - x[:, 0, 0, 0]  # columns x 6 spanned by each crop: at most half the area, so less
-    assert (width < 6 * 39 * 0.95).all() and len(set(width.tolist())) > 10  # than the whole width, and all kinds
+    assert (width.abs() < 6 * 39 * 0.95).all() and len(set(width.tolist())) > 10  # than the whole width, and all kinds
+    assert 0.2 < (width < 0).float().mean() < 0.8  # mirrored (the gradient runs right to left) and not
     two = [torch.cat(b) for b in zip(epoch(0, rank=0, world=2), epoch(0, rank=1, world=2))]
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
     assert all(torch.equal(a, b) for a, b in zip(one[3:], epoch(0, start=3), strict=True))

@@ -16,8 +16,8 @@ from datafiles import class_folder
 file_server = datafiles.file_server  # the shared fixture, found by pytest under this name
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-# LeNet on 16 px colour images, flip on (its draws must follow the global batch) and a random resized crop (done by
-# the decoder: its boxes must follow the epoch's sequence), 4 streams; 72 training samples in batches of 16: 4
+# LeNet on 16 px colour images, flip on and a random resized crop (both done by the decoder: its draws must follow the
+# epoch's sequence), 4 streams; 72 training samples in batches of 16: 4
 # iterations an epoch, 10 iterations, a snapshot at 6 (epoch 1, batch 2: mid-epoch)
 COMMON = ["model.name=lenet", "data.name=wds", "data.size=16", "data.streams=4", "augment.flip=true",
           "augment.resized_crop=[0.3,1.0]",
@@ -75,7 +75,7 @@ def test_two_processes_train_as_one_with_the_double_batch(runs):
     assert summary["world_size"] == 2 and summary["global_batch"] == 16 and summary["iterations"] == 10
     report = json.loads((runs / "two" / "data_report.json").read_text())
     assert report["source"] == "wds" and report["train_images"] == 72 and report["test_images"] == 12
-    assert report["resized_crop"] == "decoder"
+    assert report["resized_crop"] == "decoder" and report["flip"] == "decoder"
     tests = [json.loads(ln) for ln in (runs / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [e["samples"] for e in tests if e["kind"] == "test"] == [12, 12]  # every test sample once over 2 ranks
 

@@ -15,6 +15,7 @@ A file that is not a readable image (text, zero bytes, truncated, corrupt) raise
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 import threading
@@ -71,9 +72,14 @@ class ResizedCrop:
     an aspect ratio (width / height) log-uniform in `ratio`, clipped to the image (where torchvision would draw
     again), placed uniformly where it fits: the same rule as the device warp's boxes (augment._box), on the source's
     own pixels. The four uniforms in [0, 1) that pick a box are drawn by the caller (ShardLoader: from the seed, the
-    epoch and the sample's position), so a box depends on nothing else."""
+    epoch and the sample's position), so a box depends on nothing else. `flip`: the crop is also mirrored left-right
+    where a fifth uniform is under 0.5 (the training flip, done by the decoder with the crop)."""
     area: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = False
+
+    def mirrored(self, d: Sequence[float]) -> bool:
+        return self.flip and len(d) > 4 and d[4] < 0.5
 
     def box(self, W: int, H: int, d: Sequence[float]) -> tuple[int, int, int, int]:
         """(left, top, width, height) in whole pixels of a W x H source for the draws d (share, log ratio, x, y)."""
@@ -113,7 +119,7 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
             if 2 * rw <= W0 and 2 * rh <= H0:  # JPEG: decode at 1/2, 1/4, 1/8 when that covers it (else no call:
                 im.draft("L" if channels == 1 else "RGB", (rw, rh))  # a draft at full scale decodes slower)
             elif box is not None and im.format == "JPEG" and im.mode in ("RGB", "L"):  # whole: libjpeg-turbo
-                return _resized_box(_decode_jpeg(path, channels), box, 1.0, 1.0, h, w)  # through torchvision, 2x
+                return _mirror(_resized_box(_decode_jpeg(path, channels), box, 1.0, 1.0, h, w), crop)  # (torchvision)
             im = to_mode(im, channels)
             im.load()  # decodes: a truncated or corrupt file fails here
     except BadImage:
@@ -130,7 +136,7 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
     if box is not None:  # the crop box, in whole pixels of the (possibly draft-reduced) decoded image
         a = torch.from_numpy(np.array(im))  # (H, W, 3) or (H, W)
         a = a.permute(2, 0, 1) if a.dim() == 3 else a[None]
-        return _resized_box(a, box, im.size[0] / W0, im.size[1] / H0, h, w)
+        return _mirror(_resized_box(a, box, im.size[0] / W0, im.size[1] / H0, h, w), crop)
     # Resize to (rw, rh) then take the centred (w, h) window, as torchvision's Resize + CenterCrop do, in one Pillow
     # call: `box` is that window in the (possibly draft-reduced) source's coordinates, so the sampling grid and the
     # antialiasing filter are exactly those of resizing the whole image.
@@ -139,6 +145,78 @@ def decode_image(path: Union[str, Path, BinaryIO], size: tuple[int, int], channe
     box = (left * fx, top * fy, (left + w) * fx, (top + h) * fy)
     a = np.asarray(im.resize((w, h), Image.Resampling.BILINEAR, box=box))  # antialiased; (h, w) or (h, w, 3)
     return a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def _mirror(a: np.ndarray, crop: tuple[ResizedCrop, Sequence[float]]) -> np.ndarray:
+    return np.ascontiguousarray(a[..., ::-1]) if crop[0].mirrored(crop[1]) else a
+
+
+def decode_crop(data: bytes, size: tuple[int, int], channels: int, crop: ResizedCrop, draws: Sequence[float],
+                out: np.ndarray) -> None:
+    """The random resized crop of one image file's bytes, written into `out` (channels, h, w) uint8: what
+    `decode_image(io.BytesIO(data), size, channels, crop=(crop, draws))` returns, the same pixels for a JPEG (tested),
+    faster. A JPEG goes through simplejpeg (libjpeg-turbo): its size from the header alone, then decoded at the DCT
+    scale Pillow's `draft` would choose (1/2, 1/4, 1/8 where the box still covers the target, else whole), the box
+    resized by torch's uint8 antialiased resize. Anything simplejpeg does not take (not a JPEG, CMYK, 12-bit, a damaged
+    file) goes through decode_image, which decodes it or raises BadImage with the reason."""
+    sj = _simplejpeg()
+    if sj is not None and data[:3] == b"\xff\xd8\xff":
+        try:
+            H0, W0, space = sj.decode_jpeg_header(data)[:3]
+            if space not in ("YCbCr", "Gray"):  # CMYK, YCCK: Pillow converts those its own way
+                raise ValueError(space)
+            h, w = size
+            box = crop.box(W0, H0, draws)
+            q = min(W0 // math.ceil(W0 * w / box[2]), H0 // math.ceil(H0 * h / box[3]))  # Pillow's draft rule
+            s = 8 if q >= 8 else 4 if q >= 4 else 2 if q >= 2 else 1
+            a = sj.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB", min_factor=s,
+                               min_height=-(-H0 // s), min_width=-(-W0 // s))  # (H, W, C), exactly 1/s
+        except ValueError:  # simplejpeg's error for anything it refuses: Pillow's path says why, or decodes it
+            pass
+        else:
+            t = torch.from_numpy(a).permute(2, 0, 1)  # (C, H, W) view of the decoded pixels
+            r = _resized_box(t, box, a.shape[1] / W0, a.shape[0] / H0, h, w, copy=False)  # (C, h, w), HWC memory
+            cv2 = import_cv2()
+            if len(r) == 3 and cv2 is not None and all(p.flags.c_contiguous for p in out):
+                hwc = r.transpose(1, 2, 0)
+                cv2.split(cv2.flip(hwc, 1) if crop.mirrored(draws) else hwc, list(out))  # into the planes in
+                # place: 6x numpy's strided copy
+            else:
+                out[...] = r[..., ::-1] if crop.mirrored(draws) else r
+            return
+    out[...] = decode_image(io.BytesIO(data), size, channels, crop=(crop, draws))
+
+
+_SIMPLEJPEG: list = []
+_CV2: list = []
+_cv2_lock = threading.Lock()
+
+
+def import_cv2():
+    """OpenCV (with its `cv2.data` subpackage: the bundled cascades' folder), imported once under a lock, or None where
+    it is not installed. Two threads importing cv2 at once (prepare's and the decoders' pools): one of them got
+    "cannot import name 'data'" in 4 of 20 fresh processes, as cv2's bootstrap replaces its own module."""
+    if not _CV2:
+        with _cv2_lock:
+            if not _CV2:
+                try:
+                    import cv2
+                    import cv2.data  # noqa: F401
+                except ImportError:
+                    cv2 = None
+                _CV2.append(cv2)
+    return _CV2[0]
+
+
+def _simplejpeg():
+    """The simplejpeg module, or None where it is not installed (a dependency of danlu; Pillow's path then)."""
+    if not _SIMPLEJPEG:
+        try:
+            import simplejpeg
+        except ImportError:
+            simplejpeg = None
+        _SIMPLEJPEG.append(simplejpeg)
+    return _SIMPLEJPEG[0]
 
 
 def _decode_jpeg(path: Union[str, Path, BinaryIO], channels: int) -> "torch.Tensor":
@@ -159,7 +237,7 @@ def _decode_jpeg(path: Union[str, Path, BinaryIO], channels: int) -> "torch.Tens
 
 
 def _resized_box(t: "torch.Tensor", box: tuple[int, int, int, int], fx: float, fy: float, h: int,
-                 w: int) -> np.ndarray:
+                 w: int, copy: bool = True) -> np.ndarray:
     """The box (left, top, width, height; source pixels, scaled by fx, fy to the decoded image's) of a decoded
     (C, H, W) uint8 image, resized to (C, h, w) uint8 with antialiasing by torch's uint8 resize (torchvision's),
     on channels-last pixels, its fast layout: 2x Pillow's resize on a CPU."""
@@ -167,11 +245,18 @@ def _resized_box(t: "torch.Tensor", box: tuple[int, int, int, int], fx: float, f
     left, top = min(W - 1, int(round(box[0] * fx))), min(H - 1, int(round(box[1] * fy)))
     right, bottom = max(left + 1, min(W, int(round((box[0] + box[2]) * fx)))), \
         max(top + 1, min(H, int(round((box[1] + box[3]) * fy))))
+    if bottom - top <= h and right - left <= w and t.shape[0] in (1, 3) and import_cv2() is not None:
+        # enlarged both ways, where antialiasing does nothing: OpenCV's bilinear resize (the same sampling grid; its
+        # fixed-point weights put a value at most 1 level from torch's, 0.2 on average), 2x torch's on a CPU
+        a = import_cv2().resize(t.permute(1, 2, 0).numpy()[top:bottom, left:right], (w, h),
+                                interpolation=import_cv2().INTER_LINEAR)  # (h, w, C), or (h, w) for one channel
+        a = a.reshape(h, w, -1).transpose(2, 0, 1)
+        return np.ascontiguousarray(a) if copy else a
     t = t[None, :, top:bottom, left:right]
     if t.shape[1] == 3:
         t = t.contiguous(memory_format=torch.channels_last)  # a no-op for Pillow's pixels
     out = torch.nn.functional.interpolate(t, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
-    return np.ascontiguousarray(out[0].numpy())
+    return np.ascontiguousarray(out[0].numpy()) if copy else out[0].numpy()  # copy=False: a view, channels-last
 
 
 def cover_size(W: int, H: int, h: int, w: int) -> tuple[int, int]:

@@ -33,15 +33,18 @@ Batches per epoch: N // G, the same every epoch. `epoch(e, start=i)` resumes at 
 before it: shards that lie wholly before batch i are not even opened.
 
 Decoding: `decode="cpu"` for training in `data.workers` worker processes (torch's DataLoader, started at the first
-epoch and kept; each one reads the shards of, and decodes, its own contiguous share of this rank's streams, so a batch
-is their parts one after the other, the same as one thread's), else (testing, one worker, or streams that do not
-split) in a thread pool; a JPEG at least twice the target is decoded at a reduced DCT scale, `decode.decode_image`.
+epoch and kept, going on into the next epoch while this one's last batches train; each one reads the shards of, and
+decodes, its own contiguous share of this rank's streams into shared-memory slots, so a batch is their parts one after
+the other, the same as one thread's), else (testing, one worker, or streams that do not split) in a thread pool; a
+JPEG at least twice the target is decoded at a reduced DCT scale (`decode.decode_crop`: simplejpeg, the size from the
+header alone; `decode.decode_image`: Pillow's draft).
 `"cuda"`: batched with `torchvision.io.decode_jpeg(..., device="cuda")` (nvJPEG; PNG/WebP and what nvJPEG refuses
 fall back to the CPU); `"auto"`: cuda on a CUDA device. Shards are read ahead (two reader threads, in each decode
 process) and the next batches are decoded while the step runs. `take_crop(augment)` (training
 loaders; `danlu train` calls it): each image is decoded straight into augment's random resized crop, a box of the
 source's own pixels drawn from (seed, epoch, position in the epoch's sequence), at the smallest JPEG scale that covers
-it (nvJPEG: cropped and resized on the GPU). An image that does not decode is
+it (nvJPEG: cropped and resized on the GPU), and mirrored there by a draw of the same stream where augment flips.
+An image that does not decode is
 replaced by another image of its stream's share of the batch (the same on any number of processes; where that share
 holds no other good image, of this process's batch), counted, and listed in data_report.json at the end of the run.
 """
@@ -699,12 +702,14 @@ class ShardLoader:
 
     def take_crop(self, augment) -> bool:  # noqa: ANN001 - an Augment
         """Training: decode each image straight into `augment`'s random resized crop, a box of the source's own
-        pixels (at the smallest JPEG scale that covers it), as DALI's and FFCV's decoders do, and take that op off
-        `augment` (its device warp keeps rotation, zoom and translation). Returns whether it did."""
+        pixels (at the smallest JPEG scale that covers it), as DALI's and FFCV's decoders do, mirrored there too
+        where `augment.flip` is on, and take those ops off `augment` (its device warp keeps rotation, zoom and
+        translation; flipping a batch on the trainer's CPU had cost a fifth of the shard pipeline's speed on 2 cores,
+        its threads waking beside the decode processes). Returns whether it did."""
         if not self.drop_last or augment.resized_crop is None:
             return False
-        self.crop = ResizedCrop(augment.resized_crop, augment.ratio)
-        augment.resized_crop = None
+        self.crop = ResizedCrop(augment.resized_crop, augment.ratio, flip=bool(augment.flip))
+        augment.resized_crop, augment.flip = None, False
         return True
 
     def __len__(self) -> int:
@@ -821,11 +826,12 @@ class ShardLoader:
         return [(url, key, data, label) for key, data, label in good]
 
     def _draws(self, epoch: int, positions: np.ndarray) -> Optional[np.ndarray]:
-        """(B, 4) uniforms choosing each row's crop box (`crop` set, training only), from (seed, epoch, position in
-        the epoch's sequence): the same boxes on any number of processes, and when resumed mid-epoch."""
+        """(B, 5) uniforms choosing each row's crop box and whether it is mirrored (`crop` set, training only), from
+        (seed, epoch, position in the epoch's sequence): the same on any number of processes, and when resumed
+        mid-epoch."""
         if self.crop is None or not self.drop_last:
             return None
-        return np.stack([_seeded(self.seed, epoch, int(q), _CROP_WORD).random(4) for q in positions])
+        return np.stack([_seeded(self.seed, epoch, int(q), _CROP_WORD).random(5) for q in positions])
 
     def _submit(self, picked: list, streams: np.ndarray, draws: Optional[np.ndarray], decoder) -> tuple:  # noqa: ANN001
         """Queue the decoding of one batch: (samples, streams, labels, crop draws, images buffer, futures of bad
@@ -847,7 +853,10 @@ class ShardLoader:
     def _epoch_in_processes(self, epoch: int, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches decoded by `procs` worker processes (torch's DataLoader: started at the first epoch and kept,
         their parts handed over in shared memory, in turn), process j taking the j-th contiguous share of this rank's
-        streams: their rows of each batch are contiguous too, so a batch is its parts one after the other."""
+        streams: their rows of each batch are contiguous too, so a batch is its parts one after the other. The
+        processes go on into the next epoch without waiting: an epoch taken whole leaves them decoding the next one's
+        first batches, which `epoch(e + 1)` then takes; any other start (a resume, an epoch left early) restarts them
+        there."""
         from torch.utils.data import DataLoader
 
         W = self.procs
@@ -855,28 +864,31 @@ class ShardLoader:
             share = _DecodeShare(self)
             self._decoders = share, DataLoader(share, batch_size=None, num_workers=W, prefetch_factor=self.prefetch,
                                                pin_memory=self.device.type == "cuda", persistent_workers=True)
+            self._next: Optional[tuple[Iterator, tuple[int, int]]] = None  # (the running iterator, where it is)
         share, decoders = self._decoders
-        share.at[0], share.at[1] = epoch, start  # read by each process as the epoch begins there
-        it = iter(decoders)
-        try:
-            parts: list = []
-            for part in it:
+        if self._next is None or self._next[1] != (epoch, start):
+            self._next = None  # (the DataLoader's reset drops what the processes decoded ahead)
+            share.at[0], share.at[1] = epoch, start  # read by each process as it starts there
+            it = iter(decoders)
+        else:
+            it = self._next[0]
+        self._next = None  # until this epoch is taken whole
+        held: list = []  # the last parts' shared memory, kept mapped: a slot sent again maps no new pages
+        for _ in range(start, len(self)):
+            parts = [next(it) for _ in range(W)]
+            for part in parts:
                 if isinstance(part, _Failed):
                     part.throw()
-                parts.append(part)
-                if len(parts) < W:
-                    continue
-                x = (torch.from_numpy(np.concatenate([p[0].numpy() for p in parts])) if self.device.type == "cpu"
-                     else torch.cat([p[0].to(self.device, non_blocking=True) for p in parts]))  # numpy: one
-                # thread's copy, no intra-op team to wake and spin beside the decode processes
-                labels, streams = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
-                bad = {i + k * len(parts[0][1]): b for k, p in enumerate(parts) for i, b in p[3].items()}
-                parts = []
-                if bad:
-                    self._mend(x, labels, streams, bad)
-                yield x, torch.from_numpy(labels).to(self.device, non_blocking=True)
-        finally:
-            del it  # left early: the next epoch's start drops what the processes decoded ahead
+            held = [p[0] for p in parts] + held[:W * (self.prefetch + 2)]
+            x = (torch.from_numpy(np.concatenate([p[0].numpy() for p in parts])) if self.device.type == "cpu"
+                 else torch.cat([p[0].to(self.device, non_blocking=True) for p in parts]))  # numpy: one
+            # thread's copy, no intra-op team to wake and spin beside the decode processes
+            labels, streams = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+            bad = {i + k * len(parts[0][1]): b for k, p in enumerate(parts) for i, b in p[3].items()}
+            if bad:
+                self._mend(x, labels, streams, bad)
+            yield x, torch.from_numpy(labels).to(self.device, non_blocking=True)
+        self._next = it, (epoch + 1, 0)
 
     # -- the consumer: wait for the batch, mend bad rows, hand it to the device
 
@@ -944,14 +956,26 @@ class _DecodeShare(torch.utils.data.IterableDataset):
         L, (epoch, start) = self.loader, self.at.tolist()
         b = L.batch_size // W  # rows of a batch this process decodes
         (h, w), c = L.images.size, L.images.channels
+        # Each part is decoded straight into one of a ring of shared-memory slots, sent without a copy. A slot is
+        # written again prefetch + 3 parts later: by then the training process has copied it out (it holds at most
+        # the `prefetch` parts it asked for ahead, and the one it is copying).
+        slots = [torch.empty((b, c, h, w), dtype=torch.uint8).share_memory_() for _ in range(L.prefetch + 3)] \
+            if info is not None else []
+        sent = 0
         try:
-            with closing(L._picked(epoch, start, lambda i: L.positions(i)[j * b:(j + 1) * b],
-                                   L.streams // L.world // W + 2)) as batches:
-                for rws, picked in batches:
-                    out = torch.empty((len(picked), c, h, w), dtype=torch.uint8)
-                    bad = _decode_rows(picked, out.numpy(), 0, len(picked), L.images, L.crop, L._draws(epoch, rws))
-                    yield (out, np.array([p[3] for p in picked], np.int64), L.stream_of(rws),
-                           {i: (picked[i][0], picked[i][1], reason) for i, reason in bad.items()})
+            while True:  # epoch after epoch, until the training process stops asking (or restarts this elsewhere)
+                with closing(L._picked(epoch, start, lambda i: L.positions(i)[j * b:(j + 1) * b],
+                                       L.streams // L.world // W + 2)) as batches:
+                    for rws, picked in batches:
+                        out = slots[sent % len(slots)] if slots else torch.empty((b, c, h, w), dtype=torch.uint8)
+                        sent += 1
+                        bad = _decode_rows(picked, out.numpy(), 0, len(picked), L.images, L.crop,
+                                           L._draws(epoch, rws))
+                        yield (out, np.array([p[3] for p in picked], np.int64), L.stream_of(rws),
+                               {i: (picked[i][0], picked[i][1], reason) for i, reason in bad.items()})
+                if info is None:  # in this process (tests): one epoch
+                    return
+                epoch, start = epoch + 1, 0
         except Exception as e:  # noqa: BLE001 - raised in the training process
             yield _Failed(e)
 
@@ -960,15 +984,17 @@ def _decode_rows(picked: list, out: np.ndarray, lo: int, hi: int, images: ShardI
                  crop: Optional[ResizedCrop] = None, draws: Optional[np.ndarray] = None) -> dict[int, str]:
     """Decode rows lo..hi of a batch into `out` (CPU, Pillow), each a random resized crop where `crop` and its
     `draws` are given; {row: reason} of those that are not images."""
-    from danlu.data.decode import BadImage, decode_image
+    from danlu.data.decode import BadImage, decode_crop, decode_image
 
     bad = {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"PIL\.")
         for i in range(lo, hi):
             try:
-                out[i] = decode_image(io.BytesIO(picked[i][2]), images.size, images.channels, images.resize,
-                                      crop=None if draws is None else (crop, draws[i]))
+                if draws is not None:
+                    decode_crop(picked[i][2], images.size, images.channels, crop, draws[i], out[i])
+                else:
+                    out[i] = decode_image(io.BytesIO(picked[i][2]), images.size, images.channels, images.resize)
             except BadImage as e:
                 out[i] = 0
                 bad[i] = str(e)
@@ -1006,7 +1032,8 @@ def _decode_cuda(picked: list, images: ShardImages, device: torch.device, crop: 
         for i, im in zip(jpeg, decoded):
             if im is not None:
                 box = None if draws is None else crop.box(im.shape[-1], im.shape[-2], draws[i])
-                out[i] = _resize_on_device(im, h, w, images.resize, box)
+                r = _resize_on_device(im, h, w, images.resize, box)
+                out[i] = r.flip(-1) if box is not None and crop.mirrored(draws[i]) else r
     for i in sorted(cpu):
         try:
             out[i] = torch.from_numpy(decode_image(io.BytesIO(picked[i][2]), (h, w), c, images.resize,

@@ -94,6 +94,8 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     augment.wide = wide_float(device)  # its draws: float64, float32 where the device has none (mps)
     if hasattr(train_loader, "take_crop") and train_loader.take_crop(augment) and getattr(train, "report", None):
         train.report["resized_crop"] = "decoder"  # shards: each training image cropped from its source as decoded
+        if train_loader.crop.flip:
+            train.report["flip"] = "decoder"  # ... and mirrored there
     generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
                             precision)

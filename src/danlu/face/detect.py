@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from danlu.data.decode import BadImage
+from danlu.data.decode import BadImage, import_cv2
 from danlu.errors import DanluError
 
 EQUALIZE = ("hist", "clahe", "tantriggs", "none")
@@ -101,7 +101,6 @@ def read_image(src: Union[str, Path, bytes, np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------- detection
 
 _local = threading.local()  # one detector per thread: OpenCV's detectors are not shared between threads
-_import_lock = threading.Lock()  # cv2's first import and its `data` subpackage's, once, whichever thread comes first
 _CV2: Any = None  # the module, once imported and checked
 
 
@@ -109,12 +108,9 @@ def _cv2():
     global _CV2
     if _CV2 is not None:
         return _CV2
-    try:
-        with _import_lock:  # two threads importing cv2.data at once: one of them got "cannot import name 'data'"
-            import cv2
-            import cv2.data  # noqa: F401  the bundled cascades' folder (a subpackage `import cv2` leaves out)
-    except ImportError:
-        raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'") from None
+    cv2 = import_cv2()  # under a lock: threads importing cv2 at once break its bootstrap
+    if cv2 is None:
+        raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'")
     if not hasattr(cv2, "CascadeClassifier"):
         raise DanluError(f"OpenCV {cv2.__version__} has no CascadeClassifier; expected opencv-python-headless 4.x")
     _CV2 = cv2
