@@ -165,6 +165,8 @@ def decode_crop(data: bytes, size: tuple[int, int], channels: int, crop: Resized
             H0, W0, space = sj.decode_jpeg_header(data)[:3]
             if space not in ("YCbCr", "Gray"):  # CMYK, YCCK: Pillow converts those its own way
                 raise ValueError(space)
+            if _bomb(W0 * H0):  # Pillow refuses it: decode_image says so
+                raise ValueError("too many pixels")
             h, w = size
             box = crop.box(W0, H0, draws)
             q = min(W0 // math.ceil(W0 * w / box[2]), H0 // math.ceil(H0 * h / box[3]))  # Pillow's draft rule
@@ -187,6 +189,13 @@ def decode_crop(data: bytes, size: tuple[int, int], channels: int, crop: Resized
     out[...] = decode_image(io.BytesIO(data), size, channels, crop=(crop, draws))
 
 
+def _bomb(pixels: int) -> bool:
+    """Over Pillow's decompression-bomb limit (twice Image.MAX_IMAGE_PIXELS), where Pillow raises."""
+    from PIL import Image
+
+    return Image.MAX_IMAGE_PIXELS is not None and pixels > 2 * Image.MAX_IMAGE_PIXELS
+
+
 _SIMPLEJPEG: list = []
 _CV2: list = []
 _cv2_lock = threading.Lock()
@@ -204,6 +213,8 @@ def import_cv2():
                     import cv2.data  # noqa: F401
                 except ImportError:
                     cv2 = None
+                if cv2 is not None:  # no OpenCV thread pool: a process forked after it ran (the shard decoders)
+                    cv2.setNumThreads(0)  # could hang on its mutex (reviewed: once in a test; pytorch/pytorch#1355)
                 _CV2.append(cv2)
     return _CV2[0]
 

@@ -873,16 +873,19 @@ class ShardLoader:
         else:
             it = self._next[0]
         self._next = None  # until this epoch is taken whole
-        held: list = []  # the last parts' shared memory, kept mapped: a slot sent again maps no new pages
+        held: list = []  # the last parts' shared memory, kept mapped: a slot sent again maps no new pages (CUDA:
+        # the DataLoader's pinned copies, nothing to keep)
         for _ in range(start, len(self)):
             parts = [next(it) for _ in range(W)]
             for part in parts:
                 if isinstance(part, _Failed):
                     part.throw()
-            held = [p[0] for p in parts] + held[:W * (self.prefetch + 2)]
+            if self.device.type != "cuda":
+                held = [p[0] for p in parts] + held[:W * (self.prefetch + 2)]
             x = (torch.from_numpy(np.concatenate([p[0].numpy() for p in parts])) if self.device.type == "cpu"
-                 else torch.cat([p[0].to(self.device, non_blocking=True) for p in parts]))  # numpy: one
-            # thread's copy, no intra-op team to wake and spin beside the decode processes
+                 else torch.cat([p[0].to(self.device, non_blocking=p[0].is_pinned()) for p in parts]))  # numpy:
+            # one thread's copy, no intra-op team to wake and spin beside the decode processes; a slot (unpinned) is
+            # copied before the next part is asked for
             labels, streams = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
             bad = {i + k * len(parts[0][1]): b for k, p in enumerate(parts) for i, b in p[3].items()}
             if bad:
@@ -959,11 +962,11 @@ class _DecodeShare(torch.utils.data.IterableDataset):
         # Each part is decoded straight into one of a ring of shared-memory slots, sent without a copy. A slot is
         # written again prefetch + 3 parts later: by then the training process has copied it out (it holds at most
         # the `prefetch` parts it asked for ahead, and the one it is copying).
-        slots = [torch.empty((b, c, h, w), dtype=torch.uint8).share_memory_() for _ in range(L.prefetch + 3)] \
-            if info is not None else []
         sent = 0
         try:
-            while True:  # epoch after epoch, until the training process stops asking (or restarts this elsewhere)
+            slots = [torch.empty((b, c, h, w), dtype=torch.uint8).share_memory_() for _ in range(L.prefetch + 3)] \
+                if info is not None else []
+            while len(L):  # epoch after epoch, until the training process stops asking (or restarts this elsewhere)
                 with closing(L._picked(epoch, start, lambda i: L.positions(i)[j * b:(j + 1) * b],
                                        L.streams // L.world // W + 2)) as batches:
                     for rws, picked in batches:
