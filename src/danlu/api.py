@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -102,7 +103,10 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     finally:
         log.close()
     _report_decode_skips(run_dir, train_data, p)
+    whitening = _fit_whitening(recipe, b, train_data, stats, quiet or not dist.is_main)
     summary = _summary(recipe, b, stats, train_data, run_dir, fits)
+    if whitening:
+        summary["whitening"] = whitening
     if auto is not None:
         summary["precision_auto"] = auto
     if dist.is_main:
@@ -325,11 +329,15 @@ def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any],
 
     from danlu.engine.metrics import class_report
     from danlu.io import write_bytes, write_json
-    from danlu.models import is_face_model
+    from danlu.models import is_face_model, unwrap
     from danlu.report import write_class_report
-    from danlu.runs import face_info, write_face_info
+    from danlu.runs import WHITEN_FILE, face_info, write_face_info
 
     write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    net = unwrap(model)
+    if getattr(net, "whitened", False):  # model.whiten: what embed() applies, beside the weights
+        write_bytes(run_dir / WHITEN_FILE, save({"mean": net.whiten_mean.cpu().contiguous(),
+                                                  "matrix": net.whiten_matrix.cpu().contiguous()}))
     report = class_report(test, test_data.classes)
     if report is not None:  # per-class accuracy and the confusion matrix of the last test event
         write_class_report(report, run_dir)
@@ -340,6 +348,56 @@ def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any],
     if is_face_model(model):  # what embedding new images needs (danlu.face)
         held_out = test_data.classes if recipe.data.split == "identities" else None
         write_face_info(run_dir, face_info(recipe, test, held_out=held_out))
+
+
+WHITEN_IMAGES = 20000  # model.whiten is fitted on at most this many training images (a seeded choice)
+
+
+@torch.no_grad()
+def _fit_whitening(recipe: Recipe, b, train_data: ImageSet, stats, quiet: bool) -> Optional[dict[str, Any]]:
+    """model.whiten: fit the face model's embedding whitening on the training people's unaugmented images (every
+    rank alike: the same weights, the same images), then test the held-out people again with it: kept where their
+    verification does not drop (the run's figures and threshold, face.json, are then the whitened ones), else
+    dropped: it helps most runs on tens of training people, not all, and not LFW's 1,505 (docs/RESULTS.md). None
+    where it does not apply."""
+    from danlu.models import is_face_model, unwrap
+    from danlu.models.face import within_class_whitening
+
+    net, p = unwrap(b.model), b.parts
+    if recipe.model.whiten <= 0 or not is_face_model(net) or getattr(train_data, "labels", None) is None:
+        return None
+    n = len(train_data)
+    rows = np.sort(np.random.default_rng([recipe.run.seed, 23]).permutation(n)[:WHITEN_IMAGES]) if n > WHITEN_IMAGES \
+        else np.arange(n)
+    net.eval()
+    device = next(net.parameters()).device
+    emb = []
+    images, labels = train_data.images, train_data.labels  # a tensor (on the device where resident) or a store's
+    for i in range(0, len(rows), 256):  # memory-mapped shards
+        idx = rows[i:i + 256]
+        x = images[torch.as_tensor(idx, device=images.device)] if torch.is_tensor(images) else \
+            torch.as_tensor(np.asarray(images[idx]))
+        with p.precision.autocast():
+            emb.append(net.unit_embed(p.augment(x.to(device), train=False)).float())
+    labels = (labels.cpu() if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels)))[torch.as_tensor(rows)]
+    net.set_whitening(*within_class_whitening(torch.cat(emb), labels, recipe.model.whiten))
+    out: dict[str, Any] = {"images": len(rows), "people": int(labels.unique().numel()), "shrink": recipe.model.whiten}
+    before = stats.last_test.get("verification_acc")
+    out["kept"] = True
+    if before is not None:  # the held-out people again, whitened
+        test = p.evaluate(b.model, p.test_loader, p.augment, p.precision, p.dist)
+        out.update(verification_acc_before=before, verification_acc=test["verification_acc"],
+                   kept=test["verification_acc"] >= before)
+        if out["kept"]:  # the figures and the threshold the run keeps
+            stats.last_test = {**stats.last_test, **test}
+        else:
+            net.set_whitening(None, None)
+    if not quiet:
+        held = (f"; held-out verification {before:.4f} -> {out['verification_acc']:.4f}" if before is not None
+                else "")
+        print(f"danlu: embeddings whitened against {out['people']} training people's variation ({len(rows)} images, "
+              f"model.whiten={recipe.model.whiten}){held}" + ("" if out["kept"] else ": not kept"), flush=True)
+    return out
 
 
 def _target_summary(recipe: Recipe, stats) -> dict[str, Any]:

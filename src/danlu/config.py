@@ -44,6 +44,10 @@ class ModelCfg(_Section):
     # ArcFace can otherwise fall into a state where every weight points one way and every face the other, at chance)
     margin_warmup: float = Field(0.0, ge=0)
     embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
+    # face models: after training, whiten the embeddings against the training people's own variation (within-class
+    # covariance normalization, WCCN: fitted on their unaugmented images, saved as whiten.safetensors and used by
+    # verify, embed, enroll, identify and serve); the value is the shrinkage toward no whitening, 0 = off
+    whiten: float = Field(0.0, ge=0)
     # at test time also run each image's mirror image: face models add the two embeddings (verify, embed, serve...),
     # classifiers average the two logits; null: on for face models, off for classifiers (a flipped digit is another)
     test_flip: Optional[bool] = None

@@ -31,6 +31,7 @@ from danlu.io import write_json
 PathLike = Union[str, Path]
 
 # what makes a folder a run's: any of these in --out means another run lives there
+WHITEN_FILE = "whiten.safetensors"  # a face run's embedding whitening (model.whiten), beside model.safetensors
 RUN_FILES = ("snapshots", "recipe.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "diagnosis.json",
              "curves.png", "tensorboard", "preprocess.safetensors")
 
@@ -163,6 +164,11 @@ def load_run(run_dir: PathLike, *, overrides: Optional[list[str]] = None, device
     model = build_model(recipe, input_shape(recipe, shape), len(classes))
     check_weights(model, model_state, weights, recipe.model.name)
     model.load_state_dict(model_state)
+    if (run_dir / WHITEN_FILE).is_file() and hasattr(model, "set_whitening"):  # model.whiten: fitted after training
+        from safetensors.torch import load_file
+
+        w = load_file(str(run_dir / WHITEN_FILE))
+        model.set_whitening(w["mean"], w["matrix"])
     augment = build_augment(recipe, train_data)
     _read_preprocess(run_dir, augment)
     augment.dtype = precision.param_dtype

@@ -100,6 +100,30 @@ def test_training_reaches_verification_well_above_chance(faces):
     assert (root / "run" / "curves.png").stat().st_size > 0
 
 
+def test_the_embeddings_are_whitened_where_the_held_out_people_do_not_lose(faces):
+    """model.whiten (the recipe's 1.0): fitted on the training people's images after training, then kept only where
+    the held-out people's verification does not drop; a kept one is saved beside the weights and applied by every
+    face command (load_face_run), and the run's figures and threshold are the whitened ones."""
+    from safetensors.torch import load_file
+
+    root, _, result = faces
+    s, run = result.summary, root / "run"
+    w = s["whitening"]
+    assert w["images"] == 18 * 16 and w["people"] == 18 and w["shrink"] == 1.0
+    assert w["kept"] == (w["verification_acc"] >= w["verification_acc_before"])
+    assert s["test_verification_accuracy"] == (w["verification_acc"] if w["kept"] else w["verification_acc_before"])
+    assert (run / "whiten.safetensors").is_file() == w["kept"]
+    face_run = load_face_run(run, device="cpu")
+    net = face_run.run.model
+    assert net.whitened == w["kept"]
+    if w["kept"]:
+        saved = load_file(str(run / "whiten.safetensors"))
+        x = torch.randn(3, 3, 32, 32)
+        with torch.no_grad():
+            want = torch.nn.functional.normalize((net.unit_embed(x) - saved["mean"]) @ saved["matrix"], dim=1)
+            assert torch.allclose(net.embed(x), want, atol=1e-5)
+
+
 def test_verify_embed_enroll_identify_from_the_cli(faces, tmp_path, capsys):
     root, raw, result = faces
     run = root / "run"

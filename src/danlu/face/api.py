@@ -32,7 +32,7 @@ class FaceRun:
     run: Any  # danlu.runs.LoadedRun
     options: FaceOptions  # how faces are cut (the face store's, or the run's input size with the defaults)
     threshold: Optional[float]  # cosine similarity at or above which two faces are one person (None: unknown)
-    fingerprint: str  # SHA-256 of the weights file and the preprocessing: what a gallery is tied to
+    fingerprint: str  # SHA-256 of the weights file, the preprocessing and the whitening: what a gallery is tied to
     info: dict[str, Any]  # face.json
 
     @property
@@ -97,7 +97,10 @@ def face_run_from(run) -> FaceRun:
     if (opts.channels, opts.size) != (c, h):
         raise DanluError(f"{path}: preprocessing gives {opts.channels}x{opts.size}x{opts.size}; the model takes "
                          f"{'x'.join(map(str, run.shape))}")
-    fingerprint = sha256(run.weights, extra=json.dumps(opts.to_dict(), sort_keys=True).encode())
+    extra = json.dumps(opts.to_dict(), sort_keys=True).encode()
+    if getattr(run.model, "whitened", False):  # model.whiten: part of what an embedding is
+        extra += run.model.whiten_mean.cpu().numpy().tobytes() + run.model.whiten_matrix.cpu().numpy().tobytes()
+    fingerprint = sha256(run.weights, extra=extra)
     return FaceRun(run, opts, info.get("threshold"), fingerprint, info)
 
 
