@@ -214,7 +214,7 @@ def import_cv2():
                 except ImportError:
                     cv2 = None
                 if cv2 is not None:  # no OpenCV thread pool: a process forked after it ran (the shard decoders)
-                    cv2.setNumThreads(0)  # could hang on its mutex (reviewed: once in a test; pytorch/pytorch#1355)
+                    cv2.setNumThreads(0)  # could hang on its mutex (seen once in a test; a known OpenCV-after-fork trap)
                 _CV2.append(cv2)
     return _CV2[0]
 
