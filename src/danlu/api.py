@@ -360,6 +360,8 @@ def _fit_whitening(recipe: Recipe, b, train_data: ImageSet, stats, quiet: bool) 
     verification does not drop (the run's figures and threshold, face.json, are then the whitened ones), else
     dropped: it helps most runs on tens of training people, not all, and not LFW's 1,505 (docs/RESULTS.md). None
     where it does not apply."""
+    from danlu.data.loader import make_loader
+    from danlu.face.verify import embed_loader
     from danlu.models import is_face_model, unwrap
     from danlu.models.face import within_class_whitening
 
@@ -369,18 +371,12 @@ def _fit_whitening(recipe: Recipe, b, train_data: ImageSet, stats, quiet: bool) 
     n = len(train_data)
     rows = np.sort(np.random.default_rng([recipe.run.seed, 23]).permutation(n)[:WHITEN_IMAGES]) if n > WHITEN_IMAGES \
         else np.arange(n)
-    net.eval()
-    device = next(net.parameters()).device
-    emb = []
-    images, labels = train_data.images, train_data.labels  # a tensor (on the device where resident) or a store's
-    for i in range(0, len(rows), 256):  # memory-mapped shards
-        idx = rows[i:i + 256]
-        x = images[torch.as_tensor(idx, device=images.device)] if torch.is_tensor(images) else \
-            torch.as_tensor(np.asarray(images[idx]))
-        with p.precision.autocast():
-            emb.append(net.unit_embed(p.augment(x.to(device), train=False)).float())
-    labels = (labels.cpu() if torch.is_tensor(labels) else torch.as_tensor(np.asarray(labels)))[torch.as_tensor(rows)]
-    net.set_whitening(*within_class_whitening(torch.cat(emb), labels, recipe.model.whiten))
+    fit = train_data.subset(torch.as_tensor(rows)) if len(rows) < n else train_data
+    loader = make_loader(fit.images, fit.labels, 256, device=next(net.parameters()).device, shuffle=False,
+                         drop_last=False)
+    emb = embed_loader(b.model, loader, p.augment, p.precision)  # unit embeddings: no whitening is set yet
+    labels = torch.as_tensor(fit.labels).cpu()
+    net.set_whitening(*within_class_whitening(emb, labels, recipe.model.whiten))
     out: dict[str, Any] = {"images": len(rows), "people": int(labels.unique().numel()), "shrink": recipe.model.whiten}
     before = stats.last_test.get("verification_acc")
     out["kept"] = True

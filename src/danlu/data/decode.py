@@ -15,6 +15,7 @@ A file that is not a readable image (text, zero bytes, truncated, corrupt) raise
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import os
@@ -157,7 +158,7 @@ def decode_crop(data: bytes, size: tuple[int, int], channels: int, crop: Resized
     `decode_image(io.BytesIO(data), size, channels, crop=(crop, draws))` returns, the same pixels for a JPEG (tested),
     faster. A JPEG goes through simplejpeg (libjpeg-turbo): its size from the header alone, then decoded at the DCT
     scale Pillow's `draft` would choose (1/2, 1/4, 1/8 where the box still covers the target, else whole), the box
-    resized by torch's uint8 antialiased resize. Anything simplejpeg does not take (not a JPEG, CMYK, 12-bit, a damaged
+    resized as decode_image resizes it (_resized_box), mirrored where the draws say. Anything simplejpeg does not take (not a JPEG, CMYK, 12-bit, a damaged
     file) goes through decode_image, which decodes it or raises BadImage with the reason."""
     sj = _simplejpeg()
     if sj is not None and data[:3] == b"\xff\xd8\xff":
@@ -196,7 +197,6 @@ def _bomb(pixels: int) -> bool:
     return Image.MAX_IMAGE_PIXELS is not None and pixels > 2 * Image.MAX_IMAGE_PIXELS
 
 
-_SIMPLEJPEG: list = []
 _CV2: list = []
 _cv2_lock = threading.Lock()
 
@@ -219,15 +219,14 @@ def import_cv2():
     return _CV2[0]
 
 
+@functools.cache
 def _simplejpeg():
     """The simplejpeg module, or None where it is not installed (a dependency of danlu; Pillow's path then)."""
-    if not _SIMPLEJPEG:
-        try:
-            import simplejpeg
-        except ImportError:
-            simplejpeg = None
-        _SIMPLEJPEG.append(simplejpeg)
-    return _SIMPLEJPEG[0]
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
 
 
 def _decode_jpeg(path: Union[str, Path, BinaryIO], channels: int) -> "torch.Tensor":
@@ -256,11 +255,12 @@ def _resized_box(t: "torch.Tensor", box: tuple[int, int, int, int], fx: float, f
     left, top = min(W - 1, int(round(box[0] * fx))), min(H - 1, int(round(box[1] * fy)))
     right, bottom = max(left + 1, min(W, int(round((box[0] + box[2]) * fx)))), \
         max(top + 1, min(H, int(round((box[1] + box[3]) * fy))))
-    if bottom - top <= h and right - left <= w and t.shape[0] in (1, 3) and import_cv2() is not None:
+    cv2 = import_cv2()
+    if bottom - top <= h and right - left <= w and t.shape[0] in (1, 3) and cv2 is not None:
         # enlarged both ways, where antialiasing does nothing: OpenCV's bilinear resize (the same sampling grid; its
         # fixed-point weights put a value at most 1 level from torch's, 0.2 on average), 2x torch's on a CPU
-        a = import_cv2().resize(t.permute(1, 2, 0).numpy()[top:bottom, left:right], (w, h),
-                                interpolation=import_cv2().INTER_LINEAR)  # (h, w, C), or (h, w) for one channel
+        a = cv2.resize(t.permute(1, 2, 0).numpy()[top:bottom, left:right], (w, h),
+                       interpolation=cv2.INTER_LINEAR)  # (h, w, C), or (h, w) for one channel
         a = a.reshape(h, w, -1).transpose(2, 0, 1)
         return np.ascontiguousarray(a) if copy else a
     t = t[None, :, top:bottom, left:right]

@@ -695,6 +695,7 @@ class ShardLoader:
         if self.procs < 2 or self.decode != "cpu":
             self.procs = 0  # decoded in threads of this process (testing, one worker, nvJPEG)
         self._decoders: Optional[tuple[_DecodeShare, Any]] = None  # (its dataset, the DataLoader) once started
+        self._next: Optional[tuple[Iterator, tuple[int, int]]] = None  # (their running iterator, where it is)
 
     @property
     def global_batch(self) -> int:
@@ -864,7 +865,6 @@ class ShardLoader:
             share = _DecodeShare(self)
             self._decoders = share, DataLoader(share, batch_size=None, num_workers=W, prefetch_factor=self.prefetch,
                                                pin_memory=self.device.type == "cuda", persistent_workers=True)
-            self._next: Optional[tuple[Iterator, tuple[int, int]]] = None  # (the running iterator, where it is)
         share, decoders = self._decoders
         if self._next is None or self._next[1] != (epoch, start):
             self._next = None  # (the DataLoader's reset drops what the processes decoded ahead)

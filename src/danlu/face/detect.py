@@ -101,19 +101,12 @@ def read_image(src: Union[str, Path, bytes, np.ndarray]) -> np.ndarray:
 # ---------------------------------------------------------------- detection
 
 _local = threading.local()  # one detector per thread: OpenCV's detectors are not shared between threads
-_CV2: Any = None  # the module, once imported and checked
-
-
 def _cv2():
-    global _CV2
-    if _CV2 is not None:
-        return _CV2
-    cv2 = import_cv2()  # under a lock: threads importing cv2 at once break its bootstrap
+    cv2 = import_cv2()  # once, under a lock: threads importing cv2 at once break its bootstrap
     if cv2 is None:
         raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'")
     if not hasattr(cv2, "CascadeClassifier"):
         raise DanluError(f"OpenCV {cv2.__version__} has no CascadeClassifier; expected opencv-python-headless 4.x")
-    _CV2 = cv2
     return cv2
 
 
