@@ -1,6 +1,6 @@
 """What `model.whiten` does to a saved face run: verification on people never seen, without and with the whitening
 fitted as training fits it (the run's training people of its store, unaugmented, flip-fused), at several shrinkages,
-and the held-out people's verification that decides whether a run keeps it.
+and the held-out people's verification (the area under their ROC decides whether a run keeps it).
 
     python benchmarks/face_whiten.py RUN STORE PAIRS ROOT [--shrink 0.3 1.0]
 
@@ -51,17 +51,18 @@ def main() -> None:
     h = embed(torch.as_tensor(np.asarray(held.images)))
     ve = VerificationEval(torch.as_tensor(np.asarray(held.labels)), recipe.data.test_pairs, recipe.data.split_seed)
 
-    def held_out(e: torch.Tensor) -> float:  # what decides whether training keeps it
+    def held_out(e: torch.Tensor) -> str:  # the ROC area decides whether training keeps it
         e = F.normalize(e, dim=1)
-        return scores((e[ve.a] * e[ve.b]).sum(1).numpy(), ve.same)["accuracy_mean"]
+        r = scores((e[ve.a] * e[ve.b]).sum(1).numpy(), ve.same)
+        return f"ROC area {r['roc_auc']:.4f} (accuracy {r['accuracy_mean']:.4f})"
 
     crops, _ = run.faces(unique)
     u = embed(crops)
     print(f"{a.run}: {len(train.classes)} training people, {len(held.classes)} held out; without whitening: unseen "
-          f"{unseen(u):.3f}, held-out {held_out(h):.4f}")
+          f"{unseen(u):.3f}, held-out {held_out(h)}")
     for s in a.shrink:
         mean, matrix = within_class_whitening(t, torch.as_tensor(np.asarray(train.labels)), s)
-        print(f"  shrink {s}: unseen {unseen((u - mean) @ matrix):.3f}, held-out {held_out((h - mean) @ matrix):.4f}")
+        print(f"  shrink {s}: unseen {unseen((u - mean) @ matrix):.3f}, held-out {held_out((h - mean) @ matrix)}")
 
 
 if __name__ == "__main__":

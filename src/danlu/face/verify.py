@@ -317,7 +317,8 @@ def embed_loader(model: torch.nn.Module, loader, augment, precision) -> torch.Te
 
 class VerificationEval:
     """Parts.evaluate for face runs: embeds the held-out identities' images, scores `n_pairs` seeded same and
-    different pairs, and returns LFW's 10-fold accuracy as `verification_acc` (+ std, threshold, TAR@FAR); with a
+    different pairs, and returns LFW's 10-fold accuracy as `verification_acc` (+ std, the ROC's area as
+    `verification_auc`, threshold, TAR@FAR); with a
     margin head also `head_cosine`, its identity weights' mean cosine (CosineHead.mean_cosine: a collapse shows)."""
 
     def __init__(self, labels: torch.Tensor, n_pairs: int, seed: int):
@@ -337,7 +338,7 @@ class VerificationEval:
         head = getattr(_embedder(model), "head", None)
         spread = {"head_cosine": head.mean_cosine()} if hasattr(head, "mean_cosine") else {}
         return {**spread, "verification_acc": r["accuracy_mean"], "verification_std": r["accuracy_std"],
-                "threshold": r["threshold"], "tar_at_far_1e-2": r["tar_at_far_1e-2"],
+                "verification_auc": r["roc_auc"], "threshold": r["threshold"], "tar_at_far_1e-2": r["tar_at_far_1e-2"],
                 "tar_at_far_1e-3": r["tar_at_far_1e-3"], "lowest_far": r["lowest_far"],
                 "tar_at_lowest_far": r["tar_at_lowest_far"], "different_pairs": r["different_pairs"],
                 "pairs": r["pairs"], "samples": int(len(emb))}
