@@ -29,16 +29,12 @@ def main() -> None:
     a = p.parse_args()
     run = load_face_run(a.run, "cpu")
     net, recipe = run.run.model, run.run.recipe
-    net.set_whitening(None, None)
+    net.set_whitening(None, None)  # embeddings as trained: run.embed_crops gives the unit embeddings
     listed, fold_of = read_pairs(a.pairs, a.root)
     unique = sorted({x for i, j, _ in listed for x in (i, j)})
     row = {x: k for k, x in enumerate(unique)}
     pa, pb = torch.tensor([row[i] for i, _, _ in listed]), torch.tensor([row[j] for _, j, _ in listed])
     same = np.array([s for _, _, s in listed])
-
-    @torch.no_grad()
-    def embed(u8: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net.unit_embed(run.run.augment(u8[i:i + 256], train=False)) for i in range(0, len(u8), 256)])
 
     def unseen(e: torch.Tensor) -> float:  # LFW's 10-fold accuracy on the people never seen
         e = F.normalize(e, dim=1)
@@ -47,8 +43,8 @@ def main() -> None:
 
     train, held = load_dataset("store", root=a.store, split="identities", val_fraction=recipe.data.val_fraction,
                                split_seed=recipe.data.split_seed)
-    t = embed(torch.as_tensor(np.asarray(train.images)))
-    h = embed(torch.as_tensor(np.asarray(held.images)))
+    t = run.embed_crops(torch.as_tensor(np.asarray(train.images)), 256)
+    h = run.embed_crops(torch.as_tensor(np.asarray(held.images)), 256)
     ve = VerificationEval(torch.as_tensor(np.asarray(held.labels)), recipe.data.test_pairs, recipe.data.split_seed)
 
     def held_out(e: torch.Tensor) -> str:  # the ROC area decides whether training keeps it
@@ -57,7 +53,7 @@ def main() -> None:
         return f"ROC area {r['roc_auc']:.4f} (accuracy {r['accuracy_mean']:.4f})"
 
     crops, _ = run.faces(unique)
-    u = embed(crops)
+    u = run.embed_crops(crops, 256)
     print(f"{a.run}: {len(train.classes)} training people, {len(held.classes)} held out; without whitening: unseen "
           f"{unseen(u):.3f}, held-out {held_out(h)}")
     for s in a.shrink:

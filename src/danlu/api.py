@@ -334,10 +334,9 @@ def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any],
     from danlu.runs import WHITEN_FILE, face_info, write_face_info
 
     write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    net = unwrap(model)
-    if getattr(net, "whitened", False):  # model.whiten: what embed() applies, beside the weights
-        write_bytes(run_dir / WHITEN_FILE, save({"mean": net.whiten_mean.cpu().contiguous(),
-                                                  "matrix": net.whiten_matrix.cpu().contiguous()}))
+    whitening = unwrap(model).whitening() if is_face_model(model) else {}
+    if whitening:  # model.whiten: what embed() applies, beside the weights
+        write_bytes(run_dir / WHITEN_FILE, save(whitening))
     report = class_report(test, test_data.classes)
     if report is not None:  # per-class accuracy and the confusion matrix of the last test event
         write_class_report(report, run_dir)

@@ -168,7 +168,7 @@ def load_run(run_dir: PathLike, *, overrides: Optional[list[str]] = None, device
         from safetensors.torch import load_file
 
         w = load_file(str(run_dir / WHITEN_FILE))
-        model.set_whitening(w["mean"], w["matrix"])
+        model.set_whitening(w["mean"], w["matrix"])  # FaceModel.whitening()'s keys
     augment = build_augment(recipe, train_data)
     _read_preprocess(run_dir, augment)
     augment.dtype = precision.param_dtype

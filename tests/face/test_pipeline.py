@@ -102,8 +102,8 @@ def test_training_reaches_verification_well_above_chance(faces):
 
 def test_the_embeddings_are_whitened_where_the_held_out_people_do_not_lose(faces):
     """model.whiten (the recipe's 1.0): fitted on the training people's images after training, then kept only where
-    the held-out people's verification does not drop; a kept one is saved beside the weights and applied by every
-    face command (load_face_run), and the run's figures and threshold are the whitened ones."""
+    the area under the held-out people's ROC does not shrink; a kept one is saved beside the weights and applied by
+    every face command (load_face_run), and the run's figures and threshold are the whitened ones."""
     from safetensors.torch import load_file
 
     root, _, result = faces

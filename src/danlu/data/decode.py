@@ -158,8 +158,9 @@ def decode_crop(data: bytes, size: tuple[int, int], channels: int, crop: Resized
     `decode_image(io.BytesIO(data), size, channels, crop=(crop, draws))` returns, the same pixels for a JPEG (tested),
     faster. A JPEG goes through simplejpeg (libjpeg-turbo): its size from the header alone, then decoded at the DCT
     scale Pillow's `draft` would choose (1/2, 1/4, 1/8 where the box still covers the target, else whole), the box
-    resized as decode_image resizes it (_resized_box), mirrored where the draws say. Anything simplejpeg does not take (not a JPEG, CMYK, 12-bit, a damaged
-    file) goes through decode_image, which decodes it or raises BadImage with the reason."""
+    resized as decode_image resizes it (_resized_box), mirrored where the draws say. Anything simplejpeg does not
+    take (not a JPEG, CMYK, 12-bit, a damaged file) goes through decode_image, which decodes it or raises BadImage
+    with the reason."""
     sj = _simplejpeg()
     if sj is not None and data[:3] == b"\xff\xd8\xff":
         try:
@@ -214,7 +215,7 @@ def import_cv2():
                 except ImportError:
                     cv2 = None
                 if cv2 is not None:  # no OpenCV thread pool: a process forked after it ran (the shard decoders)
-                    cv2.setNumThreads(0)  # could hang on its mutex (seen once in a test; a known OpenCV-after-fork trap)
+                    cv2.setNumThreads(0)  # could hang on its mutex (seen once in a test; an OpenCV-after-fork trap)
                 _CV2.append(cv2)
     return _CV2[0]
 

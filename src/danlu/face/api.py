@@ -98,8 +98,8 @@ def face_run_from(run) -> FaceRun:
         raise DanluError(f"{path}: preprocessing gives {opts.channels}x{opts.size}x{opts.size}; the model takes "
                          f"{'x'.join(map(str, run.shape))}")
     extra = json.dumps(opts.to_dict(), sort_keys=True).encode()
-    if getattr(run.model, "whitened", False):  # model.whiten: part of what an embedding is
-        extra += run.model.whiten_mean.cpu().numpy().tobytes() + run.model.whiten_matrix.cpu().numpy().tobytes()
+    for t in run.model.whitening().values():  # model.whiten: part of what an embedding is (mean, then matrix)
+        extra += t.numpy().tobytes()
     fingerprint = sha256(run.weights, extra=extra)
     return FaceRun(run, opts, info.get("threshold"), fingerprint, info)
 

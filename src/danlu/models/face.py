@@ -52,6 +52,12 @@ class FaceModel(nn.Module):
     def whitened(self) -> bool:
         return self.whiten_matrix.numel() > 0
 
+    def whitening(self) -> dict[str, torch.Tensor]:
+        """{'mean', 'matrix'} on the CPU, as a run's whiten.safetensors holds them ({} where none is set)."""
+        if not self.whitened:
+            return {}
+        return {"mean": self.whiten_mean.cpu().contiguous(), "matrix": self.whiten_matrix.cpu().contiguous()}
+
     def unit_embed(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) normalised images -> (B, D) unit embeddings before any whitening; with test_flip, of each
         image fused with its mirror image (one forward pass of 2B images)."""
