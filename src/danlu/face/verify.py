@@ -318,8 +318,8 @@ def embed_loader(model: torch.nn.Module, loader, augment, precision) -> torch.Te
 class VerificationEval:
     """Parts.evaluate for face runs: embeds the held-out identities' images, scores `n_pairs` seeded same and
     different pairs, and returns LFW's 10-fold accuracy as `verification_acc` (+ std, the ROC's area as
-    `verification_auc`, threshold, TAR@FAR); with a
-    margin head also `head_cosine`, its identity weights' mean cosine (CosineHead.mean_cosine: a collapse shows)."""
+    `verification_auc`, threshold, TAR@FAR); with a margin head also `head_cosine`, its identity weights' mean cosine
+    (CosineHead.mean_cosine: a collapse shows)."""
 
     def __init__(self, labels: torch.Tensor, n_pairs: int, seed: int):
         y = labels.cpu().numpy()
