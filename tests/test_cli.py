@@ -56,6 +56,7 @@ def test_tensorboard_events_are_written(cli, tmp_path):
     ["--set", "run.epochs=0"],
     ["--set", "optim.lr=.inf"],
     ["--set", "run.on_nan=ignore"],
+    ["--set", "model.name=inception_resnet_v1", "--set", "data.size=64"],  # below its 75 px: no traceback at step 1
 ])
 def test_bad_input_exits_2_with_one_line_and_no_traceback(cli, tmp_path, args):
     r = cli("train", *args, "--out", str(tmp_path / "run"), cwd=tmp_path)

@@ -23,6 +23,16 @@ def test_forward_backward(name, kw, shape):
         assert torch.isfinite(p.grad).all(), pname
 
 
+def test_inception_resnet_v1_names_its_smallest_input():
+    """75 px is the smallest side its five unpadded stride-2 stages take; below, the recipe error names the size
+    instead of a convolution's traceback at the first step."""
+    with pytest.raises(DanluError, match=r"input_size >= 75 .*got 74"):
+        create_model("inception_resnet_v1", input_size=74)
+    model = create_model("inception_resnet_v1", num_classes=3, input_size=75).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 75, 75)).shape == (1, 3)
+
+
 def test_list_models():
     names = list_models()
     assert names == sorted(names) and {"lenet", "minigooglenet", "resnet18", "resnet34", "resnet50"} <= set(names)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from danlu.errors import DanluError
 from danlu.models.face import FaceModel
 from danlu.models.registry import register_model
 
@@ -127,7 +128,12 @@ class InceptionResnetV1Features(nn.Module):
 
 @register_model(face=True)
 def inception_resnet_v1(num_classes: int = 10, in_channels: int = 3, head: str = "softmax", scale: float = 64.0,
-                        embedding_dim: int = 512, dropout: float = 0.6, test_flip: bool = True) -> nn.Module:
-    """FaceNet's Inception-ResNet-V1 (512-d embedding, 160 px; at least 75 px) with an identity head."""
+                        embedding_dim: int = 512, dropout: float = 0.6, test_flip: bool = True,
+                        input_size: int = 160) -> nn.Module:
+    """FaceNet's Inception-ResNet-V1 (512-d embedding, 160 px; at least 75 px) with an identity head. `input_size`
+    (the data's, from the recipe) is only checked: the network pools globally, so it takes any side from 75."""
+    if input_size < 75:
+        raise DanluError(f"model.input_size: inception_resnet_v1 needs input_size >= 75 (set data.size), got "
+                         f"{input_size}")
     return FaceModel(InceptionResnetV1Features(in_channels, embedding_dim, dropout), embedding_dim, num_classes,
                      head, scale, test_flip)
