@@ -11,6 +11,8 @@ from danlu.errors import DanluError
 from danlu.models.face import FaceModel
 from danlu.models.registry import register_model
 
+MIN_INPUT = 75  # the smallest side its five unpadded stride-2 stages take
+
 
 class BasicConv2d(nn.Module):
     def __init__(self, cin: int, cout: int, kernel, stride, padding=0):
@@ -132,8 +134,8 @@ def inception_resnet_v1(num_classes: int = 10, in_channels: int = 3, head: str =
                         input_size: int = 160) -> nn.Module:
     """FaceNet's Inception-ResNet-V1 (512-d embedding, 160 px; at least 75 px) with an identity head. `input_size`
     (the data's, from the recipe) is only checked: the network pools globally, so it takes any side from 75."""
-    if input_size < 75:
-        raise DanluError(f"model.input_size: inception_resnet_v1 needs input_size >= 75 (set data.size), got "
-                         f"{input_size}")
+    if input_size < MIN_INPUT:
+        raise DanluError(f"model.input_size: inception_resnet_v1 needs input_size >= {MIN_INPUT} (set data.size), "
+                         f"got {input_size}")
     return FaceModel(InceptionResnetV1Features(in_channels, embedding_dim, dropout), embedding_dim, num_classes,
                      head, scale, test_flip)
