@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from danlu.face.detect import FaceOptions, crop_policy, equalize_policy, preprocess, read_image
-from danlu.face.verify import identity_images, make_pairs, read_pairs, scores
+from danlu.face.verify import identity_images, make_pairs, read_pairs
+from danlu.tasks.verification import scores
 from danlu.runs import environment
 
 

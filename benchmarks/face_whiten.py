@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from danlu.data.datasets import load_dataset
 from danlu.face.api import load_face_run
-from danlu.face.verify import VerificationEval, read_pairs, scores
+from danlu.face.verify import read_pairs
+from danlu.tasks.verification import VerificationEval, scores
 from danlu.models.face import within_class_whitening
 
 

@@ -21,12 +21,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from danlu.config import Recipe, build_recipe, load_recipe
 from danlu.data.imageset import ImageSet
+from danlu.data.loader import DecodingLoader
 from danlu.errors import DanluError
 from danlu.runs import LoadedRun, load_run  # noqa: F401  (danlu.load_run; LoadedRun: its result)
 
@@ -82,7 +82,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     if state is not None:
         p.guard.load_state_dict(state.get("guard", {}))
     log = RunLog(run_dir, total=b.max_iter, start=start, tensorboard=recipe.run.tensorboard, quiet=quiet,
-                 enabled=dist.is_main)
+                 enabled=dist.is_main, test_line=b.task.test_line)
     if not quiet and dist.is_main:
         if auto is not None:
             print(f"danlu: {auto}", flush=True)
@@ -98,25 +98,28 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                                p.guard.after(_snapshotter(recipe, b, run_dir), b.max_iter, run_dir),
                                on_test=_on_test(recipe, b, run_dir, curves), start=start,
                                loop_state=state.get("loop") if state else None)
+        last = stats.last_test
+        after = b.task.after_training(b.model, train_data, p, stats, quiet or not dist.is_main)  # e.g. whitening
+        if stats.last_test is not last:  # the task changed the run's figures: they are its last test event
+            log.event({"kind": "test", "iter": stats.iterations, "epoch": stats.iterations / b.per_epoch,
+                       **stats.last_test})
     except torch.OutOfMemoryError:
         raise faults.out_of_memory(recipe.data.batch_size, dist.device, fits) from None
     finally:
         log.close()
     _report_decode_skips(run_dir, train_data, p)
-    whitening = _fit_whitening(recipe, b, train_data, stats, quiet or not dist.is_main)
     summary = _summary(recipe, b, stats, train_data, run_dir, fits)
-    if whitening:
-        summary["whitening"] = whitening
+    summary.update(after)
     if auto is not None:
         summary["precision_auto"] = auto
     if dist.is_main:
-        _write_run_outputs(run_dir, b.model, summary, curves, recipe, stats.last_test, test_data, p.ema)
+        _write_run_outputs(run_dir, b, summary, curves, stats.last_test, test_data, p.ema)
         if not quiet:
             if summary.get("early_stop"):
                 print(f"danlu: run.early_stop: {summary['early_stop']}", flush=True)
-            print(_done_line(stats.last_test, stats, len(test_data.classes), dist.world, run_dir), flush=True)
+            print(b.task.done_line(stats.last_test, stats, len(test_data.classes), dist.world, run_dir), flush=True)
     test = stats.last_test
-    acc = test.get("acc", test.get("verification_acc"))  # face runs: verification accuracy
+    acc = test.get(b.task.headline)  # a classifier's accuracy, a face run's verification accuracy
     return RunResult(run_dir, float("nan") if acc is None else acc, test.get("loss", float("nan")), stats.iterations,
                      stats.train_seconds, stats.images_per_second, b.model, summary)
 
@@ -267,7 +270,7 @@ def _write_run_inputs(run_dir: Path, recipe: Recipe, train_data: ImageSet, augme
     if start:
         _truncate_metrics(run_dir / "metrics.jsonl", start)
     write_bytes(run_dir / "recipe.yaml", recipe.to_yaml().encode())
-    if getattr(train_data, "report", None) is not None:
+    if train_data.report is not None:
         from danlu.data.folder import write_report
 
         write_report(run_dir, train_data.report)
@@ -277,8 +280,8 @@ def _write_run_inputs(run_dir: Path, recipe: Recipe, train_data: ImageSet, augme
 def _report_decode_skips(run_dir: Path, train_data: ImageSet, p) -> None:
     """Streamed shards: the images that did not decode while training or testing (found by each rank's loaders,
     gathered from every rank) join data_report.json's skipped list. Every rank calls this (a collective)."""
-    loaders = [lo for lo in (p.train_loader, p.test_loader) if hasattr(lo, "skipped")]
-    report = getattr(train_data, "report", None)
+    loaders = [lo for lo in (p.train_loader, p.test_loader) if isinstance(lo, DecodingLoader)]
+    report = train_data.report
     if not loaders or report is None:
         return
     every = p.dist.all_gather_object([e for lo in loaders for e in lo.skipped.values()])
@@ -306,97 +309,33 @@ def _summary(recipe: Recipe, b, stats, train_data: ImageSet, run_dir: Path, fits
 
     test, p = stats.last_test, b.parts
     return {
-        "test_accuracy": test.get("acc"), "test_loss": test.get("loss"), "test_top5": test.get("top5"),
-        "iterations": stats.iterations, "epochs": round(stats.iterations / b.per_epoch, 4),
+        **b.task.summary(test), "iterations": stats.iterations, "epochs": round(stats.iterations / b.per_epoch, 4),
         "train_seconds": round(stats.train_seconds, 3),
         "images_per_second": round(stats.images_per_second * p.dist.world, 1),  # all ranks together
         "global_batch": p.train_loader.global_batch, "world_size": p.dist.world, "device": device_name(p.dist.device),
         "classes": train_data.classes, "input_shape": list(train_data.shape), "run_dir": str(run_dir),
         "recipe": recipe.to_dict(), **p.guard.counts(), "skipped_steps": p.precision.skipped_steps,
-        **_verification_summary(test), **({"largest_batch_that_fits": fits} if fits else {}),
+        **({"largest_batch_that_fits": fits} if fits else {}),
         **({"init": b.init} if b.init is not None else {}), **_target_summary(recipe, stats),
         **_best_summary(recipe, p.best, stats), **_ema_summary(test),
         "versions": versions(), "finished": datetime.now().isoformat(timespec="seconds"),
     }
 
 
-def _write_run_outputs(run_dir: Path, model: nn.Module, summary: dict[str, Any], curves, recipe: Recipe,
-                       test: dict[str, Any], test_data: ImageSet, ema=None) -> None:
-    """The final weights (safetensors; with optim.ema their average too), the curves, summary.json, for a classifier
-    confusion.json / confusion.png (per-class accuracy and the confusion matrix of the last test event) and, for a
-    face model, face.json."""
+def _write_run_outputs(run_dir: Path, b, summary: dict[str, Any], curves, test: dict[str, Any], test_data: ImageSet,
+                       ema=None) -> None:
+    """The final weights (safetensors; with optim.ema their average too), the task's files (a classifier's
+    confusion.json / .png, a face run's face.json), the curves and summary.json."""
     from safetensors.torch import save
 
-    from danlu.engine.metrics import class_report
     from danlu.io import write_bytes, write_json
-    from danlu.models import is_face_model, unwrap
-    from danlu.report import write_class_report
-    from danlu.runs import WHITEN_FILE, face_info, write_face_info
 
-    write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in model.state_dict().items()}))
-    whitening = unwrap(model).whitening() if is_face_model(model) else {}
-    if whitening:  # model.whiten: what embed() applies, beside the weights
-        write_bytes(run_dir / WHITEN_FILE, save(whitening))
-    report = class_report(test, test_data.classes)
-    if report is not None:  # per-class accuracy and the confusion matrix of the last test event
-        write_class_report(report, run_dir)
+    write_bytes(run_dir / "model.safetensors", save({k: v.contiguous() for k, v in b.model.state_dict().items()}))
+    b.task.write_outputs(run_dir, b.model, test, test_data)
     if ema is not None:
         write_bytes(run_dir / "model_ema.safetensors", save({k: v.contiguous() for k, v in ema.state_dict().items()}))
     curves.draw(force=True)
     write_json(run_dir / "summary.json", summary)
-    if is_face_model(model):  # what embedding new images needs (danlu.face)
-        held_out = test_data.classes if recipe.data.split == "identities" else None
-        write_face_info(run_dir, face_info(recipe, test, held_out=held_out))
-
-
-WHITEN_IMAGES = 20000  # model.whiten is fitted on at most this many training images (a seeded choice)
-
-
-@torch.no_grad()
-def _fit_whitening(recipe: Recipe, b, train_data: ImageSet, stats, quiet: bool) -> Optional[dict[str, Any]]:
-    """model.whiten: fit the face model's embedding whitening on the training people's unaugmented images (every
-    rank alike: the same weights, the same images), then test the held-out people again with it: kept where the
-    area under their ROC does not shrink (the run's figures and threshold, face.json, are then the whitened ones),
-    else dropped: it helps most runs on tens of training people, not all, and not LFW's 1,505 (docs/RESULTS.md).
-    The area, not the accuracy, decides: it weighs every pair's similarity rather than the pairs on one side of one
-    threshold, and on 2 or 3 held-out people the accuracy dropped whitenings that would have helped. None where it
-    does not apply."""
-    from danlu.data.loader import make_loader
-    from danlu.face.verify import embed_loader
-    from danlu.models import is_face_model, unwrap
-    from danlu.models.face import within_class_whitening
-
-    net, p = unwrap(b.model), b.parts
-    if recipe.model.whiten <= 0 or not is_face_model(net) or getattr(train_data, "labels", None) is None:
-        return None
-    n = len(train_data)
-    rows = np.sort(np.random.default_rng([recipe.run.seed, 23]).permutation(n)[:WHITEN_IMAGES]) if n > WHITEN_IMAGES \
-        else np.arange(n)
-    fit = train_data.subset(torch.as_tensor(rows)) if len(rows) < n else train_data
-    loader = make_loader(fit.images, fit.labels, 256, device=next(net.parameters()).device, shuffle=False,
-                         drop_last=False)
-    emb = embed_loader(b.model, loader, p.augment, p.precision)  # unit embeddings: no whitening is set yet
-    labels = torch.as_tensor(fit.labels).cpu()
-    net.set_whitening(*within_class_whitening(emb, labels, recipe.model.whiten))
-    out: dict[str, Any] = {"images": len(rows), "people": int(labels.unique().numel()), "shrink": recipe.model.whiten}
-    before = {k: stats.last_test.get(k) for k in ("verification_acc", "verification_auc")}
-    out["kept"] = True
-    if before["verification_auc"] is not None:  # the held-out people again, whitened
-        test = p.evaluate(b.model, p.test_loader, p.augment, p.precision, p.dist)
-        out.update({f"{k}_before": v for k, v in before.items()})
-        out.update(verification_acc=test["verification_acc"], verification_auc=test["verification_auc"],
-                   kept=test["verification_auc"] >= before["verification_auc"])
-        if out["kept"]:  # the figures and the threshold the run keeps
-            stats.last_test = {**stats.last_test, **test}
-        else:
-            net.set_whitening(None, None)
-    if not quiet:
-        held = (f"; held-out people's ROC area {before['verification_auc']:.4f} -> {out['verification_auc']:.4f} "
-                f"(accuracy {before['verification_acc']:.4f} -> {out['verification_acc']:.4f})"
-                if before["verification_auc"] is not None else "")
-        print(f"danlu: embeddings whitened against {out['people']} training people's variation ({len(rows)} images, "
-              f"model.whiten={recipe.model.whiten}){held}" + ("" if out["kept"] else ": not kept"), flush=True)
-    return out
 
 
 def _target_summary(recipe: Recipe, stats) -> dict[str, Any]:
@@ -425,29 +364,8 @@ def _best_summary(recipe: Recipe, best, stats) -> dict[str, Any]:
 
 
 def _ema_summary(test: dict[str, Any]) -> dict[str, Any]:
-    """optim.ema: the average's final test figures."""
-    return {f"test_{k}": test[k] for k in ("ema_acc", "ema_loss", "ema_verification_acc") if k in test}
-
-
-def _verification_summary(test: dict[str, Any]) -> dict[str, Any]:
-    """summary.json's face verification figures (nothing for a classifier)."""
-    if "verification_acc" not in test:
-        return {}
-    return {"test_verification_accuracy": test["verification_acc"], "test_verification_std":
-            test.get("verification_std"), "verification_threshold": test.get("threshold"),
-            "test_tar_at_far_1e-3": test.get("tar_at_far_1e-3"), "test_pairs": test.get("pairs")}
-
-
-def _done_line(test: dict[str, Any], stats, identities: int, world: int, run_dir: Path) -> str:
-    if "verification_acc" in test:
-        return (f"done: verification accuracy {test['verification_acc']:.4f} +- {test['verification_std']:.4f} on "
-                f"{test['pairs']} pairs of {identities} held-out identities after {stats.iterations} iterations "
-                f"({stats.train_seconds:.1f} s training); run folder {run_dir}")
-    reached = "" if stats.to_target is None else (
-        f"target reached in {stats.to_target['seconds']:.1f} s of training ({stats.to_target['images']} images); ")
-    return (f"done: {reached}test accuracy {test.get('acc', float('nan')):.4f}, loss {test.get('loss', float('nan')):.4f} "
-            f"after {stats.iterations} iterations ({stats.train_seconds:.1f} s training, "
-            f"{stats.images_per_second * world:.0f} img/s); run folder {run_dir}")
+    """optim.ema: the average's final test figures (the task adds its own, e.g. ema_verification_acc)."""
+    return {f"test_{k}": test[k] for k in ("ema_acc", "ema_loss") if k in test}
 
 
 def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides: Optional[list[str]] = None,
@@ -458,9 +376,9 @@ def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides
     split by identities, verification on pairs of its held-out identities (verification_acc, ...). `write_report`:
     also write eval_confusion.json / .png (eval_<data>_confusion with `data`) into the run folder (`danlu eval`)."""
     from danlu.data.loader import make_loader
-    from danlu.engine.build import build_evaluator
     from danlu.engine.distributed import Dist
-    from danlu.engine.metrics import class_report
+    from danlu.tasks.base import task_for
+    from danlu.tasks.classification import class_report
 
     extra = list(overrides or []) + ([f"data.name={data}"] if data else [])
     run = load_run(run_dir, overrides=extra, device=device, load_data=test_data is None or bool(extra))
@@ -469,8 +387,8 @@ def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides
     loader = make_loader(test_data.images, test_data.labels, recipe.data.test_batch_size or
                          4 * recipe.data.batch_size, device=dev, cache=recipe.data.device_cache, shuffle=False,
                          drop_last=False)
-    result = build_evaluator(recipe, test_data)(run.model, loader, run.augment, run.precision, Dist(device=dev),
-                                                label_smoothing=recipe.optim.label_smoothing)
+    result = task_for(recipe).evaluator(test_data)(run.model, loader, run.augment, run.precision, Dist(device=dev),
+                                                   label_smoothing=recipe.optim.label_smoothing)
     out = {"run_dir": str(run.run_dir), "data": recipe.data.name, **result}
     report = class_report(result, test_data.classes)
     if report is not None:

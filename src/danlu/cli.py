@@ -223,7 +223,7 @@ def _eval_line(r: dict) -> str:
     """One line of `danlu eval`: classification figures, or a face run's verification on held-out identities."""
     where = f"{r['run_dir']} on {r['data']} ({r['samples']} images)"
     if "verification_acc" in r:
-        from danlu.face.verify import describe_tar
+        from danlu.tasks.verification import describe_tar
 
         return (f"{where}: verification accuracy {r['verification_acc']:.4f} +- {r['verification_std']:.4f} on "
                 f"{r['pairs']} pairs of held-out identities, threshold {r['threshold']:.4f}; {describe_tar(r)}")
@@ -429,7 +429,7 @@ def _cmd_face(a: argparse.Namespace) -> int:
     elif c == "verify":
         r = face.verify(a.run, a.pairs, a.root or Path(a.pairs).parent, json_out=a.json, roc_png=a.roc,
                         device=a.device, save_threshold=not a.keep_threshold)
-        from danlu.face.verify import describe_tar
+        from danlu.tasks.verification import describe_tar
 
         print(f"verification: accuracy {r['accuracy_mean']:.4f} +- {r['accuracy_std']:.4f} over {len(r['fold_accuracies'])}"
               f" folds ({r['pairs']} pairs); {describe_tar(r)}; threshold {r['threshold']:.4f}; report {r['json']}, "

@@ -35,7 +35,7 @@ class ModelCfg(_Section):
     name: str = "lenet"
     kwargs: dict[str, Any] = Field(default_factory=dict)  # extra arguments of the model's entry point
     sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
-    # face models (inception_resnet_v1, mobilefacenet): the identity head and its loss (danlu.face.heads)
+    # face models (inception_resnet_v1, mobilefacenet): the identity head and its loss (danlu.models.heads)
     head: Optional[Literal["softmax", "arcface", "cosface"]] = None  # None: the model's default (softmax)
     scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
     margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin

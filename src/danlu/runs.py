@@ -4,7 +4,6 @@
     out = new_run_dir("runs/r1", recipe_name("lenet_mnist5k"))      # refuses a folder that holds another run
     run = load_run("runs/r1")             # recipe, model with the final weights, preprocessing, precision
     probs = run.model(run.augment(x_uint8, train=False))
-    info = read_face_info("runs/faces")   # face.json: how faces are cut, the verification threshold
 """
 from __future__ import annotations
 
@@ -26,12 +25,10 @@ from danlu.config import DEFAULT_RECIPE, Recipe, load_recipe
 from danlu.engine.devices import cpu_model
 from danlu.data.imageset import ImageSet
 from danlu.errors import DanluError, few
-from danlu.io import write_json
 
 PathLike = Union[str, Path]
 
 # what makes a folder a run's: any of these in --out means another run lives there
-WHITEN_FILE = "whiten.safetensors"  # a face run's embedding whitening (model.whiten), beside model.safetensors
 RUN_FILES = ("snapshots", "recipe.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "diagnosis.json",
              "curves.png", "tensorboard", "preprocess.safetensors")
 
@@ -144,6 +141,7 @@ def load_run(run_dir: PathLike, *, overrides: Optional[list[str]] = None, device
     from danlu.engine.build import build_augment, build_model, input_shape, load_data as load_recipe_data
     from danlu.engine.devices import resolve_device
     from danlu.engine.precision import Precision
+    from danlu.tasks.base import task_for
 
     run_dir = Path(run_dir)
     recipe, model_state, weights = _read_weights(run_dir)
@@ -164,11 +162,7 @@ def load_run(run_dir: PathLike, *, overrides: Optional[list[str]] = None, device
     model = build_model(recipe, input_shape(recipe, shape), len(classes))
     check_weights(model, model_state, weights, recipe.model.name)
     model.load_state_dict(model_state)
-    if (run_dir / WHITEN_FILE).is_file() and hasattr(model, "set_whitening"):  # model.whiten: fitted after training
-        from safetensors.torch import load_file
-
-        w = load_file(str(run_dir / WHITEN_FILE))
-        model.set_whitening(w["mean"], w["matrix"])  # FaceModel.whitening()'s keys
+    task_for(recipe).restore(run_dir, model)  # what the task fitted after training (a face run's whitening)
     augment = build_augment(recipe, train_data)
     _read_preprocess(run_dir, augment)
     augment.dtype = precision.param_dtype
@@ -212,33 +206,6 @@ def _read_weights(run_dir: Path) -> tuple[Recipe, dict[str, torch.Tensor], Path]
         return load_recipe(str(run_dir / "recipe.yaml")), state, weights
     state, snap = checkpoint.load_latest(run_dir)
     return load_recipe(state["recipe"]), state["model"], Path(snap)
-
-
-# ---------------------------------------------------------------- face.json
-
-
-def face_info(recipe: Recipe, test: dict[str, Any], held_out: Optional[list[str]] = None) -> dict[str, Any]:
-    """face.json of a face run: the preprocessing (the face store's, from its meta.json), the verification
-    threshold (from the last verification on held-out identities, if any), the head, and the held-out identities."""
-    from danlu.data.store import store_source
-
-    pre = (store_source(recipe.data.root) or {}).get("face") if recipe.data.name == "store" else None
-    return {"model": recipe.model.name, "head": recipe.model.head or "softmax", "preprocess": pre,
-            "test_flip": recipe.model.test_flip is not False,
-            "threshold": test.get("threshold"),
-            "threshold_from": (f"training: {test.get('pairs')} pairs of held-out identities"
-                               if test.get("threshold") is not None else None),
-            "held_out_identities": held_out}
-
-
-def read_face_info(run_dir: PathLike) -> dict[str, Any]:
-    """A run's face.json ({} where there is none)."""
-    path = Path(run_dir) / "face.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_face_info(run_dir: PathLike, info: dict[str, Any]) -> None:
-    write_json(Path(run_dir) / "face.json", info)
 
 
 # ---------------------------------------------------------------- names a run records

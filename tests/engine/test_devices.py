@@ -62,7 +62,7 @@ def test_the_step_keeps_its_books_without_float64_where_the_device_has_none(monk
     from danlu.data.augment import Augment
     from danlu.data.loader import make_loader
     from danlu.engine.distributed import Dist
-    from danlu.engine.loop import evaluate
+    from danlu.tasks.classification import evaluate
     from danlu.engine.metrics import Meter
     from danlu.engine.precision import Precision
 

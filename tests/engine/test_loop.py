@@ -54,7 +54,7 @@ def test_test_flip_averages_the_logits_of_each_image_and_its_mirror_image():
     from danlu.data.augment import Augment
     from danlu.data.loader import DeviceLoader
     from danlu.engine.distributed import Dist
-    from danlu.engine.loop import evaluate
+    from danlu.tasks.classification import evaluate
     from danlu.engine.precision import Precision
 
     torch.manual_seed(0)

@@ -74,7 +74,9 @@ def test_runlog_writes_rounded_events_appends_and_prints_lines(tmp_path, capsys)
 
 
 def test_face_and_gpu_figures_in_console_lines(tmp_path, capsys):
-    log = RunLog(tmp_path, total=50, start=0, tensorboard=False)
+    from danlu.tasks.verification import VerificationTask
+
+    log = RunLog(tmp_path, total=50, start=0, tensorboard=False, test_line=VerificationTask().test_line)
     log.event({"kind": "train", "iter": 5, "epoch": 1.0, "lr": 0.1, "loss": 1.0, "acc": 0.5, "images_per_second": 10.0,
                "gpu_memory_mb": 1234.4, "gpu_utilization": 84, "data_wait_share": 0.02})
     log.event({"kind": "test", "iter": 5, "verification_acc": 0.9, "verification_std": 0.05, "pairs": 600,
@@ -116,3 +118,19 @@ def test_tensorboard_gets_each_number_under_its_kind(tmp_path):
     assert tags == {"train/epoch", "train/lr", "train/loss", "train/acc", "test/loss", "test/acc"}  # no kind, time
     (point,) = acc.Scalars("test/acc")
     assert (point.step, point.value) == (3, 0.25)
+
+
+def test_test_lines_keep_their_label_in_a_terminal():
+    """With a progress bar (a terminal), a test line is printed as text: rich would read '[test]' as markup and drop
+    it, and test lines would look like train lines."""
+    from rich.console import Console
+
+    from danlu.engine.metrics import _Bar
+
+    console = Console(record=True, force_terminal=True, width=200)
+    bar = _Bar(10, 0, console)
+    try:
+        bar.show({"kind": "test", "iter": 5}, "[test]  iter      5/10  loss 0.5000  acc 0.9000")
+    finally:
+        bar.stop()
+    assert "[test]  iter      5/10  loss 0.5000  acc 0.9000" in console.export_text()

@@ -164,7 +164,7 @@ def test_cuda_one_gpu_nccl_run(tmp_path):
 
 
 def test_progress_line_shows_the_gpu_where_there_is_one():
-    from danlu.engine.metrics import _line
+    from danlu.engine.metrics import _train_line as _line
 
     event = {"kind": "train", "iter": 5, "epoch": 0.1, "lr": 0.01, "loss": 1.0, "acc": 0.5, "images_per_second": 900}
     assert "gpu" not in _line(event, 100)  # CPU: no GPU figures

@@ -9,7 +9,8 @@ import torch
 
 from danlu.errors import DanluError
 from danlu.face import embed, enroll, identify, load_face_run, pairs, verify_pairs
-from danlu.face.verify import read_pairs, ten_fold
+from danlu.face.verify import read_pairs
+from danlu.tasks.verification import ten_fold
 
 from .synth import make_identities, train_tiny_face_run
 

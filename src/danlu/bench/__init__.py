@@ -26,13 +26,23 @@ Where things are: matrix.py (the combinations, one row, the whole run), plain.py
 marks, interleaving, percentiles), flops.py (FLOPs of a step, device peaks, MFU); the tables and the chart are in
 danlu.report, the environment beside each figure in danlu.runs.
 """
-from danlu.bench.flops import PEAK_TFLOPS, count_flops, peak_tflops, table_peak
-from danlu.bench.matrix import (ROW_FIELDS, SWITCH_WORDS, Combo, bench_recipe, measure, merge, parse_list,
-                                parse_procs, run)
-from danlu.engine.precision import FORMATS as PRECISIONS  # bench measures formats, not the auto policy
-from danlu.engine.speed import COMPILE_WORDS
-from danlu.report import bench_chart, bench_markdown, print_bench_table
+from __future__ import annotations
 
-__all__ = ["COMPILE_WORDS", "PEAK_TFLOPS", "PRECISIONS", "ROW_FIELDS", "SWITCH_WORDS", "Combo", "bench_chart",
-           "bench_markdown", "bench_recipe", "count_flops", "measure", "merge", "parse_list", "parse_procs",
-           "peak_tflops", "print_bench_table", "run", "table_peak"]
+_LAZY = {
+    **{k: "danlu.bench.flops" for k in ("PEAK_TFLOPS", "count_flops", "peak_tflops", "table_peak")},
+    **{k: "danlu.bench.matrix" for k in ("ROW_FIELDS", "SWITCH_WORDS", "Combo", "bench_recipe", "measure", "merge",
+                                         "parse_list", "parse_procs", "run")},
+    "PRECISIONS": ("danlu.engine.precision", "FORMATS"),  # bench measures formats, not the auto policy
+    "COMPILE_WORDS": "danlu.engine.speed",
+    **{k: "danlu.report" for k in ("bench_chart", "bench_markdown", "print_bench_table")},
+}
+__all__ = sorted(_LAZY)  # nothing is imported until used
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module '{__name__}' has no attribute {name!r}")

@@ -19,6 +19,7 @@ import torch
 
 from danlu.data.catalog import CATALOG
 from danlu.data.imageset import ImageSet, identity_split, stratified_split
+from danlu.data.loader import StreamedImages
 from danlu.errors import DanluError, nearest
 
 
@@ -109,7 +110,7 @@ def pixel_mean(images, scale: float = 1 / 255) -> torch.Tensor:
     """The mean image (C, H, W) float32 in scaled units, of a uint8 tensor or ShardedImages (N, C, H, W)."""
     from danlu.data.augment import per_pixel_mean
 
-    if hasattr(images, "stats_sample"):  # streamed shards: their first images (wds.STATS_SAMPLES)
+    if isinstance(images, StreamedImages):  # streamed shards: their first images (wds.STATS_SAMPLES)
         images = images.stats_sample()
     if isinstance(images, torch.Tensor):
         return per_pixel_mean(images, scale)
@@ -121,7 +122,7 @@ def channel_stats(images, scale: float = 1 / 255) -> tuple[list[float], list[flo
     """Per-channel mean and population std in scaled units, of a uint8 tensor or ShardedImages (N, C, H, W)."""
     from danlu.data.augment import channel_mean_std
 
-    if hasattr(images, "stats_sample"):  # streamed shards: their first images (wds.STATS_SAMPLES)
+    if isinstance(images, StreamedImages):  # streamed shards: their first images (wds.STATS_SAMPLES)
         images = images.stats_sample()
     if isinstance(images, torch.Tensor):
         return channel_mean_std(images, scale)

@@ -7,16 +7,44 @@ the seeded splits of a set that has no test split of its own. A leaf of the data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, Union
 
 import torch
 
 from danlu.errors import DanluError
 
 
+class ImageSource(Protocol):
+    """Images that are not one tensor in memory (a store's memory-mapped shards, tar shards): an ImageSet holds
+    them as it holds a tensor, and reads rows on demand."""
+    dtype: torch.dtype  # torch.uint8
+
+    def dim(self) -> int:
+        """4."""
+
+    @property
+    def shape(self) -> torch.Size:
+        """(N, C, H, W)."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole set as uint8."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        """Rows as a uint8 tensor (N, C, H, W)."""
+
+    def gather(self, rows: Any, out: Any = None) -> Any:
+        """Rows as a uint8 numpy array (len(rows), C, H, W), into `out` when given."""
+
+    def subset(self, index: Any) -> "ImageSource":
+        """These rows only, in this order, read on demand as before."""
+
+
 @dataclass
 class ImageSet:
-    images: torch.Tensor  # (N, C, H, W) uint8 (or a store's ShardedImages, read on demand)
+    images: Union[torch.Tensor, ImageSource]  # (N, C, H, W) uint8, or rows read on demand (ImageSource)
     labels: torch.Tensor  # (N,) int64
     classes: list[str]
     report: Optional[dict[str, Any]] = field(default=None, repr=False, compare=False)  # data_report.json content
@@ -37,7 +65,7 @@ class ImageSet:
         return tuple(self.images.shape[1:])  # type: ignore[return-value]
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
-        images = self.images.subset(index) if hasattr(self.images, "subset") else self.images[index]
+        images = self.images[index] if isinstance(self.images, torch.Tensor) else self.images.subset(index)
         return ImageSet(images, self.labels[index], self.classes)
 
 

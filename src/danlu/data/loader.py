@@ -15,9 +15,49 @@ shards, wds.ShardLoader: the same interface, its own order of shards and streams
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+
+class Loader(Protocol):
+    """What the training loop and evaluation read batches from: DeviceLoader, StreamLoader and the tar shards'
+    ShardLoader (danlu.data.wds) all are one."""
+    device: torch.device
+
+    @property
+    def global_batch(self) -> int:
+        """Images per step over all ranks (this rank's batch x ranks)."""
+
+    def __len__(self) -> int:
+        """Batches per epoch (for each rank)."""
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches `start`, `start + 1`, ... of `epoch` for this rank: (B, C, H, W) uint8 and (B,) int64 labels, on
+        `device`."""
+
+
+@runtime_checkable
+class DecodingLoader(Loader, Protocol):
+    """A loader that decodes images as it goes (tar shards): it can cut the random resized crop while decoding, and
+    it records the images that did not decode."""
+    skipped: dict[Any, dict[str, Any]]  # (shard, key) -> {shard, key, reason}
+
+    def take_crop(self, augment: Any) -> list[str]:
+        """Take over the augmentation's random resized crop (and flip), cutting it from each source image as it is
+        decoded; returns the ops taken off `augment` (none where it cannot)."""
+
+
+@runtime_checkable
+class StreamedImages(Protocol):
+    """Images that are read from their source batch by batch and make their own loader (tar shards)."""
+
+    def make_loader(self, batch_size: int, *, device: torch.device, **kw: Any) -> Loader:
+        """Their loader: as make_loader's keywords (shuffle, drop_last, seed, rank, world)."""
+
+    def stats_sample(self) -> torch.Tensor:
+        """(N, C, H, W) uint8: the images normalization statistics are computed from."""
 
 
 class _Sharded:
@@ -216,7 +256,7 @@ def memory_budget(device: torch.device) -> int:
 
 
 def make_loader(images, labels: torch.Tensor, batch_size: int, *, device: torch.device | str,
-                cache: bool | str = "auto", **kw) -> "DeviceLoader | StreamLoader":
+                cache: bool | str = "auto", **kw) -> Loader:
     """A DeviceLoader when the set lives (or should live) whole on the device, else a StreamLoader.
 
     cache: True -> always resident; False -> always streamed (except a CPU-resident tensor trained on the CPU, which
@@ -224,7 +264,7 @@ def make_loader(images, labels: torch.Tensor, batch_size: int, *, device: torch.
     kw: shuffle, drop_last, seed, rank, world (as DeviceLoader). Images that stream themselves (tar shards,
     wds.ShardImages) build their own loader, with the same interface."""
     device = torch.device(device)
-    if hasattr(images, "make_loader"):
+    if isinstance(images, StreamedImages):
         return images.make_loader(batch_size, device=device, **kw)
     already = isinstance(images, torch.Tensor) and images.device == device  # e.g. a CPU tensor trained on the CPU
     if already or cache is True or (cache == "auto" and _nbytes(images) <= memory_budget(device)):

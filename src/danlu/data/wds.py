@@ -701,17 +701,18 @@ class ShardLoader:
     def global_batch(self) -> int:
         return self.batch_size * self.world
 
-    def take_crop(self, augment) -> bool:  # noqa: ANN001 - an Augment
+    def take_crop(self, augment) -> list[str]:  # noqa: ANN001 - an Augment
         """Training: decode each image straight into `augment`'s random resized crop, a box of the source's own
         pixels (at the smallest JPEG scale that covers it), as DALI's and FFCV's decoders do, mirrored there too
         where `augment.flip` is on, and take those ops off `augment` (its device warp keeps rotation, zoom and
         translation; flipping a batch on the trainer's CPU had cost a fifth of the shard pipeline's speed on 2 cores,
-        its threads waking beside the decode processes). Returns whether it did."""
+        its threads waking beside the decode processes). Returns the augmentation's ops it took over."""
         if not self.drop_last or augment.resized_crop is None:
-            return False
+            return []
         self.crop = ResizedCrop(augment.resized_crop, augment.ratio, flip=bool(augment.flip))
+        took = ["resized_crop"] + (["flip"] if augment.flip else [])
         augment.resized_crop, augment.flip = None, False
-        return True
+        return took
 
     def __len__(self) -> int:
         """Batches per epoch (for each rank): N // G in training; in testing, enough for the largest rank's share."""

@@ -14,7 +14,7 @@ The order, and why:
      decay on biases and norms, the head at optim.head_lr_mult) with the schedule that sets each group's LR and
      unfreezes, the weights' average (optim.ema), precision (autocast, loss scaler, backend switches once),
      augmentation that draws for the whole global batch, and its generator.
-  5. loss (cross-entropy or a face margin loss) and the test metric (classification or verification).
+  5. the task's loss and test metric (danlu.tasks: classification, or face verification with its margin loss).
   6. the module the loop calls: DDP, then torch.compile or CUDA graphs.
 Config reaches the classes as flat arguments: nothing below this module reads a Recipe.
 """
@@ -28,6 +28,7 @@ from torch import nn
 
 from danlu.config import Recipe, iters_per_epoch, total_iters
 from danlu.data.imageset import ImageSet
+from danlu.data.loader import DecodingLoader
 from danlu.engine.devices import wide_float
 from danlu.engine.distributed import Dist
 from danlu.engine.ema import EMA
@@ -38,6 +39,8 @@ from danlu.engine.precision import Precision
 from danlu.engine.schedule import Schedule
 from danlu.engine.speed import Speed, reuse_freed_memory
 from danlu.errors import DanluError
+from danlu.models.heads import MarginLoss
+from danlu.tasks.base import Task, task_for
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Build:
     per_epoch: int  # iterations (global batches) per epoch
     max_iter: int
     base_lr: float  # optim.lr scaled for the global batch
+    task: Task  # what is learned: its loss, test metric, console line, summary fields (danlu.tasks)
     init: Optional[dict[str, Any]] = None  # what model.init loaded (danlu.models.weights.init_from), if it ran
 
 
@@ -66,8 +70,9 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     reuse_freed_memory()  # the library's runs too (the CLI did it already)
     torch.manual_seed(recipe.run.seed)  # the initial weights
     shape = input_shape(recipe, train.shape)  # what the model sees: the data's, resized by data.size
+    task = task_for(recipe, model)
     if model is None:
-        model = build_model(recipe, shape, len(train.classes))
+        model = build_model(recipe, shape, len(train.classes), task)
     report = None
     if init and recipe.model.init:
         from danlu.models.weights import init_from
@@ -78,31 +83,31 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     model = speed.layout(model.to(device, precision.param_dtype))
     head = _head(recipe, model, len(train.classes))
     frozen = freeze(model, recipe.model.freeze, head) if recipe.model.freeze else []
-    train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader)
+    train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader, task.whole_test_set)
     per_epoch = iters_per_epoch(len(train), train_loader.global_batch)
     max_iter = total_iters(recipe.run, per_epoch, train_loader.global_batch)
     base_lr = scaled_lr(recipe, train_loader.global_batch)
     lr_at = build_schedule(recipe, base_lr, per_epoch, max_iter) if lr is None else (lambda it: lr)
-    criterion = build_criterion(recipe)
+    criterion = task.criterion()
     schedule = Schedule(lr_at, frozen, _unfreeze_iter(recipe, per_epoch, dist, speed) if frozen else None,
-                        margin=criterion if hasattr(criterion, "ramp") else None,
+                        margin=criterion if isinstance(criterion, MarginLoss) else None,
                         margin_iters=round(recipe.model.margin_warmup * per_epoch))
     optimizer = build_optimizer(recipe, model, base_lr if lr is None else lr, head)
     ema = EMA(model, recipe.optim.ema) if recipe.optim.ema else None  # before any wrap: the plain module's weights
     augment = build_augment(recipe, train).for_rank(dist.rank, dist.world)  # draws for the global batch
     augment.memory_format, augment.dtype = speed.memory_format, precision.param_dtype  # the weights' layout, dtype
     augment.wide = wide_float(device)  # its draws: float64, float32 where the device has none (mps)
-    if hasattr(train_loader, "take_crop") and train_loader.take_crop(augment) and getattr(train, "report", None):
-        train.report["resized_crop"] = "decoder"  # shards: each training image cropped from its source as decoded
-        if train_loader.crop.flip:
-            train.report["flip"] = "decoder"  # ... and mirrored there
+    if isinstance(train_loader, DecodingLoader):  # shards: crop (and mirror) each image as it is decoded
+        for op in train_loader.take_crop(augment):
+            if train.report is not None:
+                train.report[op] = "decoder"
     generator = None if augment.is_identity else torch.Generator(device).manual_seed(recipe.run.seed + 1)
     step_model = speed.wrap(dist.wrap(model, sync_bn=recipe.model.sync_bn), (recipe.data.batch_size, *shape),
                             precision)
     parts = Parts(step_model, optimizer, criterion, augment, generator, train_loader, test_loader,
-                  precision, dist, schedule, evaluate=build_evaluator(recipe, test), ema=ema,
-                  best=Best(monitored(recipe), recipe.run.early_stop))
-    return Build(parts, model, speed, per_epoch, max_iter, base_lr, report)
+                  precision, dist, schedule, evaluate=task.evaluator(test), ema=ema,
+                  best=Best(monitored(recipe, task), recipe.run.early_stop))
+    return Build(parts, model, speed, per_epoch, max_iter, base_lr, task, report)
 
 
 def resolve_precision(recipe: Recipe, device: torch.device,
@@ -151,25 +156,19 @@ def input_shape(recipe: Recipe, data_shape: tuple[int, ...]) -> tuple[int, int, 
     return (c, *as_size(recipe.data.size)) if recipe.data.size is not None else (c, h, w)
 
 
-def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int) -> nn.Module:
-    """The recipe's model for inputs of `shape` (C, H, W) and `num_classes` outputs (identities, for a face model)."""
-    from danlu.models import create_model, is_face_model, list_models, model_info
+def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
+                task: Optional[Task] = None) -> nn.Module:
+    """The recipe's model for inputs of `shape` (C, H, W) and `num_classes` outputs, with what its task sets (an
+    identity head)."""
+    from danlu.models import create_model, model_info
 
     m = recipe.model
     info = model_info(m.name)
     kw = dict(m.kwargs)
     if info.takes_input_size:
         kw.setdefault("input_size", shape[1])  # models with a fixed flatten size (LeNet) are built for the data's
-    if info.face:  # the identity head (danlu.face.heads)
-        kw.setdefault("head", m.head or "softmax")
-        kw.setdefault("scale", m.scale)
-        if m.embedding_dim is not None:
-            kw.setdefault("embedding_dim", m.embedding_dim)
-        kw.setdefault("test_flip", m.test_flip is not False)
-    elif m.head is not None or m.embedding_dim is not None:
-        faces = [n for n in list_models() if is_face_model(n)]
-        raise DanluError(f"model.head={m.head}: model '{m.name}' is not a face model; expected model.name one of "
-                         f"{', '.join(faces)} (or no model.head / model.embedding_dim)")
+    for k, v in (task or task_for(recipe)).model_kwargs().items():
+        kw.setdefault(k, v)
     if m.pretrained:  # what the published weights were trained with (torchvision's Inception: its input transform)
         from danlu.models.pretrained import pretrained_kwargs
 
@@ -196,10 +195,10 @@ def _load_pretrained(recipe: Recipe, model: nn.Module, shape: tuple[int, int, in
 
 
 def build_loaders(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device, dist: Dist,
-                  loader: Any = None) -> tuple[Any, Any]:
+                  loader: Any = None, whole_test_set: bool = False) -> tuple[Any, Any]:
     """The training loader (a global batch of data.batch_size x accumulate x processes, this rank's share; `loader`
-    if given) and the test loader (sharded over ranks; whole on every rank for face verification, which pairs
-    across the set)."""
+    if given) and the test loader (sharded over ranks, or with `whole_test_set` whole on every rank: verification
+    pairs across the set)."""
     from danlu.data.loader import make_loader
 
     d, micro = recipe.data, recipe.optim.accumulate
@@ -210,10 +209,9 @@ def build_loaders(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch
         raise DanluError(f"data.batch_size={d.batch_size}: x {dist.world} process(es) x optim.accumulate={micro} "
                          f"is more than the training set ({len(train)} images); expected at most "
                          f"{len(train) // (dist.world * micro)}")
-    whole = d.split == "identities"
     test_loader = make_loader(test.images, test.labels, d.test_batch_size or 4 * d.batch_size, device=device,
-                              cache=d.device_cache, shuffle=False, drop_last=False, rank=0 if whole else dist.rank,
-                              world=1 if whole else dist.world)
+                              cache=d.device_cache, shuffle=False, drop_last=False,
+                              rank=0 if whole_test_set else dist.rank, world=1 if whole_test_set else dist.world)
     return loader, test_loader
 
 
@@ -284,12 +282,9 @@ def _unfreeze_iter(recipe: Recipe, per_epoch: int, dist: Dist, speed: Speed) -> 
     return round(at * per_epoch)
 
 
-def monitored(recipe: Recipe) -> str:
-    """The test figure run.keep_best and run.early_stop watch: run.monitor, or for auto the run's headline figure
-    (verification accuracy for a face run split by identities, else accuracy)."""
-    if recipe.run.monitor != "auto":
-        return recipe.run.monitor
-    return "verification_acc" if recipe.data.split == "identities" else "acc"
+def monitored(recipe: Recipe, task: Task) -> str:
+    """The test figure run.keep_best and run.early_stop watch: run.monitor, or for auto the task's headline figure."""
+    return task.headline if recipe.run.monitor == "auto" else recipe.run.monitor
 
 
 def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
@@ -315,26 +310,3 @@ def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
                    p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase,
                    trivial=a.trivial, mixup=a.mixup, cutmix=a.cutmix, mix_p=a.mix_p,
                    num_classes=None if train is None else len(train.classes))
-
-
-def build_criterion(recipe: Recipe) -> nn.Module:
-    """Cross-entropy, or with model.head arcface / cosface the margin loss on the model's scaled-cosine logits."""
-    from danlu.face.heads import build_criterion as criterion
-
-    m = recipe.model
-    return criterion(m.head or "softmax", m.scale, m.margin, recipe.optim.label_smoothing)
-
-
-def build_evaluator(recipe: Recipe, test: ImageSet) -> Callable[..., dict[str, Any]]:
-    """The test metric: classification (engine.loop.evaluate; with model.test_flip, of the logits averaged over each
-    image and its mirror image), or for data.split=identities face verification on seeded pairs of the held-out
-    identities (danlu.face.verify.VerificationEval)."""
-    import functools
-
-    from danlu.engine.loop import evaluate as classification
-
-    if recipe.data.split != "identities":
-        return functools.partial(classification, flip=True) if recipe.model.test_flip else classification
-    from danlu.face.verify import VerificationEval
-
-    return VerificationEval(test.labels, recipe.data.test_pairs, recipe.data.split_seed)

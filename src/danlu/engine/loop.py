@@ -16,15 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from danlu.data.augment import Augment
-from danlu.data.loader import DeviceLoader
-from danlu.engine.devices import wide_float
+from danlu.data.loader import Loader
 from danlu.engine.distributed import Dist
 from danlu.engine.faults import Diverged, Guard  # noqa: F401 (Diverged: raised here, re-exported)
 from danlu.engine.ema import EMA
-from danlu.engine.metrics import CONFUSION_MAX_CLASSES, Best, Meter, RunLog, TestFigures
+from danlu.engine.metrics import Best, Meter, RunLog
 from danlu.engine.precision import Precision
 from danlu.engine.speed import DeviceMonitor
 
@@ -37,16 +35,17 @@ class Parts:
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     augment: Augment
     generator: Optional[torch.Generator]  # draws of the augmentation (saved in snapshots)
-    train_loader: DeviceLoader
-    test_loader: DeviceLoader
+    train_loader: Loader  # DeviceLoader, StreamLoader or a shard loader: danlu.data.loader.Loader
+    test_loader: Loader
     precision: Precision
     dist: Dist
     schedule: Callable[[int, torch.optim.Optimizer], float]  # engine.schedule.Schedule: group LRs, unfreezing
+    # the task's test metric (danlu.tasks): evaluate(model, loader, augment, precision, dist, max_batches,
+    # label_smoothing) -> figures
+    evaluate: Callable[..., dict[str, Any]]
     guard: Guard = field(default_factory=Guard)  # NaN policy and stop requests (SIGTERM / SIGINT)
     ema: Optional[EMA] = None  # optim.ema: an average of the weights, evaluated beside them
     best: Best = field(default_factory=lambda: Best("acc"))  # the best test event (run.keep_best, run.early_stop)
-    # the test metric: classification (`evaluate` below) or, for face runs, verification (face.verify)
-    evaluate: Callable[..., dict[str, Any]] = field(default_factory=lambda: evaluate)
 
 
 @dataclass
@@ -165,50 +164,6 @@ def reached(target: Optional[tuple[str, float]], test: dict[str, Any]) -> bool:
         return False
     metric, value = target
     return test[metric] <= value if metric.endswith("loss") else test[metric] >= value
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader, augment: Augment, precision: Precision, dist: Dist,
-             max_batches: Optional[int] = None, label_smoothing: float = 0.0, flip: bool = False) -> TestFigures:
-    """Loss (the training objective, so train and test curves compare), top-1 and (with more than 5 classes) top-5
-    over the test set, every sample counted once; with `flip`, of the logits averaged over each image and its
-    mirror image (test-time augmentation, model.test_flip); per class (not logged, see TestFigures) the images, the
-    correct ones and, up to CONFUSION_MAX_CLASSES classes, the confusion matrix."""
-    model.eval()
-    wide = wide_float(loader.device)  # float64; float32 on mps, which has none
-    sums = torch.zeros(4, dtype=wide, device=loader.device)  # (loss sum, top1, top5, n)
-    per_class = confusion = None
-    for i, (x, y) in enumerate(loader.epoch(0)):
-        if max_batches is not None and i >= max_batches:
-            break
-        x = augment(x, train=False)
-        with precision.autocast():
-            logits = model(x) if not flip else model(torch.cat([x, x.flip(-1)]))  # (B, classes) or (2B, classes)
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half -> float32; fp64 stays
-        if flip:
-            logits = (logits[:len(y)] + logits[len(y):]) / 2
-        C = logits.shape[1]
-        k = min(5, C)
-        topk = logits.topk(k, dim=1).indices  # (B, k)
-        hit = topk == y[:, None]
-        loss = F.cross_entropy(logits, y, reduction="sum", label_smoothing=label_smoothing)
-        n = torch.tensor(float(len(y)), device=sums.device, dtype=wide)
-        sums += torch.stack([loss.to(wide), hit[:, 0].sum().to(wide), hit.any(1).sum().to(wide), n])
-        if per_class is None:
-            per_class = torch.zeros(C, 2, dtype=wide, device=sums.device)  # (images, correct) per class
-            confusion = torch.zeros(C * C, dtype=torch.int64, device=sums.device) if C <= CONFUSION_MAX_CLASSES \
-                else None
-        per_class += torch.stack([torch.bincount(y, minlength=C).to(wide), torch.bincount(y, hit[:, 0].to(wide), C)],
-                                 1)
-        if confusion is not None:  # rows: the true class, columns: the predicted one
-            confusion += torch.bincount(y * C + topk[:, 0], minlength=C * C)
-    loss, top1, top5, n = dist.all_reduce_sum(sums).tolist()
-    n = max(n, 1)
-    figures = TestFigures(loss=loss / n, acc=top1 / n, top5=(top5 / n) if logits.shape[1] > 5 else None,
-                          samples=int(n))
-    figures.per_class = dist.all_reduce_sum(per_class).long().cpu()
-    figures.confusion = None if confusion is None else dist.all_reduce_sum(confusion).view(C, C).cpu()
-    return figures
 
 
 class _Clock:

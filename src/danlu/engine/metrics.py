@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -66,45 +67,6 @@ class Meter:
         return (loss_sum / n, correct / n, n) if n else (float("nan"), float("nan"), 0)
 
 
-CONFUSION_MAX_CLASSES = 1000  # evaluation counts a confusion matrix up to this many classes (8 MB of counts)
-
-
-class TestFigures(dict):
-    """A classification test event's figures (loss, acc, top5, samples: what metrics.jsonl logs) and, beside them
-    as attributes, never logged: `per_class`, (classes, 2) int64 images and correct ones per class; `confusion`,
-    (classes, classes) int64 counts, rows the true class and columns the predicted one (None above
-    CONFUSION_MAX_CLASSES classes). class_report turns them into what a person reads."""
-    per_class: Optional[torch.Tensor] = None
-    confusion: Optional[torch.Tensor] = None
-
-
-def class_report(figures: Any, classes: list[str], worst: int = 5) -> Optional[dict[str, Any]]:
-    """Per-class accuracy and the confusion matrix of a test event, as JSON (None for figures without them, e.g. face
-    verification): classes, per_class [{class, images, correct, accuracy, confused_with, confused}] (confused_with:
-    the class most often predicted instead, and how often), worst (the `worst` lowest accuracies, most images
-    first among equals), confusion (rows: true class, columns: predicted; None above CONFUSION_MAX_CLASSES)."""
-    counts = getattr(figures, "per_class", None)
-    if counts is None:
-        return None
-    conf = getattr(figures, "confusion", None)
-    rows = []
-    for c, (images, correct) in enumerate(counts.tolist()):
-        row = {"class": classes[c] if c < len(classes) else str(c), "images": images, "correct": correct,
-               "accuracy": correct / images if images else None, "confused_with": None, "confused": 0}
-        if conf is not None:
-            off = conf[c].clone()
-            off[c] = -1
-            j = int(off.argmax())
-            if off[j] > 0:
-                row["confused_with"], row["confused"] = (classes[j] if j < len(classes) else str(j)), int(off[j])
-        rows.append(row)
-    seen = [r for r in rows if r["images"]]
-    ranked = sorted(seen, key=lambda r: (r["accuracy"], -r["images"], r["class"]))[:worst]
-    return {"classes": [r["class"] for r in rows], "accuracy": figures.get("acc"), "samples": figures.get("samples"),
-            "per_class": rows, "worst": [r["class"] for r in ranked],
-            "confusion": None if conf is None else conf.tolist()}
-
-
 class Best:
     """The best test figure so far and how many test events since it improved (run.keep_best, run.early_stop).
     `metric`: a test figure (acc, top5, loss, verification_acc; lower is better for a loss); `patience`: test events
@@ -147,11 +109,14 @@ class Best:
 
 
 class RunLog:
-    """metrics.jsonl (one JSON object per event), TensorBoard scalars, and the console (rank 0 only)."""
+    """metrics.jsonl (one JSON object per event), TensorBoard scalars, and the console (rank 0 only). A test
+    event's console line is the task's (`test_line(record, total)`, danlu.tasks)."""
 
     def __init__(self, run_dir: Optional[Path], *, total: int, start: int, tensorboard: bool = True,
-                 quiet: bool = False, enabled: bool = True):
+                 quiet: bool = False, enabled: bool = True,
+                 test_line: Optional[Callable[[dict[str, Any], int], str]] = None):
         self.enabled, self.total, self.quiet = enabled, total, quiet
+        self.test_line = test_line or _test_line
         self.path = run_dir / "metrics.jsonl" if run_dir and enabled else None
         self._file = open(self.path, "a") if self.path else None
         self._tb = _tensorboard(run_dir) if (tensorboard and run_dir and enabled) else None
@@ -170,10 +135,12 @@ class RunLog:
             for k, v in record.items():
                 if k not in ("kind", "iter", "time") and isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{record['kind']}/{k}", v, record["iter"])
-        if self._bar:
-            self._bar.show(record)
-        elif not self.quiet:
-            print(_line(record, self.total), flush=True)
+        if self._bar or not self.quiet:
+            line = self.test_line(record, self.total) if record["kind"] == "test" else _train_line(record, self.total)
+            if self._bar:
+                self._bar.show(record, line)
+            else:
+                print(line, flush=True)
 
     def tick(self, it: int, meter: Meter, images_per_second: float) -> None:
         """Refresh the progress bar (at most 4 times a second: reading the meter costs a device sync)."""
@@ -192,20 +159,13 @@ class RunLog:
             self._tb.close()
 
 
-def _line(r: dict[str, Any], total: int) -> str:
-    if r["kind"] == "test" and "verification_acc" in r:  # face runs: verification on held-out identities
-        from danlu.face.heads import COLLAPSED
-        from danlu.face.verify import describe_tar
+def _test_line(r: dict[str, Any], total: int) -> str:
+    """A test event's figures as they are, where no task words them."""
+    figures = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if isinstance(v, float) and k not in ("epoch", "time"))
+    return f"[test]  iter {r['iter']:>6}/{total}  {figures}"
 
-        collapse = (f"  collapsed: the identity weights point one way (mean cosine {r['head_cosine']:.2f}); "
-                    f"a longer model.margin_warmup or a smaller model.margin lets them spread"
-                    if r.get("head_cosine", 0.0) >= COLLAPSED else "")
-        return (f"[test]  iter {r['iter']:>6}/{total}  verification {r['verification_acc']:.4f} +- "
-                f"{r['verification_std']:.4f} ({r['pairs']} pairs)  {describe_tar(r)}{collapse}")
-    if r["kind"] == "test":
-        top5 = f"  top5 {r['top5']:.4f}" if r.get("top5") is not None else ""
-        ema = f"  (ema: loss {r['ema_loss']:.4f}  acc {r['ema_acc']:.4f})" if r.get("ema_acc") is not None else ""
-        return f"[test]  iter {r['iter']:>6}/{total}  loss {r['loss']:.4f}  acc {r['acc']:.4f}{top5}{ema}"
+
+def _train_line(r: dict[str, Any], total: int) -> str:
     return (f"[train] iter {r['iter']:>6}/{total}  epoch {r['epoch']:.2f}  lr {r['lr']:.3g}  loss {r['loss']:.4f}  "
             f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s{_gpu(r)}")
 
@@ -230,24 +190,24 @@ def _tensorboard(run_dir: Path):
 class _Bar:
     """A rich progress bar: iteration, loss, accuracy, images/s, ETA."""
 
-    def __init__(self, total: int, start: int):
+    def __init__(self, total: int, start: int, console: Any = None):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("loss {task.fields[loss]}  acc {task.fields[acc]}  {task.fields[ips]} img/s"
                                             "{task.fields[gpu]}"),
-                                 TimeRemainingColumn(), refresh_per_second=4)
+                                 TimeRemainingColumn(), refresh_per_second=4, console=console)
         self.task = self.progress.add_task("train", total=total, completed=start, loss="-", acc="-", ips="-", gpu="")
         self.progress.start()
 
     def update(self, it: int, loss: float, acc: float, ips: float) -> None:
         self.progress.update(self.task, completed=it, loss=f"{loss:.4f}", acc=f"{acc:.4f}", ips=f"{ips:.0f}")
 
-    def show(self, record: dict[str, Any]) -> None:
+    def show(self, record: dict[str, Any], line: str) -> None:
         if record["kind"] == "train" and "gpu_memory_mb" in record:  # CUDA: keep the GPU's figures in the bar
             self.progress.update(self.task, gpu=_gpu(record))
-        if record["kind"] == "test":
-            self.progress.console.print(_line(record, int(self.progress.tasks[0].total or 0)))
+        if record["kind"] == "test":  # as text: rich would read "[test]" as markup and drop it
+            self.progress.console.print(line, markup=False, highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()

@@ -4,12 +4,26 @@ heads, verification on held-out identities) -> verify (LFW protocol) -> enroll /
     from danlu.face import load_face_run, Gallery
     run = load_face_run("runs/faces")                     # .embed(images) -> (N, D), .threshold, .fingerprint
     Gallery("g.sqlite", fingerprint=run.fingerprint).identify(run.embed([jpeg_bytes]), top=5)
-"""
-from danlu.face.api import FaceRun, embed, enroll, identify, load_face_run, pairs
-from danlu.face.api import verify as verify_pairs  # `danlu.face.verify` is the protocol's module
-from danlu.face.detect import FaceOptions, detect_faces, preprocess, read_image
-from danlu.face.gallery import Gallery
-from danlu.face.prepare import prepare_faces
 
-__all__ = ["FaceOptions", "FaceRun", "Gallery", "detect_faces", "embed", "enroll", "identify", "load_face_run",
-           "pairs", "prepare_faces", "preprocess", "read_image", "verify_pairs"]
+Nothing is imported until used: importing one module of the package (danlu.face.verify) loads no detector and no
+gallery.
+"""
+from __future__ import annotations
+
+_LAZY = {
+    "FaceRun": "danlu.face.api", "embed": "danlu.face.api", "enroll": "danlu.face.api", "identify": "danlu.face.api",
+    "load_face_run": "danlu.face.api", "pairs": "danlu.face.api",
+    "verify_pairs": ("danlu.face.api", "verify"),  # `danlu.face.verify` is the pairs files' module
+    "FaceOptions": "danlu.face.detect", "detect_faces": "danlu.face.detect", "preprocess": "danlu.face.detect",
+    "read_image": "danlu.face.detect", "Gallery": "danlu.face.gallery", "prepare_faces": "danlu.face.prepare",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'danlu.face' has no attribute {name!r}")

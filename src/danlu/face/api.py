@@ -84,7 +84,7 @@ def face_run_from(run) -> FaceRun:
     """The FaceRun of an already loaded run (danlu.runs.LoadedRun), sharing its model."""
     from danlu.io import sha256
     from danlu.models import is_face_model
-    from danlu.runs import read_face_info
+    from danlu.tasks.verification import read_face_info
 
     run_dir = run.run_dir
     if not is_face_model(run.model):
@@ -105,7 +105,7 @@ def face_run_from(run) -> FaceRun:
 
 
 def _save_threshold(run: FaceRun, threshold: float, source: str) -> None:
-    from danlu.runs import write_face_info
+    from danlu.tasks.verification import write_face_info
 
     info = {**run.info, "threshold": threshold, "threshold_from": source}
     info.setdefault("preprocess", run.options.to_dict())
@@ -144,7 +144,8 @@ def verify(run_dir: Union[str, Path], pairs_file: Union[str, Path], root: Union[
     """`danlu face verify RUN --pairs PAIRS.txt --root DIR`: LFW's 10-fold protocol, ROC, TAR at FAR 1e-2 / 1e-3.
     Writes the report (default RUN/verify.json) and the ROC (default beside it, *_roc.png); with `save_threshold`
     the threshold best on all pairs becomes the run's (face.json)."""
-    from danlu.face.verify import draw_roc, read_pairs, scores
+    from danlu.face.verify import draw_roc, read_pairs
+    from danlu.tasks.verification import scores
 
     run = load_face_run(run_dir, device)
     listed, fold_of = read_pairs(pairs_file, root)

@@ -13,7 +13,7 @@ normalize((e - mean) @ matrix), which scales down the directions along which one
 expression) as measured on the training people: within-class covariance normalization (WCCN, as in speaker and face
 verification). Training and its logits never use it.
 
-Training calls `model(x)` like any classifier (the margin lives in the loss, danlu.face.heads.MarginLoss).
+Training calls `model(x)` like any classifier (the margin lives in the loss, danlu.models.heads.MarginLoss).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class FaceModel(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int, num_classes: int, head: str = "softmax", scale: float = 64.0,
                  test_flip: bool = True):
         super().__init__()
-        from danlu.face.heads import HEADS, CosineHead
+        from danlu.models.heads import HEADS, CosineHead
 
         if head not in HEADS:
             raise DanluError(f"model.head={head!r}: expected one of {', '.join(HEADS)}")

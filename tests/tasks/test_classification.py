@@ -9,9 +9,9 @@ import danlu
 from conftest import TINY
 from danlu.data.augment import Augment
 from danlu.data.loader import make_loader
-from danlu.engine import loop
 from danlu.engine.distributed import Dist
-from danlu.engine.metrics import class_report
+from danlu.tasks import classification as loop
+from danlu.tasks.classification import class_report
 from danlu.engine.precision import Precision
 from danlu.report import worst_lines, write_class_report
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from danlu.errors import DanluError
-from danlu.face.heads import COLLAPSED, CosineHead, MarginLoss, build_criterion
+from danlu.models.heads import COLLAPSED, CosineHead, MarginLoss, build_criterion
 from danlu.models import create_model
 
 
