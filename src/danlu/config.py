@@ -55,8 +55,10 @@ class ModelCfg(_Section):
     # classifier for other classes) are named and keep their fresh initialization
     init: Optional[str] = None
     # tv:NAME / timm:NAME: start from the library's published weights (torchvision's DEFAULT, timm's default tag),
-    # downloaded once (hash-checked) into $TORCH_HOME/hub/checkpoints; the classifier for the data's classes is fresh
-    pretrained: bool = False
+    # downloaded once (hash-checked) into $TORCH_HOME/hub/checkpoints; the classifier for the data's classes is fresh.
+    # inception_resnet_v1: facenet:vggface2 (what true means) or facenet:casia-webface, FaceNet's models as
+    # facenet-pytorch releases them (data: scale 1, mean 127.5, std 128, size 160; danlu.models.pretrained)
+    pretrained: Union[bool, str] = False
     # train only part of the model: `backbone` (all but the classifier: a face model's `head`, else the last Linear
     # producing the classes) or a list of parameter-name prefixes ([conv1, layer1]) that stay frozen
     freeze: Optional[Union[Literal["backbone"], list[str]]] = None
@@ -73,11 +75,31 @@ class ModelCfg(_Section):
             raise ValueError("expected backbone or a list of parameter-name prefixes, e.g. [conv1, layer1]")
         return v
 
+    @field_validator("pretrained", mode="before")
+    @classmethod
+    def _pretrained_words(cls, v: Any, info: Any) -> Any:  # info.data: the fields above (name)
+        if not isinstance(v, str):
+            return v
+        word = v.strip().lower()
+        if word in ("true", "yes", "on", "t", "y", "1", "false", "no", "off", "f", "n", "0"):  # YAML's, pydantic's
+            return word in ("true", "yes", "on", "t", "y", "1")
+        from danlu.models.pretrained import NAMED
+
+        if v not in NAMED:
+            raise ValueError(f"expected a boolean (true: the model's published weights) or one of "
+                             f"{', '.join(NAMED)}{nearest(v, NAMED)}")
+        model = info.data.get("name")
+        if model is not None and model != NAMED[v]:
+            raise ValueError(f"{v} are weights of {NAMED[v]}, not of model.name={model}; expected model.name="
+                             f"{NAMED[v]}, or model.pretrained=true or false")
+        return v
+
     @model_validator(mode="after")
     def _start(self) -> "ModelCfg":
         if self.pretrained and self.init:
-            raise ValueError(f"model.pretrained=true and model.init={self.init}: expected one of them (init starts "
-                             f"from a file, pretrained from the library's weights)")
+            weights = "true" if self.pretrained is True else self.pretrained
+            raise ValueError(f"model.pretrained={weights} and model.init={self.init}: expected one of them (init "
+                             f"starts from a file, pretrained from the library's weights)")
         if self.unfreeze_at is not None and self.freeze is None:
             raise ValueError(f"model.unfreeze_at={self.unfreeze_at}: nothing is frozen; expected model.freeze "
                              f"(backbone or a list of prefixes) with it")

@@ -178,17 +178,20 @@ def build_model(recipe: Recipe, shape: tuple[int, int, int], num_classes: int,
 
 def _load_pretrained(recipe: Recipe, model: nn.Module, shape: tuple[int, int, int], num_classes: int,
                      dist: Dist) -> dict[str, Any]:
-    """model.pretrained: the library's published weights into `model`. With several processes rank 0 downloads
-    first (into the shared cache) and the others then read the file."""
+    """model.pretrained: the library's published weights into `model` (true: the model's default ones; or a named
+    set, facenet:casia-webface), once the data is known to be standardized as they expect. With several processes
+    rank 0 downloads first (into the shared cache) and the others then read the file."""
     import sys
 
-    from danlu.models.pretrained import load_pretrained
+    from danlu.models.pretrained import check_data, load_pretrained, weights_for
 
+    m, d = recipe.model, recipe.data
+    name = weights_for(m.name, m.pretrained)  # tv:resnet18, facenet:vggface2
+    check_data(name, d.scale, d.mean, d.std, d.normalize)
     if not dist.is_main:
         dist.barrier()
     try:
-        return load_pretrained(model, recipe.model.name, num_classes, shape[0],
-                               progress=dist.is_main and sys.stderr.isatty())
+        return load_pretrained(model, name, num_classes, shape[0], progress=dist.is_main and sys.stderr.isatty())
     finally:
         if dist.is_main:
             dist.barrier()

@@ -1,7 +1,12 @@
 """Inception-ResNet-V1, FaceNet's feature extractor (Szegedy et al. 2016; Schroff et al. 2015), in the layout of
 facenet-pytorch / David Sandberg's facenet (module names included): 160x160 input -> 1792-d pooled features ->
 dropout -> a 512-d bottleneck with BatchNorm -> the identity head (danlu.models.face.FaceModel). The smallest input
-it takes is 75x75 (five stride-2 stages without padding)."""
+it takes is 75x75 (five stride-2 stages without padding).
+
+Its `backbone` holds facenet-pytorch's InceptionResnetV1 weights as they are (same names, BatchNorm eps 0.001 and
+momentum 0.1, bias-free bottleneck): `model.pretrained: facenet:vggface2` (or `true`) / `facenet:casia-webface` start
+from FaceNet's published models (danlu.models.pretrained); `embed` with test_flip off gives facenet-pytorch's
+embeddings."""
 from __future__ import annotations
 
 import torch
