@@ -357,7 +357,8 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
                          "unevenly from the side, else none), tantriggs (Tan & Triggs), hist (histogram "
                          "equalization), clahe or none")
     fp.add_argument("--margin", type=float, default=0.2, help="crop = face box grown by this share (default 0.2)")
-    fp.add_argument("--detector", default="haar", help="haar (OpenCV's bundled cascade, default) or a YuNet .onnx")
+    fp.add_argument("--detector", default="haar", help="haar (OpenCV's bundled cascade, default), mmod (dlib's CNN "
+                    "detector: danlu[face-pretrained]) or a YuNet .onnx")
     fp.add_argument("--crop", choices=["auto", "face", "full"], default="auto",
                     help="face: the detected face; full: every image's centre square (already-cropped faces); auto "
                     "(default): full where the detector finds a clear face in fewer than half of the images")
@@ -367,6 +368,17 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
     fp.add_argument("--shard-mb", type=float, default=256, metavar="MB", help="shard size in MiB (default 256)")
     fp.add_argument("--workers", type=int, help="threads (default: every core)")
     fp.add_argument("--quiet", action="store_true", help="no progress output")
+    fp.add_argument("--chip", choices=["box", "dlib"], default="box",
+                    help="box: the face box grown by --margin (default); dlib: dlib's aligned chip from its 5 landmarks "
+                    "(--margin is then dlib's padding, 0.25 in dlib's pipeline; needs danlu[face-pretrained])")
+    fp.add_argument("--for", dest="for_run", metavar="RUN",
+                    help="cut the faces as face run RUN does (its face.json): the crops its model expects, e.g. an "
+                    "imported network's; the cut options above are then the run's")
+    fi = fs.add_parser("import", help="a face network trained elsewhere as a run folder: every face verb and serve "
+                       "accept it, a recipe fine-tunes it (model.init=RUN)")
+    fi.add_argument("network", choices=["dlib"], help="dlib: dlib's public-domain ResNet (danlu[face-pretrained])")
+    fi.add_argument("-o", "--out", required=True, metavar="RUN", help="the run folder to write")
+    fi.add_argument("--force", action="store_true", help="move a run already in RUN aside (never overwritten)")
     fpp = fs.add_parser("pairs", help="a balanced, seeded pairs file in LFW's format from an identity folder")
     fpp.add_argument("dir", metavar="DIR", help="one subfolder of images per identity")
     fpp.add_argument("-o", "--out", required=True, metavar="PAIRS.txt")
@@ -409,9 +421,18 @@ def _cmd_face(a: argparse.Namespace) -> int:
 
     c = a.face_command
     if c == "prepare":
+        options = face.run_options(a.for_run, _cut_flags(a)) if a.for_run else None
         prepare_faces(a.raw, a.out, size=a.size, channels=a.channels, align=a.align, equalize=a.equalize,
-                           margin=a.margin, detector=a.detector, crop=a.crop, no_face=a.no_face, shard_mb=a.shard_mb,
-                           workers=a.workers, quiet=a.quiet)
+                      margin=a.margin, detector=a.detector, crop=a.crop, no_face=a.no_face, shard_mb=a.shard_mb,
+                      workers=a.workers, quiet=a.quiet, chip=a.chip, options=options)
+    elif c == "import":
+        from danlu.face.imports import import_face_network
+
+        r = import_face_network(a.network, a.out, force=a.force)
+        p = r["preprocess"]
+        print(f"face import: {a.network}'s network in {r['run_dir']} (from {r['source']}); faces cut as {p['chip']} "
+              f"chips of {p['size']} px, threshold {r['threshold']:.4f}; try `danlu face verify {r['run_dir']} "
+              f"--pairs PAIRS.txt --root DIR`")
     elif c == "pairs":
         r = face.pairs(a.dir, a.out, n=a.n, folds=a.folds, seed=a.seed)
         short = f" (fewer than --n {a.n}: the folder holds {r['possible_same_pairs']} same pairs)" \
@@ -449,6 +470,13 @@ def _cmd_face(a: argparse.Namespace) -> int:
             print(f"{r['image']}: {r['identity']} (similarity {r['similarity']:.3f}, threshold {r['threshold']:.3f}); "
                   f"top: {top}")
     return 0
+
+
+def _cut_flags(a: argparse.Namespace) -> list[str]:
+    """The `face prepare` cut options given with other values than their defaults (refused beside --for RUN)."""
+    defaults = {"size": 160, "channels": 3, "align": False, "equalize": "auto", "margin": 0.2, "detector": "haar",
+                "crop": "auto", "chip": "box"}
+    return [f"--{k} {getattr(a, k)}" for k, v in defaults.items() if getattr(a, k) != v]
 
 
 def _cmd_recipes(a: argparse.Namespace) -> int:

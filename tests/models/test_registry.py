@@ -5,7 +5,8 @@ from danlu.errors import DanluError
 from danlu.models import create_model, list_models, register_model, registry
 
 # (name, create_model kwargs, input shape without batch)
-_SHAPES = {"lenet": (1, 28, 28), "inception_resnet_v1": (3, 80, 80)}  # FaceNet's net takes at least 75x75
+_SHAPES = {"lenet": (1, 28, 28), "inception_resnet_v1": (3, 80, 80),  # FaceNet's net takes at least 75x75
+           "dlib_resnet": (3, 104, 104)}  # dlib's at least 103x103
 _CASES = [(n, {"in_channels": 1} if n == "lenet" else {}, _SHAPES.get(n, (3, 32, 32))) for n in list_models()]
 _CASES.append(("lenet", {"in_channels": 3, "input_size": 32}, (3, 32, 32)))
 

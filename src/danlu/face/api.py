@@ -80,6 +80,30 @@ def load_face_run(run_dir: Union[str, Path], device: Optional[str] = None) -> Fa
     return face_run_from(load_run(run_dir, device=device))
 
 
+def run_options(run_dir: Union[str, Path], flags: Optional[list[str]] = None) -> FaceOptions:
+    """How face run `run_dir` cuts faces (its face.json; where that names none, its input size with the defaults),
+    read without loading its model: what `danlu face prepare --for RUN` cuts with. `flags`: cut options also given,
+    refused (the run's cut is the point)."""
+    from danlu.tasks.verification import FACE_FILE, read_face_info
+
+    run_dir = Path(run_dir)
+    info = read_face_info(run_dir)
+    if not info:
+        raise DanluError(f"--for {run_dir}: no {FACE_FILE} there; expected a face run folder (a trained face model, "
+                         f"or one of `danlu face import`)")
+    if flags:
+        raise DanluError(f"--for {run_dir} cuts faces as that run does; expected no other cut options, got "
+                         f"{' '.join(flags)}")
+    if info.get("preprocess"):
+        return FaceOptions.from_dict(info["preprocess"])
+    summary = run_dir / "summary.json"
+    shape = json.loads(summary.read_text()).get("input_shape") if summary.is_file() else None
+    if not shape:
+        raise DanluError(f"--for {run_dir}: its {FACE_FILE} names no preprocessing and it has no summary.json with "
+                         f"its input shape; expected a finished face run")
+    return FaceOptions(size=int(shape[1]), channels=int(shape[0]))
+
+
 def face_run_from(run) -> FaceRun:
     """The FaceRun of an already loaded run (danlu.runs.LoadedRun), sharing its model."""
     from danlu.io import sha256

@@ -29,6 +29,7 @@ from danlu.errors import DanluError
 
 EQUALIZE = ("hist", "clahe", "tantriggs", "none")
 CROPS = ("face", "full")  # a detected face's box (centre square where none), or every image's centre square
+CHIPS = ("box", "dlib")  # how a face is cut: its box grown by a margin, or dlib's 5-landmark aligned chip
 AMBIGUOUS_AREA = 0.8  # a second face at least this share of the largest's area makes "the face" ambiguous
 DETECT_MAX_SIDE = 640  # detection runs on a copy at most this large (boxes are scaled back)
 
@@ -41,12 +42,18 @@ class FaceOptions:
     align: bool = False  # rotate so the eye line is level (eye cascade, or YuNet's eye landmarks)
     equalize: str = "hist"  # tantriggs | hist (cv2.equalizeHist, on the luma) | clahe | none (prepare: auto)
     margin: float = 0.2  # the crop is the face box grown by this share of its side (half on each side)
-    detector: str = "haar"  # haar | path to a YuNet .onnx model file
+    detector: str = "haar"  # haar | mmod (dlib's CNN detector: danlu[face-pretrained]) | a YuNet .onnx model file
     crop: str = "face"  # face: the detected face's box | full: every image's centre square, no detection
+    # box: the face box grown by `margin`, levelled with `align` | dlib: dlib's aligned chip (its 5-point landmarks,
+    # get_face_chip_details: the landmarks on dlib's mean face, `margin` = dlib's padding, 0.25 in dlib's pipeline),
+    # the cut dlib's face network was trained on (danlu.face.dlib)
+    chip: str = "box"
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
             raise DanluError(f"--crop {self.crop}: expected one of {', '.join(CROPS)} (or auto, decided per set)")
+        if self.chip not in CHIPS:
+            raise DanluError(f"--chip {self.chip}: expected one of {', '.join(CHIPS)}")
         if self.size < 8:
             raise DanluError(f"--size {self.size}: expected at least 8 pixels")
         if self.channels not in (1, 3):
@@ -55,8 +62,9 @@ class FaceOptions:
             raise DanluError(f"--equalize {self.equalize}: expected one of {', '.join(EQUALIZE)}")
         if not 0 <= self.margin <= 2:
             raise DanluError(f"--margin {self.margin}: expected a share of the face box between 0 and 2")
-        if self.detector != "haar" and not (self.detector.endswith(".onnx") and Path(self.detector).is_file()):
-            raise DanluError(f"--detector {self.detector}: expected haar or the path of a YuNet .onnx model file")
+        if self.detector not in ("haar", "mmod") and not (self.detector.endswith(".onnx") and
+                                                          Path(self.detector).is_file()):
+            raise DanluError(f"--detector {self.detector}: expected haar, mmod or the path of a YuNet .onnx model file")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,7 +149,12 @@ def detect_faces(rgb: np.ndarray, detector: str = "haar") -> list[dict[str, Any]
     small = rgb if f == 1.0 else cv2.resize(rgb, (max(1, round(W * f)), max(1, round(H * f))),
                                             interpolation=cv2.INTER_AREA)
     found = []
-    if detector == "haar":
+    if detector == "mmod":  # dlib's CNN detector on the image itself (its own pyramid): boxes in dlib's convention
+        from danlu.face.dlib.mmod import MMODDetector
+
+        found = [{"box": (float(d.x), float(d.y), float(d.w), float(d.h)), "eyes": None}
+                 for d in MMODDetector.load()(rgb)]
+    elif detector == "haar":
         gray = cv2.equalizeHist(cv2.cvtColor(small, cv2.COLOR_RGB2GRAY))
         side = max(20, int(0.1 * min(gray.shape)))
         boxes = _cascade("haarcascade_frontalface_default.xml").detectMultiScale(gray, 1.1, 5, minSize=(side, side))
@@ -213,6 +226,8 @@ def preprocess(image: Union[str, Path, bytes, np.ndarray], opts: FaceOptions = F
     H, W = rgb.shape[:2]
     faces = detect_faces(rgb, opts.detector) if opts.crop == "face" else []
     info: dict[str, Any] = {"faces": len(faces), "box": None, "reason": None, "aligned": False}
+    if opts.chip == "dlib":
+        return _finish(_dlib_chip(rgb, faces, opts, info), opts), info
     angle = 0.0
     if opts.crop == "full":
         pass  # the centre square below, by choice: not a fallback, so no reason
@@ -240,12 +255,57 @@ def preprocess(image: Union[str, Path, bytes, np.ndarray], opts: FaceOptions = F
     m[:, 2] += (side / 2 - cx, side / 2 - cy)
     n = max(1, int(round(side)))
     crop = cv2.warpAffine(rgb, m, (n, n), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return _finish(crop, opts), info
+
+
+def _finish(crop: np.ndarray, opts: FaceOptions) -> np.ndarray:
+    """An (n, n, 3) RGB crop -> (channels, size, size) uint8: gray where asked, equalized, resized."""
+    cv2 = _cv2()
     if opts.channels == 1:
         crop = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
     crop = _equalize(crop, opts.equalize)
-    out = cv2.resize(crop, (opts.size, opts.size), interpolation=cv2.INTER_AREA if n > opts.size else cv2.INTER_LINEAR)
-    out = out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
-    return np.ascontiguousarray(out), info
+    n = crop.shape[0]
+    if n != opts.size:
+        crop = cv2.resize(crop, (opts.size, opts.size),
+                          interpolation=cv2.INTER_AREA if n > opts.size else cv2.INTER_LINEAR)
+    out = crop[None] if crop.ndim == 2 else crop.transpose(2, 0, 1)
+    return np.ascontiguousarray(out)
+
+
+# where dlib's landmarks are looked for when no face is found: a centred square of this share of the image's shorter
+# side (measured on LFW and AT&T/ORL photos whose face the Haar detector finds, docs/evidence/faces.md)
+NO_FACE_BOX = 0.55
+
+
+def _dlib_chip(rgb: np.ndarray, faces: list[dict[str, Any]], opts: FaceOptions, info: dict[str, Any]) -> np.ndarray:
+    """dlib's aligned chip (opts.size x opts.size RGB) of the face: its box (a Haar box mapped to the box dlib's HOG
+    detector gives, which the landmark model was trained on), dlib's 5 landmarks in it, the chip they place. Of
+    several faces of about one size, the one nearest the image's centre (as photos are framed); with none, the
+    landmarks are looked for in a centred square (NO_FACE_BOX), and `reason` says so."""
+    from danlu.face.dlib.chips import chip_transform, extract_chip, hog_box_from_haar
+    from danlu.face.dlib.landmarks import ShapePredictor
+
+    H, W = rgb.shape[:2]
+    if faces:
+        big = faces[0]["box"][2] * faces[0]["box"][3]
+        near = [f for f in faces if f["box"][2] * f["box"][3] >= AMBIGUOUS_AREA * big]
+        face = min(near, key=lambda f: (f["box"][0] + f["box"][2] / 2 - W / 2) ** 2 +
+                   (f["box"][1] + f["box"][3] / 2 - H / 2) ** 2)
+        box = face["box"]
+        info["box"] = [round(v, 1) for v in box]
+        if len(near) > 1:
+            info["picked"] = f"the face nearest the centre of {len(near)} of about one size"
+        if opts.detector == "haar":
+            box = hog_box_from_haar(box)
+    else:
+        side = NO_FACE_BOX * min(H, W)
+        box = ((W - side) / 2, (H - side) / 2, side, side)
+        if opts.crop == "face":
+            info["reason"] = "no face found"
+    points = ShapePredictor.load()(rgb, box)  # (5, 2) x, y
+    info["landmarks"] = [[round(float(x), 1), round(float(y), 1)] for x, y in points]
+    info["aligned"] = True
+    return extract_chip(rgb, chip_transform(points, opts.size, opts.margin))
 
 
 def one_clear_face(rgb: np.ndarray, detector: str = "haar") -> bool:

@@ -66,13 +66,14 @@ def _decoder(opts: FaceOptions, no_face: str, workers: int):
 def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int = 160, channels: int = 3,
                   align: bool = False, equalize: str = "auto", margin: float = 0.2, detector: str = "haar",
                   crop: str = "auto", no_face: str = "center", shard_mb: float = 256, workers: Optional[int] = None,
-                  quiet: bool = False) -> dict[str, Any]:
+                  quiet: bool = False, chip: str = "box", options: Optional[FaceOptions] = None) -> dict[str, Any]:
     """Detect, crop and equalize every image of RAW_DIR/IDENTITY/ into a store at `out`; writes
     `out/prepare_report.json`. Returns the store's meta with `report` (the report's path). `crop`: face (the
     detected face), full (every image's centre square: already-cropped faces) or auto (full where the detector finds
     one clear face in fewer than half of a sample of the set's images; the choice is recorded). `equalize`: one of
     detect.EQUALIZE, or auto (tantriggs where a sample's photos are lit unevenly from the side, else none:
-    detect.equalize_policy; recorded)."""
+    detect.equalize_policy; recorded). `chip`: box (the face box grown by `margin`) or dlib (dlib's aligned chip).
+    `options`: cut exactly so (a run's preprocessing, `--for RUN`): the cut arguments above are then not used."""
     from danlu.data.folder import scan_folder
     from danlu.data.store import StorePlan, write_store
     from danlu.face.detect import crop_policy, equalize_policy
@@ -86,6 +87,8 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
     files = scan_folder(raw_dir, key="RAW_DIR")
     every = [it.path for split in (files.train, files.test or []) for it in split]
     found_share = side = None
+    if options is not None:  # a run's own cut: nothing decided here
+        size, channels, crop, equalize = options.size, options.channels, options.crop, options.equalize
     if equalize == "auto":
         equalize, side = equalize_policy(every)
         if not quiet:
@@ -96,8 +99,8 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
         if not quiet:
             print(f"face prepare: one clear face in {found_share:.0%} of a sample of the images: crop {crop}"
                   f"{' (already-cropped faces: every image cut as its centre square)' if crop == 'full' else ''}")
-    opts = FaceOptions(size=size, channels=channels, align=align, equalize=equalize, margin=margin,
-                       detector=str(detector), crop=crop)
+    opts = options or FaceOptions(size=size, channels=channels, align=align, equalize=equalize, margin=margin,
+                                  detector=str(detector), crop=crop, chip=chip)
     splits = {"train": files.train, **({"test": files.test} if files.test is not None else {})}
     source = {"kind": "face", **files.source, "face": opts.to_dict(), "no_face": no_face}
     plan = StorePlan(files.classes, splits, source, (channels, size, size), list(files.skipped),

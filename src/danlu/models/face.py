@@ -17,11 +17,14 @@ Training calls `model(x)` like any classifier (the margin lives in the loss, dan
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from danlu.errors import DanluError
+from danlu.models.heads import HEADS, CosineHead
 
 
 class FaceModel(nn.Module):
@@ -31,12 +34,12 @@ class FaceModel(nn.Module):
     def __init__(self, backbone: nn.Module, dim: int, num_classes: int, head: str = "softmax", scale: float = 64.0,
                  test_flip: bool = True):
         super().__init__()
-        from danlu.models.heads import HEADS, CosineHead
-
         if head not in HEADS:
             raise DanluError(f"model.head={head!r}: expected one of {', '.join(HEADS)}")
         self.backbone, self.head_kind, self.embedding_dim = backbone, head, dim
-        self.head = nn.Linear(dim, num_classes) if head == "softmax" else CosineHead(dim, num_classes, scale)
+        with warnings.catch_warnings():  # 0 identities (an imported network, no head yet): nothing to initialize
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+            self.head = nn.Linear(dim, num_classes) if head == "softmax" else CosineHead(dim, num_classes, scale)
         self.test_flip = bool(test_flip)
         # the embedding's whitening (empty: none); not in the weights: a run keeps it in whiten.safetensors
         self.register_buffer("whiten_mean", torch.zeros(0), persistent=False)  # (D,)

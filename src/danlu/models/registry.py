@@ -176,9 +176,10 @@ def _build_tv(name: str, num_classes: int, in_channels: int, **kw) -> nn.Module:
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 3, **kw) -> nn.Module:
     """Build a registered model or a torchvision one ('tv:resnet50'); bad names and arguments raise DanluError."""
-    if num_classes < 1 or in_channels < 1:
-        raise DanluError(f"model: num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
     info = model_info(name)
+    # a face model may have no identity head yet (0 identities: an imported network, embedding only)
+    if num_classes < (0 if info.face else 1) or in_channels < 1:
+        raise DanluError(f"model: num_classes and in_channels must be >= 1, got {num_classes} and {in_channels}")
     build = info.entry or functools.partial(_build_timm if name.startswith(_TIMM) else _build_tv, name)
     try:
         return build(num_classes=num_classes, in_channels=in_channels, **kw)
