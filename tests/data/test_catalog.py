@@ -8,7 +8,6 @@ import os
 import pickle
 import shutil
 import socket
-import tarfile
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ from conftest import SHARED_DATA, run_cli
 from danlu.data import catalog
 from danlu.data.catalog import RemoteFile, read_cifar_batch, read_idx
 from danlu.data.datasets import load_dataset
-from danlu.data.download import download, extract_tar
 from danlu.errors import DanluError
 import datafiles
 from datafiles import cifar_like, idx_bytes, md5, mnist_like, tar_gz
@@ -91,16 +89,6 @@ def test_interrupted_download_resumes_with_a_range_request(file_server, home, mo
     assert ranges == [None, "bytes=1000-"]
 
 
-def test_a_partial_file_from_an_earlier_run_is_resumed(file_server, tmp_path):
-    data = os.urandom(50_000)
-    file_server.files["blob.bin"] = data
-    dest = tmp_path / "blob.bin"
-    (tmp_path / "blob.bin.part").write_bytes(data[:12_345])
-    download([file_server.url + "blob.bin"], dest, md5=md5(data), progress=False)
-    assert dest.read_bytes() == data
-    assert file_server.requests == [("blob.bin", "bytes=12345-")]
-
-
 def test_unreachable_hosts_give_one_message_naming_files_checksums_and_folder(home, monkeypatch):
     real = catalog.ENTRIES["mnist"]
     with _refusing_port() as port:  # bound, never listening: every connection is refused
@@ -128,19 +116,6 @@ def test_cli_data_list_shows_the_catalog(tmp_path):
     for name in ("mnist", "fashion-mnist", "cifar10", "cifar100", "mnist5k", "synthetic"):
         assert f" {name} " in r.stdout
     assert str(tmp_path) in r.stdout and "not downloaded" in r.stdout
-
-
-@pytest.mark.parametrize("python_has_filters", [True, False])
-def test_tar_with_a_parent_member_is_refused(tmp_path, monkeypatch, python_has_filters):
-    if not python_has_filters:  # older Pythons: danlu applies the same rules itself
-        monkeypatch.delattr(tarfile, "data_filter", raising=False)
-    archive = tmp_path / "evil.tar.gz"
-    archive.write_bytes(tar_gz({"ok.txt": b"fine", "../escaped.txt": b"gotcha"}))
-    with pytest.raises(DanluError, match=r"refused to extract member '\.\./escaped\.txt'"):
-        extract_tar(archive, tmp_path / "out" / "x")
-    assert not (tmp_path / "out" / "escaped.txt").exists() and not (tmp_path / "escaped.txt").exists()
-    assert not (tmp_path / "out" / "x").exists()  # nothing half-extracted
-    assert [p.name for p in (tmp_path / "out").iterdir()] == []
 
 
 def test_cifar_download_extract_and_parse(file_server, home, monkeypatch):

@@ -1,14 +1,13 @@
 """Faults, each injected: a kill between write and rename, SIGTERM / SIGINT, a full disk, NaN, out of memory, and
-the bad inputs that reach the engine (a snapshot of another model, an --out folder holding another run)."""
+the bad inputs that reach the engine (a snapshot of another model, a folder without snapshots). An --out folder
+holding another run: tests/test_runs.py."""
 import errno
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 
 import pytest
@@ -117,16 +116,57 @@ def test_a_snapshot_without_its_checksum_file_loads_with_a_warning(tmp_path):
 # ---------------------------------------------------------------- SIGTERM / SIGINT
 
 
+# `danlu train` whose 11th optimizer step (iteration 11, after the snapshot at 10) says so on stdout and then waits,
+# inside the step, until SIGTERM / SIGINT has reached danlu's handler: the signal always lands mid-step, however fast
+# or slow the machine (polling for the snapshot file and signalling raced the run's last 50 steps).
+_WAIT_IN_STEP_11 = textwrap.dedent("""
+    import signal, sys, time
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    arrived = []
+    real_signal = signal.signal
+    def watched(signum, handler):           # danlu's handler, and a note that it ran
+        if callable(handler) and signum in (signal.SIGTERM, signal.SIGINT):
+            inner = handler
+            def handler(s, frame):
+                arrived.append(s)
+                inner(s, frame)
+        return real_signal(signum, handler)
+    signal.signal = watched
+    steps = []
+    def before_step(optimizer, args, kwargs):
+        steps.append(1)
+        if len(steps) == 11:
+            print("in step 11", flush=True)
+            while not arrived:              # a signal's handler runs in this thread, between these sleeps
+                time.sleep(0.01)
+    register_optimizer_step_pre_hook(before_step)
+    from danlu.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+STOP_AT = 11
+
+
 def _start_and_signal(out, sig):
-    proc = subprocess.Popen([sys.executable, "-m", "danlu", "train", "--out", str(out), *sets(*LONG)],
+    """Run LONG, send `sig` while its step 11 is in flight, and return (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-c", _WAIT_IN_STEP_11, "train", "--out", str(out), *sets(*LONG)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    deadline = time.time() + 240
-    while time.time() < deadline and not (out / "snapshots" / "iter_00000010.pt").exists():
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=240)
-    return proc.returncode, stdout, stderr
+    try:
+        seen = []
+        for line in proc.stdout:  # ends when the run does: then it never reached step 11, and says why below
+            seen.append(line)
+            if line.startswith(f"in step {STOP_AT}"):
+                proc.send_signal(sig)
+                break
+        try:
+            stdout, stderr = proc.communicate(timeout=240)  # a guard against a hang only: the run ends in seconds
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the run had not ended 240 s after {signal.Signals(sig).name} was sent in step {STOP_AT}: "
+                        f"no handler installed with signal.signal ran, or the stop hangs")
+    finally:
+        proc.kill()
+    assert seen and seen[-1].startswith(f"in step {STOP_AT}"), f"the run ended before step {STOP_AT}: {stderr}"
+    return proc.returncode, "".join(seen) + stdout, stderr
 
 
 def test_sigterm_finishes_the_step_writes_a_snapshot_exits_143_and_resumes_exactly(tmp_path, full):
@@ -136,8 +176,8 @@ def test_sigterm_finishes_the_step_writes_a_snapshot_exits_143_and_resumes_exact
     last = stderr.strip().splitlines()[-1]
     assert "stopped by SIGTERM at iteration" in last and f"danlu train --resume {cut}" in last
     stop = int(last.split("at iteration ")[1].split(";")[0])
-    assert 10 <= stop < 60
-    assert _iters(cut / "snapshots")[-1] == stop  # the snapshot of the iteration it stopped at
+    assert stop == STOP_AT  # the step in flight finished, and the run stopped at its end
+    assert _iters(cut / "snapshots") == [10, STOP_AT]  # the periodic snapshot, and the one of the stop
     assert not (cut / "summary.json").exists()
 
     r = run_cli("train", "--resume", str(cut))
@@ -153,7 +193,7 @@ def test_sigint_stops_the_same_way_with_exit_130(tmp_path):
     assert "stopped by SIGINT" in stderr and "Traceback" not in stderr
     stop = int(stderr.split("at iteration ")[1].split(";")[0])
     state, path = checkpoint.load_latest(cut)
-    assert state["iteration"] == stop and checkpoint.verify(path)
+    assert stop == STOP_AT and state["iteration"] == stop and checkpoint.verify(path)
 
 
 def test_signal_handlers_are_restored_after_training(tmp_path):
@@ -370,24 +410,6 @@ def test_weights_of_another_shape_are_named():
     other = danlu.create_model("lenet", num_classes=5, in_channels=1).state_dict()
     with pytest.raises(DanluError, match=r"shape mismatch fc2.weight \(5, 500\) vs \(10, 500\)"):
         checkpoint.load_model_state(model, other, "snap.pt")
-
-
-def test_out_holding_another_run_is_moved_aside_only_with_force(small_run, tmp_path, capsys):
-    out = tmp_path / "run"
-    shutil.copytree(small_run, out)
-    before = (out / "model.safetensors").read_bytes()
-    code, err = _cli(capsys, "train", "--out", str(out), "--quiet", *sets(*SMALL, "run.max_iter=2"))
-    assert code == 2 and "--force" in err and "--resume" in err
-    assert (out / "model.safetensors").read_bytes() == before
-
-    with pytest.warns(UserWarning) as caught:
-        code, err = _cli(capsys, "train", "--out", str(out), "--force", "--quiet", *sets(*SMALL, "run.max_iter=2"))
-    assert code == 0, err
-    aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
-    assert len(aside) == 1
-    assert f"--force: moved the run that was in {out.resolve()} to {aside[0]}" in [str(w.message) for w in caught]
-    assert (aside[0] / "model.safetensors").read_bytes() == before  # the old run, whole
-    assert json.loads((out / "summary.json").read_text())["iterations"] == 2
 
 
 def test_resume_of_a_folder_without_snapshots_is_one_line_and_exit_2(tmp_path, capsys):

@@ -16,9 +16,7 @@ from danlu.data.loader import DeviceLoader
 from danlu.engine import checkpoint
 from danlu.engine.build import _unfreeze_iter
 from danlu.engine.distributed import Dist
-from danlu.engine.ema import EMA
 from danlu.engine.metrics import Best
-from danlu.engine.params import freeze, param_groups
 from danlu.engine.speed import Speed
 from danlu.errors import DanluError
 from danlu.models import classifier_name, create_model
@@ -37,22 +35,6 @@ def _train(out, *extra, **kw):
 def test_the_classifier_is_found(name, classes, want):
     kw = {"width_mult": 0.25} if name == "mobilefacenet" else {}
     assert classifier_name(create_model(name, num_classes=classes, in_channels=3, **kw), classes) == want
-
-
-def test_groups_follow_timms_rule_and_put_the_head_apart():
-    model = create_model("tv:resnet18", num_classes=3)
-    groups = param_groups(model, head="fc", weight_decay=0.1, exclude_norm_bias=True, head_lr_mult=10)
-    names = {id(p): n for n, p in model.named_parameters()}
-    got = [(g["weight_decay"], g["lr_mult"], sorted(names[id(p)] for p in g["params"])) for g in groups]
-    named = list(model.named_parameters())
-    no_decay = lambda n, p: p.ndim <= 1 or n.endswith(".bias")  # noqa: E731 (timm's param_groups_weight_decay)
-    body = [(n, p) for n, p in named if not n.startswith("fc.")]
-    assert got == [(0.1, 1.0, sorted(n for n, p in body if not no_decay(n, p))),
-                   (0.0, 1.0, sorted(n for n, p in body if no_decay(n, p))),
-                   (0.1, 10, ["fc.weight"]), (0.0, 10, ["fc.bias"])]
-    assert any(n.endswith("bn1.weight") for n in got[1][2])  # a norm's scale: 1-d, no decay
-    one = param_groups(model, head=None, weight_decay=0.1, exclude_norm_bias=False)
-    assert len(one) == 1 and len(one[0]["params"]) == len(named)
 
 
 def test_danlu_equals_a_plain_loop_with_the_same_groups(tmp_path):
@@ -108,16 +90,6 @@ def test_frozen_prefixes_stay_as_they_were(tmp_path):
         assert torch.equal(start[k], end[k]) == (k.startswith("conv1.") or k == "conv2.bias"), k
 
 
-def test_bad_freeze_requests_are_one_line():
-    model = create_model("lenet", num_classes=10, in_channels=1)
-    with pytest.raises(DanluError, match=r"model.freeze: 'conv9' names no parameter of LeNet; expected .*conv1"):
-        freeze(model, ["conv9"], None)
-    with pytest.raises(DanluError, match="would freeze every parameter"):
-        freeze(model, ["conv1", "conv2", "fc1", "fc2"], None)
-    with pytest.raises(DanluError, match="found no classifier"):
-        freeze(model, "backbone", None)
-
-
 def test_unfreezing_is_refused_with_several_processes_and_cuda_graphs():
     recipe = load_recipe(overrides=["model.freeze=backbone", "model.unfreeze_at=2"])
     assert _unfreeze_iter(recipe, 10, Dist(), Speed("cpu")) == 20
@@ -127,25 +99,6 @@ def test_unfreezing_is_refused_with_several_processes_and_cuda_graphs():
     speed.cuda_graphs = True  # as on a GPU with cuda_graphs: true
     with pytest.raises(DanluError, match="cuda_graphs"):
         _unfreeze_iter(recipe, 10, Dist(), speed)
-
-
-def test_the_average_follows_its_formula():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
-    ema = EMA(model, decay=0.9)
-    want = {k: v.clone() for k, v in model.state_dict().items()}
-    for step in range(3):
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(torch.randn_like(p))
-        model(torch.randn(8, 3))  # BatchNorm's running statistics and step counter move
-        ema.update()
-        for k, v in model.state_dict().items():
-            want[k] = 0.9 * want[k] + 0.1 * v if v.is_floating_point() else v.clone()
-    for k, v in ema.state_dict().items():
-        assert torch.allclose(v, want[k], atol=1e-6, rtol=0) and v.dtype == want[k].dtype, k
-    assert ema.state_dict()["1.num_batches_tracked"].item() == 3
-    assert all(not p.requires_grad for p in ema.model.parameters())
 
 
 def test_best_and_patience():

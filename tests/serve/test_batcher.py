@@ -12,33 +12,83 @@ from danlu.serve.batcher import MicroBatcher
 
 
 class Model:
-    """Doubles its input and records each batch size (and whether it ran under inference_mode, off the loop)."""
+    """Doubles its input and records each batch size (and whether it ran under inference_mode, off the loop). With
+    a `clock` (FakeClock), each call moves it `takes_s` seconds on."""
 
-    def __init__(self, fail_on: int | None = None):
+    def __init__(self, fail_on: int | None = None, clock: FakeClock | None = None, takes_s: float = 0.0):
         self.sizes, self.inference, self.threads, self.fail_on = [], [], set(), fail_on
+        self.clock, self.takes_s = clock, takes_s
 
     def __call__(self, x):  # (B, 1, 2, 2) uint8 -> (B, 4) float
         self.sizes.append(len(x))
         self.inference.append(torch.is_inference_mode_enabled())
         self.threads.add(threading.current_thread().name)
+        if self.clock is not None:
+            self.clock.t += self.takes_s  # (the batcher's loop waits for this call meanwhile: no one else moves it)
         if self.fail_on is not None and self.fail_on in x.flatten().tolist():
             raise RuntimeError("model failed")
         return 2 * x.flatten(1).float()
+
+
+class FakeClock:
+    """The batcher's clock, moved by the test alone: `now()` in seconds; `sleep(s)` returns once the test has moved
+    the clock `s` seconds on, and puts the time it waits for in `asked`. Nothing depends on the machine's speed."""
+
+    def __init__(self):
+        self.t = 0.0
+        self.sleepers: list[tuple[float, asyncio.Future]] = []
+        self.asked: asyncio.Queue[float] = asyncio.Queue()  # (created inside the test's event loop)
+
+    def now(self) -> float:
+        return self.t
+
+    async def sleep(self, seconds: float) -> None:
+        wake = asyncio.get_running_loop().create_future()
+        self.sleepers.append((self.t + seconds, wake))
+        self.asked.put_nowait(self.t + seconds)
+        try:
+            await wake
+        finally:
+            self.sleepers = [(t, f) for t, f in self.sleepers if f is not wake]
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+        for t, wake in self.sleepers:
+            if t <= self.t and not wake.done():
+                wake.set_result(None)
+
+
+HANG_S = 60  # only a broken batcher makes the test wait this long: every wait below is on the FakeClock
+
+
+async def _asked(clock: FakeClock, *requests: asyncio.Task) -> float:
+    """The clock time the batcher's next wait for company ends at; fails at once if a request is answered first
+    (the batcher did not wait), or if the batcher never waits."""
+    asked = asyncio.ensure_future(clock.asked.get())
+    done, _ = await asyncio.wait([asked, *requests], timeout=HANG_S, return_when=asyncio.FIRST_COMPLETED)
+    if asked not in done:
+        asked.cancel()
+        raise AssertionError("a request was answered before its wait for company was over" if done else
+                             f"the batcher did not wait for company (nothing in {HANG_S} s)")
+    return asked.result()
+
+
+async def _answered(*requests: asyncio.Task):
+    done, _ = await asyncio.wait(requests, timeout=HANG_S)
+    assert len(done) == len(requests), f"the wait was over on the batcher's clock, yet no answer in {HANG_S} s"
+    return [r.result() for r in requests]
 
 
 def images(*values: int) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 2, 2).contiguous()
 
 
-def run(batcher: MicroBatcher, requests: list[torch.Tensor], stagger_s: float = 0.0):
+def run(batcher: MicroBatcher, requests: list[torch.Tensor]):
+    """All `requests` submitted at once (each its own task); their answers, or their exceptions."""
     async def go():
         await batcher.start()
         try:
-            tasks = []
-            for r in requests:
-                tasks.append(asyncio.create_task(batcher.submit(r)))
-                if stagger_s:
-                    await asyncio.sleep(stagger_s)
+            tasks = [asyncio.create_task(batcher.submit(r)) for r in requests]
             return await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await batcher.stop()
@@ -76,10 +126,34 @@ def test_a_request_larger_than_max_batch_runs_alone_in_slices():
 
 
 def test_a_lone_request_waits_at_most_max_wait():
-    model = Model()
-    out = run(MicroBatcher(model, max_batch=64, max_wait_ms=30), [images(1), images(2)], stagger_s=0.5)
-    assert model.sizes == [1, 1]  # the second came after the first's wait was over
-    assert all(20 <= o.queue_ms < 400 for o in out)
+    """On a clock the test moves: the first request waits for company until max_wait after it was taken; one that
+    comes meanwhile joins it without moving that end; when the clock reaches it the batch runs. A lone request
+    waits max_wait, no more. queue_ms and model_ms are the clock's, exactly."""
+    async def go():
+        clock = FakeClock()
+        model = Model(clock=clock, takes_s=0.125)
+        batcher = MicroBatcher(model, max_batch=64, max_wait_ms=500, clock=clock.now, sleep=clock.sleep)
+        await batcher.start()
+        try:
+            a = asyncio.create_task(batcher.submit(images(1)))  # at 0 s
+            assert await _asked(clock, a) == 0.5
+            clock.advance(0.25)
+            b = asyncio.create_task(batcher.submit(images(2)))  # at 0.25 s, while a waits
+            assert await _asked(clock, a, b) == 0.5  # b joined a: the wait still ends 0.5 s after a, not after b
+            clock.advance(0.25)
+            first = await _answered(a, b)
+            c = asyncio.create_task(batcher.submit(images(3)))  # at 0.625 s (the forward pass took 0.125 s)
+            assert await _asked(clock, c) == 1.125
+            clock.advance(0.5)
+            return model, first + await _answered(c)
+        finally:
+            await batcher.stop()
+
+    model, (a, b, c) = asyncio.run(go())
+    assert model.sizes == [2, 1]
+    assert [o.rows[0, 0].item() for o in (a, b, c)] == [2.0, 4.0, 6.0]
+    assert [(o.queue_ms, o.model_ms, o.batch_images) for o in (a, b, c)] == [(500, 125, 2), (250, 125, 2),
+                                                                              (500, 125, 1)]
 
 
 def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on():

@@ -10,12 +10,16 @@ One worker task takes the first waiting request, then waits at most `max_wait_ms
 and decoding meanwhile; the device sees one batch at a time). A request never waits more than `max_wait_ms` for
 company, and none waits at all when the batch is already full. `max_batch=1` is no batching: one image per call.
 A request of more images than `max_batch` runs alone, in slices of `max_batch`.
+
+The wait and the times in `Batched` are read from `clock` and waited out with `sleep` (default: the host's
+`time.perf_counter` and `asyncio.sleep`); a test passes a clock it moves by hand, so what it checks does not depend on
+how busy the machine is.
 """
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
@@ -38,17 +42,21 @@ class Batched:
 class _Waiting:
     images: torch.Tensor  # (n, C, H, W) uint8
     future: asyncio.Future
-    since: float  # time.perf_counter() at submit
+    since: float  # the batcher's clock at submit
 
 
 class MicroBatcher:
     def __init__(self, model_fn: Callable[[torch.Tensor], torch.Tensor], *, max_batch: int = 64,
-                 max_wait_ms: float = 5.0):
+                 max_wait_ms: float = 5.0, clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep):
+        """`clock()`: seconds; `sleep(s)`: returns once `clock` has moved `s` seconds on (see the module's
+        docstring)."""
         if max_batch < 1:
             raise DanluError(f"--max-batch {max_batch}: expected at least 1 (1: no batching)")
         if max_wait_ms < 0:
             raise DanluError(f"--max-wait-ms {max_wait_ms}: expected 0 or more")
         self.model_fn, self.max_batch, self.max_wait = model_fn, max_batch, max_wait_ms / 1000
+        self._clock, self._sleep = clock, sleep
         self._queue: Optional[asyncio.Queue[_Waiting]] = None
         self._worker: Optional[asyncio.Task] = None
         self._held: Optional[_Waiting] = None  # taken from the queue but did not fit the last batch: goes first next
@@ -79,7 +87,7 @@ class MicroBatcher:
         """Queue `images` (n, C, H, W) uint8 for the next batch; returns when the model has seen them."""
         if self._queue is None or self._worker is None or self._worker.done():
             raise RuntimeError("MicroBatcher.submit before start() (or after stop())")
-        w = _Waiting(images, asyncio.get_running_loop().create_future(), time.perf_counter())
+        w = _Waiting(images, asyncio.get_running_loop().create_future(), self._clock())
         self._queue.put_nowait(w)
         return await w.future
 
@@ -99,15 +107,14 @@ class MicroBatcher:
         """The first waiting request, then more until max_batch images or max_wait has passed."""
         first, self._held = self._held or await self._queue.get(), None
         batch, n = [first], len(first.images)
-        deadline = time.perf_counter() + self.max_wait
+        deadline = self._clock() + self.max_wait  # from the first request's start: company never moves it
         while n < self.max_batch:
             if self._queue.empty():
-                left = deadline - time.perf_counter()
+                left = deadline - self._clock()
                 if left <= 0:
                     break
-                try:
-                    w = await asyncio.wait_for(self._queue.get(), left)
-                except asyncio.TimeoutError:
+                w = await self._next(left)
+                if w is None:
                     break
             else:
                 w = self._queue.get_nowait()
@@ -118,9 +125,21 @@ class MicroBatcher:
             n += len(w.images)
         return batch
 
+    async def _next(self, timeout: float) -> Optional[_Waiting]:
+        """The next request to arrive within `timeout` seconds (of `sleep`'s clock), or None."""
+        get = asyncio.ensure_future(self._queue.get())
+        timer = asyncio.ensure_future(self._sleep(timeout))
+        try:
+            await asyncio.wait((get, timer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timer.cancel()
+            if not get.done():
+                get.cancel()  # nothing came in time: a request arriving now stays queued for the next batch
+        return get.result() if get.done() and not get.cancelled() else None
+
     async def _run(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()
-        start = time.perf_counter()
+        start = self._clock()
         if len(batch) == 1 and len(batch[0].images) > self.max_batch:  # one big request: slices of max_batch
             x = batch[0].images
             parts = [await loop.run_in_executor(self._thread, self._forward, x[i:i + self.max_batch])
@@ -139,7 +158,7 @@ class MicroBatcher:
             i += n
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        t0 = time.perf_counter()
+        t0 = self._clock()
         with torch.inference_mode():
             out = self.model_fn(x)  # the model_fn returns CPU tensors, so the time includes the device's work
-        return out, 1000 * (time.perf_counter() - t0)
+        return out, 1000 * (self._clock() - t0)

@@ -1,28 +1,17 @@
-"""`danlu bench` in its reduced CI form (2 steps, LeNet at 16 px): every agreed JSON field, FLOPs against a hand count,
-the table and the plot; the peak table; bad flags exit 2."""
+"""danlu.bench.matrix: the whole `danlu bench` run in its reduced CI form (2 steps, LeNet at 16 px: every agreed
+JSON field, the table and the plot), one row's figures from known step times, two processes, merged results, and
+the flags it refuses (exit 2, before anything is measured)."""
 import json
 
 import pytest
-import torch
 
+from conftest import run_cli
 from danlu import bench
-from danlu.data.datasets import ImageSet
 from danlu.cli import main
-from tests.conftest import run_cli
+from danlu.errors import DanluError
+from lenet_flops import lenet_training_flops
 
 ENV_FIELDS = ("date", "device", "driver", "torch", "danlu", "danlu_commit", "python", "cpu", "torch_threads")
-
-
-def lenet_training_flops(batch: int, side: int, classes: int = 10) -> int:
-    """FLOPs of one LeNet training step (forward + backward; the input needs no gradient), by hand: a conv or
-    linear layer costs 2*MACs forward, twice that backward (input and weight gradients), conv1 only its weights'."""
-    s1 = side - 4  # conv1 5x5 output side
-    s2 = s1 // 2 - 4  # conv2 output side
-    conv1 = 2 * 20 * s1 * s1 * 1 * 25
-    conv2 = 2 * 50 * s2 * s2 * 20 * 25
-    fc1 = 2 * (50 * (s2 // 2) ** 2) * 500
-    fc2 = 2 * 500 * classes
-    return batch * (2 * conv1 + 3 * (conv2 + fc1 + fc2))
 
 
 def test_reduced_bench_writes_every_field(tmp_path):
@@ -110,22 +99,28 @@ def test_ratios_keep_their_precision_when_danlus_step_is_far_slower(monkeypatch)
     assert row["vs_plain_loop"] == pytest.approx(1 / 43.4, rel=1e-3)
 
 
-def test_lenet_flops_at_28px_match_the_hand_count():
-    recipe = bench.bench_recipe("lenet", 28, 1, 10, 64, bench.Combo("fp32", "off", False, 1), "auto", torch.device("cpu"))
-    train = ImageSet(torch.zeros(1, 1, 28, 28, dtype=torch.uint8), torch.zeros(1), [str(i) for i in range(10)])
-    assert bench.count_flops(recipe, train) == lenet_training_flops(64, 28) == 64 * 13_182_000
+def _row(precision: str, compile: str, images_per_second: float, batch: int = 8) -> dict:
+    return {"device": "cpu (stub)", "model": "lenet", "size": 16, "channels": 1, "batch": batch, "procs": 1,
+            "loader": "device", "precision": precision, "compile": compile, "cuda_graphs": False,
+            "images_per_second": images_per_second, "speedup_vs_fp32_eager": None}
 
 
-@pytest.mark.parametrize("name, precision, peak", [
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.4), ("NVIDIA H100 80GB HBM3", "fp32", 67.0),
-    ("NVIDIA H100 PCIe", "tf32", 378.0), ("NVIDIA H200", "fp16", 989.4), ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
-    ("NVIDIA L4", "bf16", 121.0), ("NVIDIA L40S", "bf16", 362.0), ("Tesla T4", "fp16", 65.0),
-    ("Tesla V100-SXM2-16GB", "fp16", 125.0), ("Tesla T4", "bf16", None), ("NVIDIA A10G", "bf16", None),
-    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "bf16", None),
-])
-def test_peak_table(name, precision, peak):
-    found = bench.table_peak(name, precision)
-    assert (found[0] if found else None) == peak
+def test_merged_results_find_each_rows_fp32_eager_row_in_another_result():
+    """`merge` of a run that measured fp32 eager and one that measured only bf16 compiled (e.g. one per process
+    count or per model): the speed-ups are recomputed across them; a row without a comparable fp32 eager row (another
+    batch) has none; the last result's end load and every skip are kept; the inputs are left as they were."""
+    eager = {"env": {"device": "cpu", "load_average_end": [1.0]}, "rows": [_row("fp32", "off", 100.0)],
+             "skipped": [], "complete": True}
+    compiled = {"env": {"device": "cpu", "load_average_end": [2.0]},
+                "rows": [_row("bf16", "on", 250.0), _row("bf16", "on", 300.0, batch=16)],
+                "skipped": [{"precision": "tf32", "reason": "tf32 needs CUDA"}], "complete": False}
+    merged = bench.merge([eager, compiled])
+    assert [r["speedup_vs_fp32_eager"] for r in merged["rows"]] == [1.0, 2.5, None]
+    assert merged["env"] == {"device": "cpu", "load_average_end": [2.0]}
+    assert merged["skipped"] == compiled["skipped"] and merged["complete"] is False
+    assert compiled["rows"][0]["speedup_vs_fp32_eager"] is None  # a copy was changed, not the result given
+    with pytest.raises(DanluError, match="no bench results"):
+        bench.merge([])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -142,11 +137,27 @@ def test_bad_bench_flags_exit_2(capsys, args, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_bench_precision_auto_is_measured_or_refused_up_front(capsys):
-    rc = main(["bench", "--model", "lenet", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
-               "--compile", "off", "--precision", "auto", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert rc == 0 or (rc == 2 and "warm-up" not in err and "one of fp32, tf32, fp16, bf16, fp64" in err), err
+def test_bench_precision_auto_is_refused_up_front(capsys, monkeypatch):
+    """bench measures precision formats; `auto` is a policy that picks one of them when a run starts (bf16 on a
+    GPU with bf16 tensor cores, else fp32), so a row labelled auto would mean different things on different
+    machines. `--precision auto` exits 2 with one line listing the formats, before anything is measured, even where
+    it follows a format that could be (fp32,auto); the Python API refuses it the same way."""
+    from danlu.bench import matrix
+
+    measured = []
+    monkeypatch.setattr(matrix, "measure", lambda *a, **kw: measured.append(a))  # nothing may get this far
+    for flag in ("auto", "fp32,auto"):
+        rc = main(["bench", "--model", "lenet", "--size", "16", "--batch", "4", "--steps", "1", "--warmup", "1",
+                   "--compile", "off", "--precision", flag, "--device", "cpu"])
+        captured = capsys.readouterr()
+        assert rc == 2, captured.err
+        assert captured.err == f"danlu: error: --precision {flag}: 'auto' is not one of fp32, tf32, fp16, bf16, " \
+                               f"fp64\n"
+        assert captured.out == ""
+    with pytest.raises(DanluError, match=r"^--precision: 'auto' is not one of fp32, tf32, fp16, bf16, fp64$"):
+        bench.run(model="lenet", size=16, batch=4, precisions=["fp32", "auto"], compiles=["off"], steps=1,
+                  warmup=1, device="cpu", quiet=True)
+    assert measured == []
 
 
 def test_two_processes_time_rank_zero_and_count_both(tmp_path):
