@@ -56,7 +56,7 @@ from danlu.data.augment import Augment
 from danlu.data.datasets import channel_stats, load_dataset
 from danlu.data.loader import make_loader
 from danlu.data.datasets import prepare
-from danlu.data.wds_prepare import prepare_shards
+from danlu.data.wds.prepare import prepare_shards
 from danlu.engine.speed import reuse_freed_memory
 
 TARGET = 5.0

@@ -95,3 +95,33 @@ def test_min_images_gives_a_small_set_more_epochs_and_leaves_a_large_one_alone(t
     r = danlu.train({"run": {"epochs": 1, "min_images": 640, "tensorboard": False}, "data": {"batch_size": 32},
                      "devices": {"device": "cpu"}}, train_data=train, test_data=test, out=tmp_path / "r", quiet=True)
     assert r.iterations == 20 and r.summary["epochs"] == 5.0  # 128 images: 4 iterations an epoch, 640 / 32 = 20
+
+
+def test_the_recipe_reference_in_the_docs_is_generated_from_the_config():
+    """docs/guide/recipes.md lists every recipe key with its default and meaning, generated from the config model's
+    field descriptions by scripts/recipe_reference.py: stale when a key, a default or a description changed."""
+    import importlib.util
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from danlu.config import Recipe, TargetCfg
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recipe_reference", root / "scripts" / "recipe_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    page = (root / "docs" / "guide" / "recipes.md").read_text()
+    assert ref.render(page) == page, "docs/guide/recipes.md is stale: run python scripts/recipe_reference.py"
+
+    def keys(model, prefix):  # every leaf key, and every key has a description
+        for name, f in model.model_fields.items():
+            sub = f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+            if sub is not None:
+                yield from keys(sub, f"{prefix}{name}.")
+            else:
+                assert f.description, f"{prefix}{name} has no description"
+                yield f"{prefix}{name}"
+
+    for key in [*keys(Recipe, ""), *keys(TargetCfg, "run.target.")]:
+        assert f"| `{key}` |" in page, key

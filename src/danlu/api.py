@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from danlu.config import Recipe, build_recipe, load_recipe
 from danlu.data.imageset import ImageSet
-from danlu.data.loader import DecodingLoader
+from danlu.data.loader import DataTimeout, DecodingLoader
 from danlu.errors import DanluError
 from danlu.runs import LoadedRun, load_run  # noqa: F401  (danlu.load_run; LoadedRun: its result)
 
@@ -105,6 +105,8 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
                        **stats.last_test})
     except torch.OutOfMemoryError:
         raise faults.out_of_memory(recipe.data.batch_size, dist.device, fits) from None
+    except DataTimeout as e:  # a decoder or a read hung: the newest snapshot continues the run exactly
+        raise DataTimeout(f"{e}; continue from the newest snapshot with: danlu train --resume {run_dir}") from None
     finally:
         log.close()
     _report_decode_skips(run_dir, train_data, p)

@@ -285,12 +285,12 @@ def _cmd_data(a: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(a: argparse.Namespace) -> int:
-    from danlu.data.wds_prepare import inspect_shards
+    from danlu.data.wds.prepare import inspect_shards
 
     if a.samples < 0:
         raise DanluError(f"--samples {a.samples}: expected 0 or more")
-    r = inspect_shards(a.path, out_png=None if a.out == "-" else a.out, samples=a.samples, label_key=a.label_key,
-                       write_index=a.write_index)
+    r = inspect_shards(a.path, out_png={None: "auto", "-": None}.get(a.out, a.out), samples=a.samples,
+                       label_key=a.label_key, write_index=a.write_index)
     if a.json:
         print(json.dumps(r, indent=2))
         return 0
@@ -320,9 +320,15 @@ def _cmd_prepare(a: argparse.Namespace) -> int:
     if a.size is not None and len(a.size) > 2:
         raise DanluError(f"--size {' '.join(map(str, a.size))}: expected N or H W")
     size = None if a.size is None else (a.size[0] if len(a.size) == 1 else tuple(a.size))
+    if a.shard_mb is not None and a.shard_mb <= 0:  # `a.shard_mb or default` below would take 0 as the default
+        raise DanluError(f"--shard-mb {a.shard_mb}: expected a positive size in MiB")
+    if a.size is not None and min(a.size) < 1:
+        raise DanluError(f"--size {' '.join(map(str, a.size))}: expected positive sizes in pixels")
     if a.format == "wds":
-        from danlu.data.wds_prepare import prepare_shards
+        from danlu.data.wds.prepare import prepare_shards
 
+        if not 1 <= a.quality <= 100:
+            raise DanluError(f"--quality {a.quality}: expected 1..100 (JPEG quality)")
         if size is not None and not isinstance(size, int):
             raise DanluError(f"--size {' '.join(map(str, a.size))}: --format wds takes one number, the largest "
                              f"shorter side (the reader crops to data.size)")

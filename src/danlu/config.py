@@ -32,37 +32,45 @@ class _Section(BaseModel):
 
 
 class ModelCfg(_Section):
-    name: str = "lenet"
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # extra arguments of the model's entry point
-    sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
-    # face models (inception_resnet_v1, mobilefacenet): the identity head and its loss (danlu.models.heads)
-    head: Optional[Literal["softmax", "arcface", "cosface"]] = None  # None: the model's default (softmax)
-    scale: float = Field(64.0, gt=0)  # arcface / cosface: logits = scale * cos(theta)
-    margin: float = Field(0.5, ge=0, lt=1.5)  # arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin
-    # epochs over which the margin grows from 0 to `margin` (linearly, by iteration): a normalized softmax first, so
-    # that the identities' weights spread apart before the margin asks for more (from scratch on a few identities,
-    # ArcFace can otherwise fall into a state where every weight points one way and every face the other, at chance)
-    margin_warmup: float = Field(0.0, ge=0)
-    embedding_dim: Optional[int] = Field(None, gt=0)  # None: the model's default (512 / 128)
-    # face models: after training, whiten the embeddings against the training people's own variation (within-class
-    # covariance normalization, WCCN: fitted on their unaugmented images, saved as whiten.safetensors and used by
-    # verify, embed, enroll, identify and serve); the value is the shrinkage toward no whitening, 0 = off
-    whiten: float = Field(0.0, ge=0)
-    # at test time also run each image's mirror image: face models add the two embeddings (verify, embed, serve...),
-    # classifiers average the two logits; null: on for face models, off for classifiers (a flipped digit is another)
-    test_flip: Optional[bool] = None
-    # start from these weights (a run folder, a .safetensors or a .pt/.pth file): layers that do not fit (the
-    # classifier for other classes) are named and keep their fresh initialization
-    init: Optional[str] = None
-    # tv:NAME / timm:NAME: start from the library's published weights (torchvision's DEFAULT, timm's default tag),
-    # downloaded once (hash-checked) into $TORCH_HOME/hub/checkpoints; the classifier for the data's classes is fresh.
-    # inception_resnet_v1: facenet:vggface2 (what true means) or facenet:casia-webface, FaceNet's models as
-    # facenet-pytorch releases them (data: scale 1, mean 127.5, std 128, size 160; danlu.models.pretrained)
-    pretrained: Union[bool, str] = False
-    # train only part of the model: `backbone` (all but the classifier: a face model's `head`, else the last Linear
-    # producing the classes) or a list of parameter-name prefixes ([conv1, layer1]) that stay frozen
-    freeze: Optional[Union[Literal["backbone"], list[str]]] = None
-    unfreeze_at: Optional[float] = Field(None, ge=0)  # epochs: from then on the frozen parameters train too
+    name: str = Field("lenet", description=(
+        "the architecture: a registered model (`danlu models`), tv:NAME (any torchvision classifier) or timm:NAME "
+        "(danlu[timm])"))
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra arguments of the model's entry point")
+    sync_bn: bool = Field(False, description=(
+        "several processes: BatchNorm statistics over the global batch (SyncBatchNorm)"))
+    head: Optional[Literal["softmax", "arcface", "cosface"]] = Field(None, description=(
+        "face models (`danlu models`: dlib_resnet, inception_resnet_v1, mobilefacenet): the identity head and its "
+        "loss, softmax, arcface or cosface (null: softmax)"))
+    scale: float = Field(64.0, gt=0, description="arcface / cosface: logits = scale * cos(theta)")
+    margin: float = Field(0.5, ge=0, lt=1.5, description=(
+        "arcface: cos(theta + margin) (radians); cosface: cos(theta) - margin"))
+    margin_warmup: float = Field(0.0, ge=0, description=(
+        "epochs over which the margin grows from 0 to `margin` (linearly, by iteration): a normalized softmax first, "
+        "so that the identities' weights spread apart before the margin asks for more (from scratch on a few "
+        "identities, ArcFace can otherwise fall into a state where every weight points one way and every face the "
+        "other, at chance)"))
+    embedding_dim: Optional[int] = Field(None, gt=0, description=(
+        "face models: the embedding's size (null: the model's own, 512 or 128)"))
+    whiten: float = Field(0.0, ge=0, description=(
+        "face models: after training, whiten the embeddings against the training people's own variation (within-class"
+        " covariance normalization, WCCN: fitted on their unaugmented images, saved as whiten.safetensors and used by"
+        " verify, embed, enroll, identify and serve); the value is the shrinkage toward no whitening, 0 = off"))
+    test_flip: Optional[bool] = Field(None, description=(
+        "at test time also run each image's mirror image: face models add the two embeddings (verify, embed, "
+        "serve...), classifiers average the two logits; null: on for face models, off for classifiers (a flipped "
+        "digit is another)"))
+    init: Optional[str] = Field(None, description=(
+        "start from these weights (a run folder, a .safetensors or a .pt/.pth file): layers that do not fit (the "
+        "classifier for other classes) are named and keep their fresh initialization"))
+    pretrained: Union[bool, str] = Field(False, description=(
+        "tv:NAME / timm:NAME: start from the library's published weights (torchvision's DEFAULT, timm's default tag),"
+        " downloaded once (hash-checked) into $TORCH_HOME/hub/checkpoints; the classifier for the data's classes is "
+        "fresh. inception_resnet_v1: facenet:vggface2 (what true means) or facenet:casia-webface, FaceNet's models as"
+        " facenet-pytorch releases them (data: scale 1, mean 127.5, std 128, size 160; danlu.models.pretrained)"))
+    freeze: Optional[Union[Literal["backbone"], list[str]]] = Field(None, description=(
+        "train only part of the model: `backbone` (all but the classifier: a face model's `head`, else the last "
+        "Linear producing the classes) or a list of parameter-name prefixes ([conv1, layer1]) that stay frozen"))
+    unfreeze_at: Optional[float] = Field(None, ge=0, description="epochs: from then on the frozen parameters train too")
 
     @field_validator("freeze", mode="before")
     @classmethod
@@ -107,38 +115,57 @@ class ModelCfg(_Section):
 
 
 class DataCfg(_Section):
-    # mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store | wds
-    name: str = "mnist5k"
-    # folder: class subfolders; list: what paths are relative to; store: its folder; wds: a folder of .tar shards,
-    # a brace pattern (shards/train-{000000..000127}.tar) or a URL (https://, s3://, gs://, pipe:)
-    root: Optional[str] = None
-    train_list: Optional[str] = None  # list: Caffe 'path label' lines or a CSV with a header (path,label)
-    val_list: Optional[str] = None  # list: the test split (default: split train_list by val_fraction)
-    resize: Literal["crop", "exact"] = "crop"  # folder/list: shorter side + centre crop, or stretch to data.size
-    device_cache: Union[bool, Literal["auto"]] = "auto"  # store: whole set on the device (true), streamed (false)
-    batch_size: int = Field(64, gt=0)  # per device
-    test_batch_size: Optional[int] = Field(None, gt=0)  # default: 4x batch_size
-    # the images' size: folder/list decode to it (default 224), synthetic makes it (default 28); a store or a named
-    # set is resized to it on the device (antialiased) where it differs (default: as stored)
-    size: Optional[Union[int, tuple[int, int]]] = None
-    channels: Optional[Literal[1, 3]] = None  # synthetic: default 1; folder/list: 3 (RGB) or 1 (grayscale)
-    num_classes: Optional[int] = Field(None, ge=2)  # synthetic: default 10
-    train_size: int = Field(4096, gt=0)  # synthetic only
-    test_size: int = Field(1024, gt=0)  # synthetic only
-    val_fraction: float = Field(0.2, gt=0, lt=1)  # held-back share where a set has no test split (mnist5k: 1,000)
-    split_seed: int = 0  # the held-back split never changes with run.seed
-    split: Literal["images", "identities"] = "images"  # identities: hold back val_fraction of the classes (faces)
-    test_pairs: int = Field(1000, ge=10)  # split=identities: verification pairs of each kind (same / different)
-    scale: float = Field(1 / 255, gt=0)  # uint8 -> float multiplier (Caffe's LeNet uses 1/256)
-    normalize: Literal["none", "channel", "pixel"] = "none"  # pixel: subtract the per-pixel mean image (Keras article)
-    mean: Optional[list[float]] = None  # explicit per-channel mean/std in scaled units (overrides normalize)
-    std: Optional[list[float]] = None
-    # wds (WebDataset tar shards, data/wds.py)
-    label_key: str = "cls"  # the label's file in a sample: cls, txt, another extension, or json:FIELD
-    streams: int = Field(8, ge=1)  # the epoch's order is K streams; the number of processes must divide it
-    decode: Literal["auto", "cpu", "cuda"] = "auto"  # auto: nvJPEG on a CUDA device, else Pillow threads
-    workers: Optional[int] = Field(None, ge=1)  # decoders per process (default: every core): wds training batches
-    # decoded on the CPU in that many worker processes (a divisor of the process's streams), else threads
+    name: str = Field("mnist5k", description=(
+        "mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store | wds"))
+    root: Optional[str] = Field(None, description=(
+        "folder: class subfolders; list: what paths are relative to; store: its folder; wds: a folder of .tar shards,"
+        " a brace pattern (shards/train-{000000..000127}.tar) or a URL (https://, s3://, gs://, pipe:)"))
+    train_list: Optional[str] = Field(None, description=(
+        "list: Caffe 'path label' lines or a CSV with a header (path,label)"))
+    val_list: Optional[str] = Field(None, description=(
+        "list: the test split (default: split train_list by val_fraction)"))
+    resize: Literal["crop", "exact"] = Field("crop", description=(
+        "folder/list: shorter side + centre crop, or stretch to data.size"))
+    device_cache: Union[bool, Literal["auto"]] = Field("auto", description=(
+        "store: whole set on the device (true), streamed (false)"))
+    batch_size: int = Field(64, gt=0, description="per device")
+    test_batch_size: Optional[int] = Field(None, gt=0, description="default: 4x batch_size")
+    size: Optional[Union[int, tuple[int, int]]] = Field(None, description=(
+        "the images' size: folder/list decode to it (default 224), synthetic makes it (default 28); a store or a "
+        "named set is resized to it on the device (antialiased) where it differs (default: as stored)"))
+    channels: Optional[Literal[1, 3]] = Field(None, description=(
+        "synthetic: default 1; folder/list: 3 (RGB) or 1 (grayscale)"))
+    num_classes: Optional[int] = Field(None, ge=2, description="synthetic: default 10")
+    train_size: int = Field(4096, gt=0, description="synthetic only")
+    test_size: int = Field(1024, gt=0, description="synthetic only")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description=(
+        "held-back share where a set has no test split (mnist5k: 1,000)"))
+    split_seed: int = Field(0, description="the held-back split never changes with run.seed")
+    split: Literal["images", "identities"] = Field("images", description=(
+        "identities: hold back val_fraction of the classes (faces)"))
+    test_pairs: int = Field(1000, ge=10, description=(
+        "split=identities: verification pairs of each kind (same / different)"))
+    scale: float = Field(1 / 255, gt=0, description="uint8 -> float multiplier (Caffe's LeNet uses 1/256)")
+    normalize: Literal["none", "channel", "pixel"] = Field("none", description=(
+        "pixel: subtract the per-pixel mean image (Keras article)"))
+    mean: Optional[list[float]] = Field(None, description=(
+        "explicit per-channel mean/std in scaled units (overrides normalize)"))
+    std: Optional[list[float]] = Field(None, description=(
+        "explicit per-channel std in scaled units, with data.mean (overrides normalize)"))
+    label_key: str = Field("cls", description=(
+        "wds (WebDataset tar shards, data/wds/) the label's file in a sample: cls, txt, another extension, or "
+        "json:FIELD"))
+    streams: int = Field(8, ge=1, description="the epoch's order is K streams; the number of processes must divide it")
+    decode: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
+        "auto: nvJPEG on a CUDA device, else Pillow threads"))
+    workers: Optional[int] = Field(None, ge=1, description=(
+        "decoders per process (default: every core): wds training batches decoded on the CPU in that many worker "
+        "processes (a divisor of the process's streams), else threads"))
+    timeout: float = Field(240.0, gt=0, description=(
+        "wds: seconds a loader may go without a batch (a decode process that hangs, a shard read that stalls) before "
+        "the run stops, naming the shard and the batch. Generous: an epoch's first batch waits for data.streams "
+        "shards read two at a time (8 of 256 MiB over a 10 MB/s link: about 2 minutes); below dist.timeout (300), so "
+        "with several processes the rank whose data hangs says so before the others' collective gives up"))
 
     @field_validator("label_key")
     @classmethod
@@ -157,64 +184,79 @@ class DataCfg(_Section):
 
 class AugmentCfg(_Section):
     """Batched, per-sample, on the device; in this order (data/augment.py). 0 / null: off."""
-    shift: float = Field(0.0, ge=0, le=0.5)  # random shift by up to this fraction of width/height, nearest fill
-    flip: bool = False  # random horizontal flip
-    crop: int = Field(0, ge=0)  # random crop after zero padding by this many pixels
-    # one affine warp (bilinear, edge fill)
-    resized_crop: Optional[tuple[float, float]] = None  # [lo, hi] share of the area (torchvision RandomResizedCrop)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # resized_crop: aspect ratio range (width / height)
-    rotate: float = Field(0.0, ge=0, le=180)  # degrees, U(-rotate, rotate)
-    zoom: float = Field(0.0, ge=0, lt=1)  # factor U(1 - zoom, 1 + zoom); > 1 is closer
-    translate: float = Field(0.0, ge=0, le=0.5)  # U(-t, t) of the width and of the height (sub-pixel)
-    # lighting, all together with probability p_light
-    brightness: float = Field(0.0, ge=0, le=1)  # + U(-b, b) of white
-    contrast: float = Field(0.0, ge=0, le=1)  # x U(1 - c, 1 + c) about the image's mean
-    saturation: float = Field(0.0, ge=0, le=1)  # colour images: x U(1 - s, 1 + s) away from gray
-    gamma: float = Field(0.0, ge=0, le=3)  # pixels ** exp(U(-g, g)) on [0, white]
-    ramp: float = Field(0.0, ge=0, le=1)  # side light: x (1 + U(0, r) <direction, position>)
-    p_light: float = Field(1.0, ge=0, le=1)
-    grayscale: float = Field(0.0, ge=0, le=1)  # probability (colour images)
-    blur: float = Field(0.0, ge=0, le=10)  # Gaussian blur, sigma U(0.1, blur) pixels, with probability blur_p
-    blur_p: float = Field(0.0, ge=0, le=1)
-    erase: float = Field(0.0, ge=0, le=1)  # probability of random erasing (one box of 2-33% of the area, set to 0)
-    trivial: bool = False  # TrivialAugment-lite: one random op per image (colour, contrast, solarize, shear, ...)
-    # mixup / cutmix: each image mixed with its neighbour in the batch by lambda ~ Beta(alpha, alpha) (0: off); with
-    # both on, each image takes one of them at random. The loss then uses soft labels.
-    mixup: float = Field(0.0, ge=0, le=10)  # alpha
-    cutmix: float = Field(0.0, ge=0, le=10)  # alpha
-    mix_p: float = Field(1.0, ge=0, le=1)  # probability that an image is mixed at all
+    shift: float = Field(0.0, ge=0, le=0.5, description=(
+        "random shift by up to this fraction of width/height, nearest fill"))
+    flip: bool = Field(False, description="random horizontal flip")
+    crop: int = Field(0, ge=0, description="random crop after zero padding by this many pixels")
+    resized_crop: Optional[tuple[float, float]] = Field(None, description=(
+        "one affine warp (bilinear, edge fill) [lo, hi] share of the area (torchvision RandomResizedCrop)"))
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="resized_crop: aspect ratio range (width / height)")
+    rotate: float = Field(0.0, ge=0, le=180, description="degrees, U(-rotate, rotate)")
+    zoom: float = Field(0.0, ge=0, lt=1, description="factor U(1 - zoom, 1 + zoom); > 1 is closer")
+    translate: float = Field(0.0, ge=0, le=0.5, description="U(-t, t) of the width and of the height (sub-pixel)")
+    brightness: float = Field(0.0, ge=0, le=1, description=(
+        "lighting, all together with probability p_light + U(-b, b) of white"))
+    contrast: float = Field(0.0, ge=0, le=1, description="x U(1 - c, 1 + c) about the image's mean")
+    saturation: float = Field(0.0, ge=0, le=1, description="colour images: x U(1 - s, 1 + s) away from gray")
+    gamma: float = Field(0.0, ge=0, le=3, description="pixels ** exp(U(-g, g)) on [0, white]")
+    ramp: float = Field(0.0, ge=0, le=1, description="side light: x (1 + U(0, r) <direction, position>)")
+    p_light: float = Field(1.0, ge=0, le=1, description="probability that an image gets the lighting changes above")
+    grayscale: float = Field(0.0, ge=0, le=1, description="probability (colour images)")
+    blur: float = Field(0.0, ge=0, le=10, description=(
+        "Gaussian blur, sigma U(0.1, blur) pixels, with probability blur_p"))
+    blur_p: float = Field(0.0, ge=0, le=1, description="probability of the blur")
+    erase: float = Field(0.0, ge=0, le=1, description=(
+        "probability of random erasing (one box of 2-33% of the area, set to 0)"))
+    trivial: bool = Field(False, description=(
+        "TrivialAugment-lite: one random op per image (colour, contrast, solarize, shear, ...)"))
+    mixup: float = Field(0.0, ge=0, le=10, description=(
+        "mixup / cutmix: each image mixed with its neighbour in the batch by lambda ~ Beta(alpha, alpha) (0: off); "
+        "with both on, each image takes one of them at random. The loss then uses soft labels. alpha"))
+    cutmix: float = Field(0.0, ge=0, le=10, description="alpha")
+    mix_p: float = Field(1.0, ge=0, le=1, description="probability that an image is mixed at all")
 
 
 class OptimCfg(_Section):
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.01, ge=0)  # 0: the weights stay as they are (e.g. to evaluate a model.init start)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    clip_grad_norm: Optional[float] = Field(None, gt=0)
-    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"  # by global_batch / reference_batch
-    reference_batch: Optional[int] = Field(None, gt=0)  # default: data.batch_size (no scaling on one device)
-    accumulate: int = Field(1, ge=1)  # micro-batches of data.batch_size per step (DDP syncs only the last)
-    head_lr_mult: float = Field(1.0, gt=0)  # the classifier head's LR = the schedule's x this (fine-tuning: 10)
-    wd_exclude_norm_bias: bool = True  # no weight decay on biases and 1-d parameters (normalization), as timm does
-    ema: Optional[float] = Field(None, gt=0, lt=1)  # decay of an exponential moving average of the weights (0.999)
+    name: Literal["sgd", "adam", "adamw"] = Field("sgd", description="sgd | adam | adamw")
+    lr: float = Field(0.01, ge=0, description="0: the weights stay as they are (e.g. to evaluate a model.init start)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd: momentum")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum")
+    weight_decay: float = Field(5e-4, ge=0, description=(
+        "L2 (sgd, adam) or decoupled (adamw) weight decay; none on biases and norms with wd_exclude_norm_bias"))
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam / adamw: the moving averages' decay rates")
+    eps: float = Field(1e-8, gt=0, description="adam / adamw: added to the denominator")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description=(
+        "cross-entropy against (1 - s) on the true class and s spread over all"))
+    clip_grad_norm: Optional[float] = Field(None, gt=0, description=(
+        "clip the gradients' global norm to this (null: no clipping)"))
+    lr_scaling: Literal["linear", "sqrt", "none"] = Field("linear", description="by global_batch / reference_batch")
+    reference_batch: Optional[int] = Field(None, gt=0, description=(
+        "default: data.batch_size (no scaling on one device)"))
+    accumulate: int = Field(1, ge=1, description="micro-batches of data.batch_size per step (DDP syncs only the last)")
+    head_lr_mult: float = Field(1.0, gt=0, description=(
+        "the classifier head's LR = the schedule's x this (fine-tuning: 10)"))
+    wd_exclude_norm_bias: bool = Field(True, description=(
+        "no weight decay on biases and 1-d parameters (normalization), as timm does"))
+    ema: Optional[float] = Field(None, gt=0, lt=1, description=(
+        "decay of an exponential moving average of the weights (0.999)"))
 
 
 class ScheduleCfg(_Section):
-    policy: str = "fixed"
-    gamma: float = 0.1
-    power: float = 1.0
-    stepsize: int = Field(0, ge=0)
-    stepvalues: list[int] = Field(default_factory=list)
-    min_lr: float = Field(0.0, ge=0)
-    warmup: int = Field(0, ge=0)  # iterations of linear warmup
-    warmup_epochs: float = Field(0.0, ge=0)  # or epochs (converted to iterations)
-    pct_start: float = Field(0.3, gt=0, lt=1)  # onecycle
-    div_factor: float = Field(25.0, gt=0)
-    final_div_factor: float = Field(1e4, gt=0)
+    policy: str = Field("fixed", description=(
+        "the LR policy: Caffe's fixed, step, exp, inv, multistep, poly, sigmoid, or poly_decay (per epoch), cosine, "
+        "onecycle (engine/schedule.py has each formula)"))
+    gamma: float = Field(0.1, description=(
+        "step, exp, multistep: the LR factor; inv, sigmoid: the rate in Caffe's formula"))
+    power: float = Field(1.0, description="inv, poly, poly_decay: the exponent")
+    stepsize: int = Field(0, ge=0, description="step: iterations between LR drops; sigmoid: the midpoint")
+    stepvalues: list[int] = Field(default_factory=list, description=(
+        "multistep: the iterations at which the LR drops by gamma"))
+    min_lr: float = Field(0.0, ge=0, description="cosine: the LR it ends at")
+    warmup: int = Field(0, ge=0, description="iterations of linear warmup")
+    warmup_epochs: float = Field(0.0, ge=0, description="or epochs (converted to iterations)")
+    pct_start: float = Field(0.3, gt=0, lt=1, description="onecycle")
+    div_factor: float = Field(25.0, gt=0, description="onecycle: it starts at lr / div_factor")
+    final_div_factor: float = Field(1e4, gt=0, description="onecycle: it ends at lr / div_factor / final_div_factor")
 
     @field_validator("policy")
     @classmethod
@@ -228,8 +270,8 @@ class ScheduleCfg(_Section):
 
 class TargetCfg(_Section):
     """Stop at the first evaluation where the test metric reaches `value` (at least; at most for a loss)."""
-    metric: str = "acc"  # a test figure: acc, top5, loss, verification_acc
-    value: float
+    metric: str = Field("acc", description="a test figure: acc, top5, loss, verification_acc")
+    value: float = Field(description="the value to reach (at least; at most for a loss)")
 
     @field_validator("metric")
     @classmethod
@@ -243,24 +285,32 @@ TARGET_METRICS = ("acc", "top5", "loss", "verification_acc")
 
 
 class RunCfg(_Section):
-    max_iter: Optional[int] = Field(None, gt=0)
-    epochs: Optional[float] = Field(None, gt=0)
-    test_interval: Optional[int] = Field(None, gt=0)  # default: once an epoch
-    test_iter: Optional[int] = Field(None, gt=0)  # test batches per evaluation; default: the whole test set
-    display: int = Field(50, gt=0)
-    snapshot_every: int = Field(500, ge=0)  # 0: only at the end
-    keep_snapshots: int = Field(3, gt=0)
-    seed: int = 0
-    tensorboard: bool = True
-    on_nan: Literal["stop", "skip"] = "stop"  # a non-finite loss: stop with diagnosis.json, or drop the step
-    find_batch_size: bool = False  # probe the largest power-of-two batch that fits before training
-    target: Optional[TargetCfg] = None  # stop at the first evaluation reaching it (--until acc=0.99)
-    # with epochs: train on at least this many images, so a small set gets more epochs than a large one (240 face
-    # crops and 24,000 images see the same 40,000 images; a large set runs its epochs)
-    min_images: int = Field(0, ge=0)
-    monitor: str = "auto"  # the test figure keep_best and early_stop watch: auto (acc, or verification_acc), ...
-    keep_best: bool = False  # keep the weights of the best test event as best.safetensors (+ best.json)
-    early_stop: Optional[int] = Field(None, gt=0)  # stop after this many test events without a better `monitor`
+    max_iter: Optional[int] = Field(None, gt=0, description=(
+        "the run's length in iterations (global batches), or run.epochs"))
+    epochs: Optional[float] = Field(None, gt=0, description=(
+        "the run's length in epochs (fractions allowed), or run.max_iter"))
+    test_interval: Optional[int] = Field(None, gt=0, description="default: once an epoch")
+    test_iter: Optional[int] = Field(None, gt=0, description="test batches per evaluation; default: the whole test set")
+    display: int = Field(50, gt=0, description="iterations between train lines and metrics.jsonl train events")
+    snapshot_every: int = Field(500, ge=0, description="0: only at the end")
+    keep_snapshots: int = Field(3, gt=0, description="how many of the newest snapshots are kept")
+    seed: int = Field(0, description=(
+        "seeds the initial weights, the data order and the augmentation (never the held-out split)"))
+    tensorboard: Union[bool, Literal["auto"]] = Field("auto", description=(
+        "TensorBoard events beside metrics.jsonl; auto: where danlu[tensorboard] is installed"))
+    on_nan: Literal["stop", "skip"] = Field("stop", description=(
+        "a non-finite loss: stop with diagnosis.json, or drop the step"))
+    find_batch_size: bool = Field(False, description="probe the largest power-of-two batch that fits before training")
+    target: Optional[TargetCfg] = Field(None, description="stop at the first evaluation reaching it (--until acc=0.99)")
+    min_images: int = Field(0, ge=0, description=(
+        "with epochs: train on at least this many images, so a small set gets more epochs than a large one (240 face "
+        "crops and 24,000 images see the same 40,000 images; a large set runs its epochs)"))
+    monitor: str = Field("auto", description=(
+        "the test figure keep_best and early_stop watch: auto (acc, or verification_acc), ..."))
+    keep_best: bool = Field(False, description=(
+        "keep the weights of the best test event as best.safetensors (+ best.json)"))
+    early_stop: Optional[int] = Field(None, gt=0, description=(
+        "stop after this many test events without a better `monitor`"))
 
     @field_validator("monitor")
     @classmethod
@@ -280,7 +330,7 @@ class RunCfg(_Section):
 
 
 class DevicesCfg(_Section):
-    device: str = "auto"  # engine/devices.py: auto | cpu | cuda | cuda:N
+    device: str = Field("auto", description="engine/devices.py: auto | cpu | cuda | cuda:N")
 
     @field_validator("device")
     @classmethod
@@ -290,8 +340,10 @@ class DevicesCfg(_Section):
 
 class DistCfg(_Section):
     """Several processes (--procs, --gpus, torchrun, SLURM); ignored by a single process."""
-    timeout: float = Field(300.0, gt=0)  # seconds a collective waits for a missing rank before the job fails
-    bucket_mb: float = Field(25.0, gt=0)  # DDP gradient bucket size (MiB): all-reduce overlaps backward per bucket
+    timeout: float = Field(300.0, gt=0, description=(
+        "seconds a collective waits for a missing rank before the job fails"))
+    bucket_mb: float = Field(25.0, gt=0, description=(
+        "DDP gradient bucket size (MiB): all-reduce overlaps backward per bucket"))
 
 
 class Recipe(_Section):
@@ -301,10 +353,13 @@ class Recipe(_Section):
     optim: OptimCfg = Field(default_factory=OptimCfg)
     schedule: ScheduleCfg = Field(default_factory=ScheduleCfg)
     run: RunCfg = Field(default_factory=lambda: RunCfg(epochs=1))
-    precision: Literal[PRECISIONS] = "fp32"  # engine/precision.py
-    compile: Union[bool, Literal[COMPILE_MODES[2:]]] = False  # torch.compile of the model (engine/speed.py)
-    channels_last: Union[Literal["auto"], bool] = "auto"  # auto: on CUDA for conv nets, off on CPU
-    cuda_graphs: bool = False  # CUDA only: replay forward + backward as CUDA graphs (static shapes)
+    precision: Literal[PRECISIONS] = Field("fp32", description=(
+        "fp32, tf32, fp16, bf16 (mixed precision: autocast, and for fp16 a loss scaler), fp64, or auto (bf16 where the "
+        "GPU has bf16 tensor cores, else fp32; resolved when the run starts and saved as what it became)"))
+    compile: Union[bool, Literal[COMPILE_MODES[2:]]] = Field(False, description=(
+        "torch.compile of the model: false, true, or max-autotune (longer compilation for faster kernels)"))
+    channels_last: Union[Literal["auto"], bool] = Field("auto", description="auto: on CUDA for conv nets, off on CPU")
+    cuda_graphs: bool = Field(False, description="CUDA only: replay forward + backward as CUDA graphs (static shapes)")
     devices: DevicesCfg = Field(default_factory=DevicesCfg)
     dist: DistCfg = Field(default_factory=DistCfg)
 

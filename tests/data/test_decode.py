@@ -1,5 +1,6 @@
 """decode.py beyond what tests/data/test_folder.py covers (square crops, JPEG draft, formats, bad files, threads):
-crops to a non-square size, palette images with transparency, reading from an open file, the pixel limit, as_size."""
+crops to a non-square size, palette images with transparency, reading from an open file, the pixel limit, as_size,
+the decoder's random resized crops, and the shard loaders' batch decoders (decode_rows; decode_cuda on the CPU)."""
 import io
 
 import numpy as np
@@ -206,3 +207,53 @@ def test_decode_crop_of_a_bad_file_raises_bad_image():
     for data in (b"\xff\xd8\xff\xe0 not really a jpeg", b"plain text"):
         with pytest.raises(BadImage, match="not a readable image"):
             decode_crop(data, (8, 8), 3, ResizedCrop(), [0.5] * 4, out)
+
+
+def test_decode_rows_fills_only_its_rows_and_names_the_bad_ones():
+    """decode_rows (the shard loaders' CPU decode of a batch's encoded images): rows lo..hi of `out` only, each what
+    decode_image gives (resized, or cropped by its draws), a bad one zeroed and named with its reason."""
+    from PIL import Image
+
+    from danlu.data.decode import ResizedCrop, decode_rows
+
+    data = []
+    for k in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(np.roll(_photo(30, 40), 7 * k, axis=1)).save(buf, format="JPEG" if k % 2 else "PNG")
+        data.append(buf.getvalue())
+    data[2] = b"\xff\xd8\xff\xe0 not really a jpeg"
+    out = np.full((4, 3, 12, 16), 7, np.uint8)
+    bad = decode_rows(data, out, 1, 4, (12, 16), 3, "crop")
+    assert list(bad) == [2] and bad[2].startswith("not a readable image") and (out[2] == 0).all()
+    assert (out[0] == 7).all()  # outside lo..hi: untouched
+    for i in (1, 3):
+        assert np.array_equal(out[i], decode_image(io.BytesIO(data[i]), (12, 16), 3, "crop"))
+    crop, draws = ResizedCrop((0.2, 0.8), flip=True), np.random.default_rng(0).random((4, 5))
+    assert decode_rows(data, out, 0, 2, (12, 16), 3, "crop", crop, draws) == {}
+    for i in (0, 1):
+        assert np.array_equal(out[i], decode_image(io.BytesIO(data[i]), (12, 16), 3, crop=(crop, draws[i])))
+
+
+def test_decode_cuda_on_the_cpu_device_resizes_and_crops_as_decode_image_does():
+    """decode_cuda (nvJPEG's batched decode, then the resize or crop on the device) run with device="cpu", where
+    torchvision decodes the same JPEG batch with libjpeg: its geometry within a few levels of decode_image's; a PNG
+    through decode_image itself; a bad file zeroed and named. (The GPU itself: tests marked cuda.)"""
+    from PIL import Image
+
+    from danlu.data.decode import ResizedCrop, decode_cuda
+
+    data = []
+    for k, fmt in enumerate(("JPEG", "PNG", "JPEG")):
+        buf = io.BytesIO()
+        y, x = np.mgrid[0:60, 0:80]  # smooth (a gradient and a slow wave): decoders and resamplers agree closely
+        arr = np.stack([3 * x, 4 * y, 127 + 100 * np.sin((x + y + 20 * k) / 15)], -1).astype(np.uint8)
+        Image.fromarray(arr).save(buf, format=fmt, quality=95)
+        data.append(buf.getvalue())
+    data.append(b"\xff\xd8\xff\xe0 not really a jpeg")
+    crop, draws = ResizedCrop((0.3, 0.9), flip=True), np.random.default_rng(1).random((4, 5))
+    for kw in ({}, {"crop": crop, "draws": draws}):
+        x, bad = decode_cuda(data, (24, 24), 3, "crop", torch.device("cpu"), **kw)  # square: a centre crop
+        assert x.shape == (4, 3, 24, 24) and x.dtype == torch.uint8 and list(bad) == [3] and (x[3] == 0).all()
+        for i in range(3):
+            ref = decode_image(io.BytesIO(data[i]), (24, 24), 3, "crop", crop=(crop, draws[i]) if kw else None)
+            assert (x[i].float() - torch.from_numpy(ref).float()).abs().mean() < 4, (i, kw.keys())

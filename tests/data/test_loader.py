@@ -57,3 +57,35 @@ def test_evaluation_over_ranks_sees_every_sample_once(world):
         loader = StreamLoader(images, labels, 4, device="cpu", shuffle=False, drop_last=False, rank=r, world=world)
         seen += [int(v) // 10 for _, y in loader.epoch(0) for v in y]
     assert sorted(seen) == list(range(N))
+
+
+def test_prefetched_raises_data_timeout_when_its_producer_hangs_and_leaves_it_behind():
+    """prefetched(timeout=T) (what the wds ShardLoader streams through): a producer that queues nothing for T seconds
+    is a DataTimeout (a DanluError), and leaving does not wait for that producer, stuck for good; without a
+    timeout (StreamLoader) items come as before."""
+    import threading
+
+    from danlu.data.loader import END, DataTimeout, prefetched
+    from danlu.errors import DanluError
+
+    released = threading.Event()
+
+    def stuck(q, stop):
+        q.put(1)
+        released.wait(60)  # hangs (until the test ends)
+
+    items = prefetched(stuck, 2, "stuck", timeout=0.2)
+    try:
+        assert next(items) == 1
+        with pytest.raises(DataTimeout, match="^stuck: nothing came in 0.2 s") as e:
+            next(items)
+        assert isinstance(e.value, DanluError)
+        assert any(t.name == "stuck" and t.is_alive() for t in threading.enumerate())  # not waited for
+    finally:
+        released.set()
+
+    def three(q, stop):
+        for item in (1, 2, 3, END):
+            q.put(item)
+
+    assert list(prefetched(three, 1, "three")) == [1, 2, 3]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -89,6 +90,67 @@ def test_a_mid_epoch_snapshot_resumes_exactly(runs, procs):
     assert r.returncode == 0, r.stderr
     assert "resumed at 6" in r.stdout
     a, b = _weights(full), _weights(cut)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+
+
+def test_a_decode_process_that_hangs_stops_training_in_one_line_and_the_run_resumes(shards, tmp_path, monkeypatch):
+    """data.timeout: a decode process that hangs (a patched decoder that never returns, on one sample in epoch 2:
+    iteration 8, after the snapshot at 6) stops the run with a DanluError (the CLI's one line and exit 2) naming the
+    shard and the batch, instead of waiting forever; resumed from its snapshot, the run ends as an uninterrupted one
+    does, bit for bit. In this process (the API): the patch reaches the decode processes, forked from it."""
+    import gc
+    import multiprocessing
+    import time
+
+    import danlu
+    from danlu.data.datasets import load_dataset
+    from danlu.data.loader import DataTimeout, make_loader
+    from danlu.data.wds import loader as wds_loader
+    from danlu.data.wds.samples import read_shard
+    from danlu.errors import DanluError
+
+    root = shards / "shards"
+    overrides = [*COMMON, f"data.root={root}", "data.batch_size=16", "data.workers=2", "data.timeout=3"]
+    full = danlu.train(overrides=overrides, device="cpu", out=tmp_path / "full", quiet=True)
+    # the sample to hang on: the first of epoch 2's first batch (4 batches an epoch), in the run's order (run.seed=3)
+    train, _ = load_dataset("wds", root=str(root), size=16, streams=4)
+    order = make_loader(train.images, None, 16, device="cpu", seed=3)
+
+    def taken(epoch):  # (shard, index among its samples) of each sample the epoch's batches take, in batch order
+        shard_at, within = order.order(epoch)
+        rows = np.concatenate([order.positions(i) for i in range(len(order))])
+        return list(zip(shard_at[rows].tolist(), within[rows].tolist()))
+
+    k, w = taken(2)[0]
+    before = taken(0).count((k, w)) + taken(1).count((k, w))  # (an epoch leaves N mod 16 samples out)
+    shard = train.images.shards[k].url
+    hanging = read_shard(shard, train.images.labels)[0][w][1]  # its image's bytes
+    seen = multiprocessing.Value("i", 0)  # decodes of that sample, in whichever decode process (shared memory)
+    real = wds_loader.decode_rows
+
+    def decode_rows(data, out, lo, hi, *rest):
+        if hanging in data[lo:hi]:
+            with seen.get_lock():
+                seen.value += 1
+                n = seen.value
+            if n == before + 1:  # in epoch 2 it hangs, until the loader ends the process
+                time.sleep(60)
+        return real(data, out, lo, hi, *rest)
+
+    monkeypatch.setattr(wds_loader, "decode_rows", decode_rows)
+    gc.collect()  # the full run's decode processes now, not mid-run: torch's finalizer joins them, in any thread
+    with pytest.raises(DataTimeout) as e:
+        danlu.train(overrides=overrides, device="cpu", out=tmp_path / "hung", quiet=True)
+    msg = str(e.value)
+    assert isinstance(e.value, DanluError) and "\n" not in msg
+    assert msg.startswith("data.timeout=3: no batch for 3 s at epoch 2, batch 0 of 4: decode process ") and shard in msg
+    assert sorted(p.name for p in (tmp_path / "hung" / "snapshots").glob("iter_*.pt")) == ["iter_00000006.pt"]
+    monkeypatch.undo()
+    gc.collect()
+    resumed = danlu.train(resume=tmp_path / "hung", device="cpu", quiet=True)
+    assert resumed.iterations == full.iterations == 10
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "hung")
     for k in a:
         assert torch.equal(a[k], b[k]), k  # bit for bit
 

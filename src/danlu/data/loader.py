@@ -10,20 +10,22 @@ see exactly the samples 1 rank with batch 2B sees.
 
 StreamLoader (below) gives the same batches in the same order for sets that stay in host memory (a prepared store,
 memory-mapped), copying each batch to the device in the background; `make_loader` picks one of the two (or, for tar
-shards, wds.ShardLoader: the same interface, its own order of shards and streams).
+shards, wds.loader.ShardLoader: the same interface, its own order of shards and streams).
 """
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from danlu.errors import DanluError
+
 
 class Loader(Protocol):
     """What the training loop and evaluation read batches from: DeviceLoader, StreamLoader and the tar shards'
-    ShardLoader (danlu.data.wds) all are one."""
+    ShardLoader (danlu.data.wds.loader) all are one."""
     device: torch.device
 
     @property
@@ -122,23 +124,36 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Te
     return torch.randperm(n, generator=g)
 
 
+class DataTimeout(DanluError):
+    """A loader produced no batch for `data.timeout` seconds (a decoder that hangs, a read that stalls): one line
+    naming the shard or file and the position (epoch, batch) it stopped at, instead of a run that waits forever."""
+
+
 END = object()  # what a prefetch producer queues last
 
 
-def prefetched(produce, depth: int, name: str) -> Iterator:
+def prefetched(produce, depth: int, name: str, timeout: Optional[float] = None) -> Iterator:
     """Items that `produce(put_queue, stop_event)` queues from a daemon thread, at most `depth` ahead, until it
     queues END; an exception it queues is raised here. Leaving early stops the producer and unblocks it from a
-    full queue (the DeviceLoader's and the wds ShardLoader's prefetch both run through here)."""
+    full queue (the StreamLoader's and the wds ShardLoader's prefetch both run through here). `timeout`: seconds to
+    wait for each item; past it DataTimeout is raised here, and a producer that does not stop within `timeout` of
+    being asked (stuck for good) is left to itself, a daemon thread, rather than joined forever."""
     import queue
     import threading
+    import time
 
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     worker = threading.Thread(target=produce, args=(q, stop), daemon=True, name=name)
     worker.start()
+    hung = False
     try:
         while True:
-            item = q.get()
+            try:
+                item = q.get(timeout=timeout)
+            except queue.Empty:
+                hung = True
+                raise DataTimeout(f"{name}: nothing came in {timeout:g} s") from None  # the caller says where
             if item is END:
                 return
             if isinstance(item, BaseException):
@@ -146,7 +161,10 @@ def prefetched(produce, depth: int, name: str) -> Iterator:
             yield item
     finally:
         stop.set()
-        while worker.is_alive():  # unblock a producer waiting on a full queue
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while worker.is_alive() and not hung:  # unblock a producer waiting on a full queue
+            if deadline is not None and time.monotonic() > deadline:
+                break
             try:
                 q.get_nowait()
             except queue.Empty:

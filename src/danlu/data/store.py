@@ -7,7 +7,7 @@ Layout of a store folder:
 
     meta.json              format, shape (C, H, W), classes, source, and per split: count, shard files with their
                            image count, byte size and SHA-256, and the labels file with its SHA-256
-    train-00000.npy ...    uint8 (n, C, H, W) .npy shards of about --shard-mb MiB, memory-mapped when read
+    train-00000.npy ...    uint8 (n, C, H, W) .npy shards of about shard_mb MiB, memory-mapped when read
     train-labels.npy       int64 (N,)
     test-*.npy             the same for the test split, when the source has one (val/ or test/, or a catalog set)
     .verified.json         (size, mtime) of shards whose checksum was verified, so a big store is hashed once
@@ -190,7 +190,7 @@ def write_store(plan: StorePlan, out: Union[str, Path], *, shard_mb: float = 256
     from danlu.data.decode import decode_many
 
     if shard_mb <= 0:
-        raise DanluError(f"--shard-mb {shard_mb}: expected a positive size in MiB")
+        raise DanluError(f"shard_mb={shard_mb}: expected a positive size in MiB")
     out = Path(out)
     per_image = int(np.prod(plan.shape))
     per_shard = max(1, int(shard_mb * 2**20) // per_image)

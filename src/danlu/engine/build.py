@@ -144,7 +144,7 @@ def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
                         train_size=d.train_size, test_size=d.test_size, val_fraction=d.val_fraction,
                         split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list,
                         split=d.split, **({"label_key": d.label_key, "streams": d.streams, "decode": d.decode,
-                                           "workers": d.workers} if d.name == "wds" else {}))
+                                           "workers": d.workers, "timeout": d.timeout} if d.name == "wds" else {}))
 
 
 def input_shape(recipe: Recipe, data_shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -1,20 +1,21 @@
-"""Writing WebDataset shards (`danlu prepare SRC -o OUT --format wds`) and looking into any (`danlu data inspect`).
+"""Writing WebDataset shards (`prepare_shards`; the CLI's `danlu prepare` in its wds format) and looking into any
+(`inspect_shards`; `danlu data inspect`).
 
     prepare_shards("photos", "shards", size=256, quality=90)     # photos/{train,val}/CLASS/IMAGE or photos/CLASS/IMAGE
     info = inspect_shards("shards", out_png="shards.png")         # counts, classes, shard sizes, a contact sheet
 
 Layout written (readable by the `webdataset` library and by any tar tool):
 
-    OUT/train-000000.tar ...         {key}.jpg (re-encoded at --quality with the shorter side at most --size, or the
-                                     file's own bytes with --keep-original), {key}.cls (the class index as text),
+    out/train-000000.tar ...         {key}.jpg (re-encoded at `quality` with the shorter side at most `size`, or the
+                                     file's own bytes with `keep_original`), {key}.cls (the class index as text),
                                      {key}.json ({"path": the source file, "class": its class name})
-    OUT/val-000000.tar ...           when SRC has val/ (or test/) folders, or a --val-list
-    OUT/index.json                   classes, per split the shards with their sample count, bytes and SHA-256, the
+    out/val-000000.tar ...           when src has val/ (or test/) folders, or a `val_list`
+    out/index.json                   classes, per split the shards with their sample count, bytes and SHA-256, the
                                      per-class counts, the skipped files with their reason, and the options
 
 Samples are written in a seeded random order (never class by class): the reader shuffles whole shards and the
 samples within a shard, so a batch mixes classes only if the shards do. Shards are written by webdataset's
-ShardWriter, about --shard-mb each. `index.json` is written last: a folder without it is unfinished, and prepare
+ShardWriter, about `shard_mb` each. `index.json` is written last: a folder without it is unfinished, and prepare
 refuses to write into a folder that holds anything else.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import textwrap
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +32,9 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from danlu.data.wds import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, find_shards, open_source, read_shard
+from danlu.data.wds.samples import read_shard
+from danlu.data.wds.shards import INDEX_FORMAT, INDEX_NAME, INDEX_VERSION, find_shards, open_source
+from danlu.data.wds.urls import is_url
 from danlu.errors import DanluError
 
 SHARD_PATTERN = "%s-%%06d.tar"  # train-000000.tar, val-000000.tar: `train-{000000..000127}.tar` as a pattern
@@ -39,9 +43,9 @@ KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # formats the reader takes
 
 def encode(path: Union[str, Path], size: Optional[int], quality: int, keep_original: bool,
            channels: int = 3) -> tuple[bytes, str]:
-    """(bytes, extension) of one image for a shard: its own bytes (--keep-original, when JPEG/PNG/WebP), else decoded
+    """(bytes, extension) of one image for a shard: its own bytes (`keep_original`, when JPEG/PNG/WebP), else decoded
     (at a reduced JPEG scale when that covers `size`), its shorter side brought down to `size` (never up), and
-    encoded as JPEG at `quality` (PNG for --keep-original of other formats, losslessly). BadImage if unreadable."""
+    encoded as JPEG at `quality` (PNG for `keep_original` of other formats, losslessly). BadImage if unreadable."""
     from PIL import Image
 
     from danlu.data.decode import BadImage, to_mode
@@ -93,25 +97,25 @@ def prepare_shards(src: Union[str, Path], out: Union[str, Path], *, size: Option
     from danlu.io import write_json
 
     if size is not None and size < 1:
-        raise DanluError(f"--size {size}: expected a positive shorter side in pixels")
+        raise DanluError(f"size={size}: expected a positive shorter side in pixels")
     if not 1 <= quality <= 100:
-        raise DanluError(f"--quality {quality}: expected 1..100 (JPEG quality)")
+        raise DanluError(f"quality={quality}: expected 1..100 (JPEG quality)")
     if shard_mb <= 0:
-        raise DanluError(f"--shard-mb {shard_mb}: expected a positive size in MiB")
+        raise DanluError(f"shard_mb={shard_mb}: expected a positive size in MiB")
     out = Path(out)
     options = {"size": size, "quality": quality, "keep_original": keep_original, "shard_mb": shard_mb,
                "channels": channels, "seed": seed}
-    files = scan_lists(train_list, val_list, str(src)) if train_list else scan_folder(src, key="SRC")
+    files = scan_lists(train_list, val_list, str(src)) if train_list else scan_folder(src, key="src")
     if (out / INDEX_NAME).is_file():
         index = json.loads((out / INDEX_NAME).read_text())
         if index.get("options") == options and index.get("source", {}).get("root") == files.source.get("root"):
             if not quiet:
                 print(f"prepare: {out} already holds these shards ({INDEX_NAME}); nothing to do")
             return index
-        raise DanluError(f"-o {out}: already holds shards of another source or options; expected a new folder "
+        raise DanluError(f"out={out}: already holds shards of another source or options; expected a new folder "
                          f"(nothing is overwritten)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DanluError(f"-o {out}: exists and is not empty; expected a new or empty folder (an interrupted prepare "
+        raise DanluError(f"out={out}: exists and is not empty; expected a new or empty folder (an interrupted prepare "
                          f"leaves no {INDEX_NAME}: remove the folder and run it again)")
     splits = {"train": files.train, **({"val": files.test} if files.test is not None else {})}
     skipped = list(files.skipped)
@@ -202,14 +206,16 @@ def _try(fn, *args):  # noqa: ANN001, ANN202
 # ---------------------------------------------------------------- danlu data inspect
 
 
-def inspect_shards(root: str, *, out_png: Optional[str] = "inspect.png", samples: int = 16, label_key: str = "cls",
+def inspect_shards(root: str, *, out_png: Optional[str] = "auto", samples: int = 16, label_key: str = "cls",
                    write_index: bool = False) -> dict[str, Any]:
     """What a shard source holds: classes, per split the samples and shards (sizes, counts), the skipped samples, and
-    a contact sheet of the first `samples` images with their class (PNG). `write_index`: save the counts as
-    ROOT/index.json (a local folder without one), so training need not scan the shards."""
+    a contact sheet of the first `samples` images with their class and whole key (PNG): `out_png` 'auto' writes it
+    beside the data (contact_sheet_path), None writes none. `write_index`: save the counts as ROOT/index.json (a
+    local folder without one), so training need not scan the shards."""
     from danlu.data.decode import BadImage, decode_image
 
     src = open_source(root, label_key, quiet=True)
+    out_png = contact_sheet_path(root) if out_png == "auto" else out_png
     info: dict[str, Any] = {"root": root, "counts_from": src.indexed, "classes": src.labels.classes, "splits": {},
                             "skipped_count": len(src.skipped), "skipped": src.skipped[:20]}
     for split, shards in src.splits.items():
@@ -231,24 +237,36 @@ def inspect_shards(root: str, *, out_png: Optional[str] = "inspect.png", samples
                 except BadImage as e:
                     img = np.zeros((3, 96, 96), np.uint8)
                     key = f"{key} ({str(e)[:20]})"
-                shown.append((img, f"{src.labels.classes[label]}\n{key[-14:]}"))
+                # the whole key, a line per 18 characters (a column's width), so keys that differ only at the
+                # start (train_000000001, val_000000001) read as themselves
+                shown.append((img, "\n".join([src.labels.classes[label], *textwrap.wrap(key, 18)])))
                 if len(shown) >= samples:
                     break
             if len(shown) >= samples:
                 break
         _contact_sheet(shown, out_png, f"{root}: {sum(s['samples'] for s in info['splits'].values())} samples, "
                                        f"{len(src.labels.classes)} classes")
-        info["contact_sheet"] = out_png
+        info["contact_sheet"] = str(out_png)
     return info
 
 
+def contact_sheet_path(root: str) -> Path:
+    """Where `danlu data inspect` puts its contact sheet unless told: inspect.png in a local folder of shards, beside
+    a local .tar (or a brace pattern's shards), and in the current folder for a URL (there is nowhere beside it)."""
+    if is_url(root):
+        return Path("inspect.png")
+    local = Path(os.path.expanduser(root))
+    if local.is_dir():
+        return local / "inspect.png"
+    return Path(os.path.expanduser(root.split("{", 1)[0])).parent / "inspect.png"
+
+
 def _write_index(root: str, src) -> str:  # noqa: ANN001
-    from danlu.data.wds import is_url
     from danlu.io import write_json
 
     kind, _, index_url = find_shards(root)
     if is_url(root) or kind != "folder" or index_url is not None:
-        raise DanluError(f"--write-index: {root} is not a local folder of shards without {INDEX_NAME}; expected one")
+        raise DanluError(f"write_index: {root} is not a local folder of shards without {INDEX_NAME}; expected one")
     base = Path(root)
     splits = {}
     for split, shards in src.splits.items():
