@@ -2,21 +2,31 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+CORE   := $(VENV)/.installed-core
+TEST   := $(VENV)/.installed-test
 
 .PHONY: install train test browser bench clean
 
-install: $(STAMP)
+install: $(CORE)
 
-$(STAMP): pyproject.toml
+# `make train`: danlu and what the default recipe needs, nothing more (the extras are `pip install 'danlu[...]'`)
+$(CORE): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e .
+	touch $(CORE)
+
+# `make test`: the test extra too, and facenet-pytorch without its dependencies: it pins torch<=2.3, and the tests
+# only build its network to check danlu's key map against (tests/models/test_facenet.py)
+$(TEST): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install -q --no-deps 'facenet-pytorch==2.6.0'
+	touch $(TEST) $(CORE)
 
 train: install
 	$(BIN)/danlu train $(ARGS)
 
-test: install browser
+test: $(TEST) browser
 	$(BIN)/python -m pytest
 
 # the page's browser test (tests/serve) drives Debian's chromium: installed here where missing and possible (root and

@@ -127,3 +127,78 @@ def test_eval_of_a_face_run_prints_its_verification_figures(tmp_path, capsys):
     assert m, line
     assert m.groups() == (f"{figures['verification_acc']:.4f}", f"{figures['verification_std']:.4f}",
                           str(figures["pairs"]), f"{figures['threshold']:.4f}")
+
+
+def test_recipes_print_each_recipes_first_sentence_whole_in_readable_lines(cli):
+    """`danlu recipes` used to print the first comment line, cut mid-sentence ('... with an')."""
+    import re
+
+    r = cli("recipes", env={"COLUMNS": "80"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert all(len(ln) <= 80 for ln in lines), [ln for ln in lines if len(ln) > 80]
+    entries = re.split(r"\n(?=\S)", r.stdout.strip())  # a recipe's line, then its description's lines (indented)
+    about = {e.split()[0]: " ".join(e.splitlines()[1:]).split() for e in entries}
+    assert " ".join(about["face_arcface_light"]).endswith("between two photos of one person (pose, framing, light, "
+                                                          "focus, occlusion).")
+    assert " ".join(about["lenet_mnist5k"]) == ("The default: Caffe's LeNet on 5,000 real MNIST digits shipped with "
+                                                "danlu (4,000 train / 1,000 held back)")
+    assert " ".join(about["mnist_fast"]).endswith("one-cycle SGD over 1.5 epochs, label smoothing; stops at the first "
+                                                  "test on the full 10,000 digits that reaches 0.99 and records "
+                                                  "seconds_to_target (training time only) in summary.json.")
+    assert " ".join(about["resnet18_finetune"]).endswith("(hymenoptera_data: 244 train / 153 val photos)")
+
+
+def test_data_inspect_writes_beside_the_shards_with_whole_keys(tmp_path, monkeypatch, capsys):
+    """The contact sheet used to land in the current folder as inspect.png, its captions cut to a key's last 14
+    characters ('train_000000001' read 'rain_000000001'): now inspect.png is written in the shard folder (-o
+    elsewhere) and every caption holds its whole key."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    from danlu.cli import main
+    from danlu.data.wds.prepare import prepare_shards
+
+    for c in ("ants", "bees"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((20, 24, 3), 60 * i, np.uint8)).save(tmp_path / "photos" / c / f"{c}_{i}.png")
+    prepare_shards(tmp_path / "photos", tmp_path / "shards", quiet=True)
+    import tarfile
+
+    keys = [m.name.rsplit(".", 1)[0] for tar in sorted((tmp_path / "shards").glob("*.tar")) for m in tarfile.open(tar)
+            if m.name.endswith(".cls")]
+    assert min(len(k) for k in keys) > 14  # 'train_000000001': longer than the old captions kept
+    figures, close = [], plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), close(fig)))
+    monkeypatch.chdir(tmp_path / "photos")  # the current folder: nothing may be written here
+    assert main(["data", "inspect", str(tmp_path / "shards"), "--samples", "4"]) == 0
+    assert f"contact sheet: {tmp_path / 'shards' / 'inspect.png'}" in capsys.readouterr().out
+    assert (tmp_path / "shards" / "inspect.png").is_file() and not (tmp_path / "photos" / "inspect.png").exists()
+    captions = [ax.get_title() for ax in figures[0].axes if ax.get_title()]
+    assert len(captions) == 4
+    for caption in captions:
+        label, *key = caption.split("\n")
+        assert label in ("ants", "bees") and "".join(key) in keys, caption
+    assert main(["data", "inspect", str(tmp_path / "shards"), "-o", str(tmp_path / "sheet.png")]) == 0
+    assert (tmp_path / "sheet.png").is_file()
+
+
+def test_data_sample_writes_one_image_of_a_named_set_with_its_label_for_predict(cli, tmp_path):
+    """`danlu data sample mnist5k -o digit.png`: the README's predict line needs a digit.png; this makes one (the
+    test split's image I, its pixels exactly) and says its label; predict then reads it as the run's own data."""
+    import numpy as np
+    from PIL import Image
+
+    from danlu.data.datasets import load_dataset
+
+    r = cli("data", "sample", "mnist5k", "-o", str(tmp_path / "digit.png"), "--index", "7")
+    assert r.returncode == 0, r.stderr
+    _, test = load_dataset("mnist5k")
+    label = int(test.labels[7])
+    assert r.stdout.strip() == (f"{tmp_path / 'digit.png'}: mnist5k test image 7 of 1000 (1x28x28), label {label}, "
+                                f"class {test.classes[label]}")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "digit.png")), test.images[7, 0].numpy())
+    bad = cli("data", "sample", "mnist5k", "-o", str(tmp_path / "x.png"), "--index", "1000")
+    assert bad.returncode == 2 and "expected 0 to 999" in bad.stderr and not (tmp_path / "x.png").exists()

@@ -38,3 +38,15 @@ def few(items: Iterable[str], n: int = 4) -> str:
     items = list(items)
     more = f" (+{len(items) - n} more)" if len(items) > n else ""
     return ", ".join(items[:n]) + more
+
+
+def require(module: str, extra: str, what: str):
+    """`module` imported, or a DanluError naming the pip command of danlu's extra that brings it: what using a feature
+    whose extra is not installed says (one line, exit 2). Example: require("fastapi", "serve", "danlu serve")."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DanluError(f"{what} needs the {module.split('.')[0]} package, which is not installed: "
+                         f"pip install 'danlu[{extra}]'") from None

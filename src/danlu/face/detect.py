@@ -25,7 +25,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from danlu.data.decode import BadImage, import_cv2
-from danlu.errors import DanluError
+from danlu.errors import DanluError, require
 
 EQUALIZE = ("hist", "clahe", "tantriggs", "none")
 CROPS = ("face", "full")  # a detected face's box (centre square where none), or every image's centre square
@@ -112,7 +112,7 @@ _local = threading.local()  # one detector per thread: OpenCV's detectors are no
 def _cv2():
     cv2 = import_cv2()  # once, under a lock: threads importing cv2 at once break its bootstrap
     if cv2 is None:
-        raise DanluError("face detection needs OpenCV: pip install 'opencv-python-headless>=4.8,<5'")
+        require("cv2", "face", "face detection")  # one line naming `pip install 'danlu[face]'`
     if not hasattr(cv2, "CascadeClassifier"):
         raise DanluError(f"OpenCV {cv2.__version__} has no CascadeClassifier; expected opencv-python-headless 4.x")
     return cv2

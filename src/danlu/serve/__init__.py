@@ -14,6 +14,11 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
 
+        from danlu.errors import require  # the extra's pip command where FastAPI or uvicorn is missing
+
+        require("fastapi", "serve", "danlu serve")
+        require("uvicorn", "serve", "danlu serve")
+
         module, attr = _LAZY[name] if isinstance(_LAZY[name], tuple) else (_LAZY[name], name)
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module '{__name__}' has no attribute {name!r}")
