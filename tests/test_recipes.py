@@ -42,6 +42,9 @@ SMOKE["face_arcface_light"] = _FACES + ["data.train_size=64", "data.test_size=32
 # two real steps.
 SMOKE["face_inception_resnet_v1"] = _FACES + ["data.train_size=32", "data.test_size=8", "data.batch_size=2",
                                               "data.size=75", "run.max_iter=7"]
+# dlib's network from fresh weights (the recipe's model.init is the user's imported run), at its 103 px minimum
+SMOKE["face_finetune"] = _FACES + ["data.train_size=32", "data.test_size=16", "data.batch_size=4", "data.size=104",
+                                   "run.max_iter=6"]
 
 
 @pytest.fixture

@@ -81,20 +81,26 @@ def _parser() -> argparse.ArgumentParser:
                    default="compare.png")
 
     d = sub.add_parser("data", help="the dataset catalog: `data list` (known and cached), `data get NAME` (download),"
-                       " `data inspect PATH` (tar shards)")
+                       " `data inspect PATH` (tar shards), `data sample NAME -o FILE.png` (one image)")
     dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     dsub.add_parser("list", help="known datasets, what is cached and where ($DANLU_DATA)")
     dsub.add_parser("get", help="download and verify a dataset ahead of time").add_argument("name")
     di = dsub.add_parser("inspect", help="WebDataset shards: counts, classes, shard sizes and a contact sheet (PNG)")
     di.add_argument("path", metavar="PATH", help="a folder of .tar shards, a brace pattern or a URL (as data.root)")
-    di.add_argument("-o", "--out", default="inspect.png", metavar="PNG", help="the contact sheet (default "
-                    "inspect.png; '-' for none)")
+    di.add_argument("-o", "--out", metavar="PNG", help="the contact sheet (default: inspect.png beside the data: in "
+                    "the shard folder, beside a .tar; for a URL, in the current folder; '-' for none)")
     di.add_argument("--samples", type=int, default=16, metavar="N", help="images on the contact sheet (default 16)")
     di.add_argument("--label-key", default="cls", metavar="KEY", help="the label's file: cls (default), txt, or "
                     "json:FIELD (as data.label_key)")
     di.add_argument("--write-index", action="store_true", help="save the counts as PATH/index.json (a local folder "
                     "without one), so training need not scan the shards")
     di.add_argument("--json", action="store_true", help="print the result as JSON")
+    ds = dsub.add_parser("sample", help="one image of a named set as a PNG, with its label (e.g. for danlu predict)")
+    ds.add_argument("name", metavar="NAME", help="a named set: mnist5k, synthetic, mnist, ... (danlu data list)")
+    ds.add_argument("-o", "--out", required=True, metavar="FILE.png", help="the PNG to write")
+    ds.add_argument("--index", type=int, default=0, metavar="I", help="which image of the split (default 0)")
+    ds.add_argument("--split", choices=["test", "train"], default="test",
+                    help="test (default: images a run of this set never trained on) or train")
 
     pp = sub.add_parser("prepare", help="a folder (or a named set) once into a memory-mapped store, or into "
                         "WebDataset tar shards (--format wds)")
@@ -379,7 +385,8 @@ def _face_parser(sub) -> None:  # noqa: ANN001 (argparse's private subparsers ty
                     "(--margin is then dlib's padding, 0.25 in dlib's pipeline; needs danlu[face-pretrained])")
     fp.add_argument("--for", dest="for_run", metavar="RUN",
                     help="cut the faces as face run RUN does (its face.json): the crops its model expects, e.g. an "
-                    "imported network's; the cut options above are then the run's")
+                    "imported network's; the cut options above are then the run's, but for --crop and --equalize, "
+                    "which may still be given for these photos")
     fi = fs.add_parser("import", help="a face network trained elsewhere as a run folder: every face verb and serve "
                        "accept it, a recipe fine-tunes it (model.init=RUN)")
     fi.add_argument("network", choices=["dlib"], help="dlib: dlib's public-domain ResNet (danlu[face-pretrained])")
@@ -479,24 +486,58 @@ def _cmd_face(a: argparse.Namespace) -> int:
 
 
 def _cut_flags(a: argparse.Namespace) -> list[str]:
-    """The `face prepare` cut options given with other values than their defaults (refused beside --for RUN)."""
-    defaults = {"size": 160, "channels": 3, "align": False, "equalize": "auto", "margin": 0.2, "detector": "haar",
-                "crop": "auto", "chip": "box"}
+    """The `face prepare` options of the model's cut given with other values than their defaults (refused beside
+    --for RUN). --crop and --equalize describe the photos (already cropped faces, their light): they may be given."""
+    defaults = {"size": 160, "channels": 3, "align": False, "margin": 0.2, "detector": "haar", "chip": "box"}
     return [f"--{k} {getattr(a, k)}" for k, v in defaults.items() if getattr(a, k) != v]
 
 
+def _threshold_words(r: dict) -> str:
+    """What `face verify` did to the run's threshold: replaced it (from what, and how to keep it), or left it."""
+    new, old, where = r["threshold"], r.get("run_threshold_before"), r.get("run_threshold_before_from")
+    was = "it had none" if old is None else f"was {old:.4f}" + (f" from {where}" if where else "")
+    if not r.get("threshold_saved"):
+        return f"threshold {new:.4f} on these pairs; the run's stays {'none' if old is None else f'{old:.4f}'}"
+    return (f"threshold {new:.4f} on these pairs, now the run's in {r['face_json']} ({was}; --keep-threshold leaves "
+            f"the run's as it is)")
+
+
 def _cmd_recipes(a: argparse.Namespace) -> int:
+    import shutil
+    import textwrap
+
     import yaml
 
     from danlu.config import list_recipes
 
+    width = min(120, shutil.get_terminal_size((100, 24)).columns)
     for name, path in list_recipes().items():
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
-        about = first.lstrip("# ").strip() if first.startswith("#") else ""
-        d = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+        d = (yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else None) or {}
         what = f"{d.get('model', {}).get('name', 'lenet')} on {d.get('data', {}).get('name', 'mnist5k')}"
-        print(f"{name:<24} {what:<32} {about}")
+        print(f"{name:<24} {what}")
+        about = _first_sentence(text)
+        if about:
+            print(textwrap.fill(about, width, initial_indent="    ", subsequent_indent="    "))
     return 0
+
+
+def _first_sentence(text: str) -> str:
+    """The first sentence of a recipe's leading comment (its lines joined; the comment's indented example commands
+    end it): 'MiniGoogLeNet on CIFAR-10 from Rosebrock's Keras multi-GPU article (the article: 0.9065 on one GPU)'."""
+    import re
+
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        body = line[1:]
+        if body.startswith("  ") or not body.strip():  # '#   danlu train ...': an example, not prose
+            break
+        words.append(body.strip())
+    prose = " ".join(words)
+    end = re.search(r"[.!?](?=\s+[A-Z(]|$)", prose)  # a full stop before a capital or at the end, not in '1.5'
+    return prose[:end.end()] if end else prose.removesuffix(":")  # ':' introduced the example commands
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -73,7 +74,8 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
     one clear face in fewer than half of a sample of the set's images; the choice is recorded). `equalize`: one of
     detect.EQUALIZE, or auto (tantriggs where a sample's photos are lit unevenly from the side, else none:
     detect.equalize_policy; recorded). `chip`: box (the face box grown by `margin`) or dlib (dlib's aligned chip).
-    `options`: cut exactly so (a run's preprocessing, `--for RUN`): the cut arguments above are then not used."""
+    `options`: cut as these say (a run's preprocessing, `--for RUN`): the cut arguments above are then not used,
+    but for `crop` and `equalize` given as other than auto (they describe the photos: tight crops, their light)."""
     from danlu.data.folder import scan_folder
     from danlu.data.store import StorePlan, write_store
     from danlu.face.detect import crop_policy, equalize_policy
@@ -87,8 +89,11 @@ def prepare_faces(raw_dir: Union[str, Path], out: Union[str, Path], *, size: int
     files = scan_folder(raw_dir, key="RAW_DIR")
     every = [it.path for split in (files.train, files.test or []) for it in split]
     found_share = side = None
-    if options is not None:  # a run's own cut: nothing decided here
-        size, channels, crop, equalize = options.size, options.channels, options.crop, options.equalize
+    if options is not None:  # a run's own cut; the photos' crop and light where asked for
+        crop = options.crop if crop == "auto" else crop
+        equalize = options.equalize if equalize == "auto" else equalize
+        options = replace(options, crop=crop, equalize=equalize)
+        size, channels = options.size, options.channels
     if equalize == "auto":
         equalize, side = equalize_policy(every)
         if not quiet:
