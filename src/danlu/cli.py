@@ -285,8 +285,8 @@ def _cmd_data(a: argparse.Namespace) -> int:
         what = (f"{r['train']:>6} / {r['test']:<6} {r['shape']:<8} {r['classes']:>3} classes, {r['download_mb']:>6} MiB"
                 if "train" in r else f"{'':<44}")
         print(f"  {r['name']:<14} {what}  {r['state']:<34} {r['about']}")
-    print("  folder, list, store  your own images: data.root (see README, 'Your own images')")
-    print("  wds                  WebDataset tar shards, from a folder or a URL: data.root (README, 'Data at scale')")
+    print("  folder, list, store  your own images: data.root (docs/guide/data.md)")
+    print("  wds                  WebDataset tar shards, from a folder or a URL: data.root (docs/guide/data.md)")
     return 0
 
 

@@ -330,7 +330,8 @@ class RunCfg(_Section):
 
 
 class DevicesCfg(_Section):
-    device: str = Field("auto", description="engine/devices.py: auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description=(
+        "auto (a GPU where there is one, else mps, else the CPU) | cpu | cuda | cuda:N | mps"))
 
     @field_validator("device")
     @classmethod
