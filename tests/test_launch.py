@@ -1,5 +1,6 @@
-"""launch.py's decisions, without starting processes (tests/engine/test_distributed.py starts real ones): which
-GPUs `--gpus` means, which rank a failed job's one-line message names, and the environment the workers inherit."""
+"""launch.py's decisions, without starting processes (tests/engine/test_distributed.py and tests/test_multinode.py
+start real ones): which GPUs `--gpus` means, which rank a failed job's one-line message names, and the environment the
+workers inherit."""
 import os
 import signal
 from types import SimpleNamespace
@@ -94,3 +95,32 @@ def test_the_workers_environment_is_set_for_the_launch_and_restored(monkeypatch)
         os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT"  # what the launcher sets inside
     assert os.environ["OMP_NUM_THREADS"] == "8" and "CUDA_VISIBLE_DEVICES" not in os.environ
     assert os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM"  # undone too
+
+
+def test_a_rank_left_behind_names_who_is_lost_or_stuck_and_beats_the_exit_codes():
+    stuck = ("rank 1 (host n1, pid 7) stuck: alive but no answer for 3 s (dist.timeout) after iteration 11 (rank 0 "
+             "of 2 gave up waiting)")
+    first = {**_report(0, 5.0, "Timed out waiting 3000ms", "RuntimeError", peer=True), "lost": stuck, "missing": [1]}
+    later = {**_report(1, 9.0, "Connection closed by peer", "RuntimeError", peer=True),
+             "lost": "lost rank 0 (host n1, pid 6) after iteration 11: its connection closed", "missing": [0]}
+    # rank 1 ended last, killed by the launcher after rank 0 gave up: the roll call, not the signal, is the cause
+    e = _root_cause(_Failed({0: 1, 1: -signal.SIGKILL}), [later, first])
+    assert isinstance(e, WorkerFailed) and e.rank == 1
+    assert str(e) == f"{stuck} (full traceback: /logs/0/traceback.txt)"
+    gone = {**_report(1, 2.0, "Connection reset by peer", peer=True), "lost": "lost rank 0's node", "missing": None}
+    assert _root_cause(_Failed({1: 1}), [gone]).rank == 0  # the store went with rank 0
+
+
+def test_a_failed_procs_run_says_which_snapshot_to_continue_from(tmp_path, monkeypatch, capsys):
+    import danlu.launch as launch
+
+    def fail_after_a_snapshot(fn, kw, **_):
+        snaps = tmp_path / "run" / "snapshots"
+        snaps.mkdir(parents=True)
+        (snaps / "iter_00000010.pt").touch()
+        raise WorkerFailed("rank 1 (host n1, pid 7) stuck: ...", 1)
+
+    monkeypatch.setattr(launch, "run_workers", fail_after_a_snapshot)
+    assert launch.train_command(out=str(tmp_path / "run"), procs=2, overrides=["model.name=lenet"]) == 1
+    assert capsys.readouterr().err == (f"danlu: error: rank 1 (host n1, pid 7) stuck: ...; continue from snapshot "
+                                       f"iter_00000010.pt with: danlu train --resume {tmp_path / 'run'} --procs 2\n")

@@ -36,6 +36,7 @@ from danlu.errors import DanluError, Stopped
 
 FAILURE_FILE = "danlu_failure.json"  # written by a failing worker beside torch's error.json
 TRACEBACK_FILE = "traceback.txt"
+TORCH_LOG_FILE = "torch.log"  # what torch's C++ code wrote while a failed rank held its roll call
 
 
 class WorkerFailed(Exception):
@@ -150,33 +151,124 @@ def _worker(fn: Callable[..., Any], args: tuple) -> Any:
             _record_failure(e)
             os._exit(e.code if isinstance(e.code, int) else 1)
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, then the process ends
-        _record_failure(e)
+        report = _record_failure(e)
+        restarts_left = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < \
+            int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+        if report and restarts_left and not isinstance(e, DanluError):  # the job goes on: nobody else will say why
+            _say(report)
         os._exit(2 if isinstance(e, DanluError) else 1)
     distributed.teardown()
     return result
 
 
-def _record_failure(e: BaseException) -> None:
+def _record_failure(e: BaseException, folder: Optional[Path] = None) -> Optional[dict[str, Any]]:
     """Write torch's error.json (what the elastic launcher reads), our traceback.txt and danlu_failure.json (rank,
-    precise time, and whether the error only reports a peer that is gone) into this worker's log folder."""
+    precise time, whether the error only reports a peer that is gone and, if so, who is: `lost`) into `folder`
+    (default: this worker's log folder under the launcher). Returns the report; None (the traceback printed) where
+    no launcher gave a folder."""
     sys.stdout.flush()
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not error_file:
+    if folder is None and not error_file:
         traceback.print_exc()
-        return
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-    folder = Path(error_file).parent
+        return None
+    folder = folder if folder is not None else Path(error_file).parent
     folder.mkdir(parents=True, exist_ok=True)
     (folder / TRACEBACK_FILE).write_text("".join(traceback.format_exception(e)))
-    report = {"rank": int(os.environ.get("RANK", "0")), "time": time.time(), "type": type(e).__name__,
+    iteration, run_dir = _failure_point(e)
+    report = {"rank": _my_rank(), "time": time.time(), "type": type(e).__name__,
               "message": str(e), "peer": _is_peer_failure(e), "user_error": isinstance(e, DanluError),
               "stopped": isinstance(e, Stopped), "signum": getattr(e, "signum", None),
-              "traceback": str(folder / TRACEBACK_FILE)}
+              "traceback": str(folder / TRACEBACK_FILE), "iteration": iteration,
+              "run_dir": str(run_dir) if run_dir else None}
+    lost = None
+    if report["peer"]:
+        with _stderr_to(folder / TORCH_LOG_FILE):  # the roll call meets the dead peer's sockets: torch's C++
+            lost = _lost(e, iteration)              # warnings about them (20-odd lines each) go to the log
+    if lost is not None:
+        report["lost"], report["missing"] = lost
     (folder / FAILURE_FILE).write_text(json.dumps(report))
-    if isinstance(e, Exception):
+    if error_file and isinstance(e, Exception):
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
         ErrorHandler().record_exception(e)
     sys.stderr.flush()
+    return report
+
+
+def _say(report: dict[str, Any]) -> None:
+    """The one line a failed rank prints itself: who is lost (or its own error) and what happens next."""
+    restart, most = (int(os.environ.get(k, "0")) for k in ("TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS"))
+    print(f"danlu: {_what_failed(report)}; {_what_next(report, restart, most)} (full traceback: "
+          f"{report['traceback']})", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path) -> Iterator[None]:
+    """Within the block, this process's file descriptor 2 (where torch's C++ code writes) appends to `path`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _lost(e: BaseException, iteration: Optional[int]) -> Optional[tuple[str, Optional[list[int]]]]:
+    """(the one line, the ranks that did not answer: None if unknown) for a collective that failed because another
+    rank is gone or stuck: the roll call names it. None before this rank joined the group (nobody to call)."""
+    from danlu.engine import distributed
+    from danlu.engine.faults import lost_ranks
+
+    dist = distributed.current()
+    if not dist.grouped:
+        return None
+    timed_out = any(w in str(e).lower() for w in ("timed out", "timeout"))
+    call = dist.roll_call(iteration, timed_out)
+    return (lost_ranks(call, rank=dist.rank, world=dist.world, iteration=iteration, timed_out=timed_out,
+                       timeout=dist.timeout), sorted({**call["lost"], **call["stuck"]}) if call is not None else None)
+
+
+def _what_failed(report: dict[str, Any]) -> str:
+    """A failure report in a few words: who is lost (a peer failure), else this rank's own error."""
+    if report.get("lost"):
+        return report["lost"]
+    return f"rank {report['rank']} failed: {report['type']}: {_first_line(report['message'])}"
+
+
+def _what_next(report: dict[str, Any], restart: int, most: int) -> str:
+    """Where a run goes from here: restarted by the launcher from the newest snapshot, or resumed by hand."""
+    snap = _newest_snapshot(report.get("run_dir"))
+    if restart < most:
+        start = f"from snapshot {snap.name}" if snap else "from the start (no snapshot yet)"
+        return f"restarting {start} (restart {restart + 1} of {most})"
+    if snap:
+        return f"continue from snapshot {snap.name} with: danlu train --resume {report['run_dir']}"
+    return "no snapshot was written: start the run again"
+
+
+def _newest_snapshot(run_dir: Optional[str]) -> Optional[Path]:
+    from danlu.engine.checkpoint import snapshots
+
+    found = snapshots(Path(run_dir) / "snapshots") if run_dir else []
+    return found[-1] if found else None
+
+
+def _failure_point(e: BaseException) -> tuple[Optional[int], Optional[Path]]:
+    """(iterations done, run folder) when `e` was raised inside danlu.train: read from the frames it passed through
+    (the training loop's `it`, danlu.train's `run_dir`), since a collective's error knows neither. (None, None)
+    outside training."""
+    iteration, run_dir = None, None
+    for frame, _ in traceback.walk_tb(e.__traceback__):
+        where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if where == ("danlu.engine.loop", "train_loop"):
+            iteration = frame.f_locals.get("it")
+        elif where == ("danlu.api", "train") and isinstance(frame.f_locals.get("run_dir"), Path):
+            run_dir = frame.f_locals["run_dir"]
+    return iteration, run_dir
 
 
 def _is_peer_failure(e: BaseException) -> bool:
@@ -208,6 +300,12 @@ def _root_cause(e: Any, reports: list[dict[str, Any]]) -> Exception:
         r = own[0]
         return WorkerFailed(f"rank {r['rank']} failed: {r['type']}: {_first_line(r['message'])} (full traceback: "
                             f"{r['traceback']})", r["rank"], r["traceback"])
+    lost = sorted((r for r in reports if r.get("lost")), key=lambda r: r["time"])
+    if lost:  # the first rank left behind held a roll call: the ranks that did not answer are the cause
+        r = lost[0]
+        gone = r.get("missing")  # None: the store went with rank 0; []: all alive, so the reporter's own
+        return WorkerFailed(f"{r['lost']} (full traceback: {r['traceback']})",
+                            0 if gone is None else (gone or [r["rank"]])[0], r["traceback"])
     killed = [(rank, f) for rank, f in e.failures.items() if f.exitcode < 0]
     if killed:
         rank, f = killed[0]
@@ -302,7 +400,10 @@ def train_command(recipe: Optional[str] = None, *, overrides: Optional[list[str]
     if procs is None and gpus is None:
         if max_restarts:
             raise DanluError("--max-restarts needs --procs or --gpus (under torchrun, use torchrun --max-restarts)")
-        _train(kw)
+        if distributed.detect() is None:
+            _train(kw)
+        else:
+            _train_as_rank(kw)
         distributed.teardown()
         return 0
     launched = distributed.detect()
@@ -319,7 +420,9 @@ def train_command(recipe: Optional[str] = None, *, overrides: Optional[list[str]
         run_workers(_train_worker, kw, procs=procs, gpus=gpus, max_restarts=max_restarts, timeout=timeout,
                     log_dir=run_dir / "logs")
     except WorkerFailed as e:
-        print(f"danlu: error: {e}", file=sys.stderr)
+        snap = _newest_snapshot(str(run_dir))
+        then = f"; continue from snapshot {snap.name} with: danlu train --resume {run_dir} {how}" if snap else ""
+        print(f"danlu: error: {e}{then}", file=sys.stderr)
         return e.exit_code
     except Interrupted as e:  # the workers' message names the iteration and the snapshot
         hint = "" if "--resume" in str(e) else \
@@ -355,6 +458,54 @@ def _prepare(kw: dict[str, Any], on_gpus: bool) -> tuple[str, float, Path]:
     return want, recipe.dist.timeout, run_dir
 
 
+def _train_as_rank(kw: dict[str, Any]) -> None:
+    """One rank of a job torchrun, SLURM or Kubernetes started: train; on a failure, its traceback goes to the run's
+    logs/ (RUN/logs/JOB/attempt_N/RANK/traceback.txt) and the console gets one line (who is lost, or this rank's
+    error, and what happens next), then the process ends with exit code 1, so that torchrun restarts it (with
+    --max-restarts) or srun's --kill-on-bad-exit ends the others."""
+    try:
+        _train(kw, _job_name())
+    except (DanluError, Stopped, KeyboardInterrupt):  # one line from the CLI already, exit 2 / 143 / 130
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure is recorded, then the process ends
+        report = _record_failure(e, _rank_log_folder(e, kw))
+        if report is not None:
+            _say(report)
+            os._exit(1)  # leave at once: a process group whose peers are gone can abort noisily in its destructor
+        raise  # no run folder to keep the traceback in: it goes to the console as before
+
+
+def _rank_log_folder(e: BaseException, kw: dict[str, Any]) -> Optional[Path]:
+    """RUN/logs/JOB/attempt_N/RANK (JOB: torchrun's rendezvous id, the SLURM job and step, or 'env'); a new
+    folder beside an existing one (RANK.PID) when torchrun restarted the job for a change of nodes, which keeps
+    the restart count; None when the run folder is not known."""
+    run_dir = kw["out"] or kw["resume"] or _failure_point(e)[1]
+    if run_dir is None:
+        return None
+    rank = str(_my_rank())
+    attempt = Path(run_dir) / "logs" / (_job_name() or "env") / \
+        f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return attempt / rank if not (attempt / rank).exists() else attempt / f"{rank}.{os.getpid()}"
+
+
+def _my_rank() -> int:
+    """This process's rank as its launcher set it (RANK, or SLURM_PROCID under srun); 0 in a single process."""
+    from danlu.engine import distributed
+
+    launch = distributed.detect()
+    return launch.rank if launch is not None else 0
+
+
+def _job_name() -> Optional[str]:
+    """The job this process is a rank of, as a folder name: torchrun's rendezvous id, or SLURM's job and step
+    (slurm-4242.0); None under a bare env:// launch (Kubernetes), which names no job."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return os.environ["TORCHELASTIC_RUN_ID"]
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return None
+
+
 def _train_worker(kw: dict[str, Any]) -> dict[str, Any]:
     """One rank of `danlu train --procs/--gpus` (a Stopped run leaves through _worker, as the launcher wants)."""
     result = _train(kw)
@@ -372,18 +523,29 @@ def _set_aside(run_dir: Path, name: str) -> None:
             (run_dir / f).rename(run_dir / "logs" / name / f)
 
 
-def _train(kw: dict[str, Any]):
+def _train(kw: dict[str, Any], job: Optional[str] = None):
     """danlu.train(**kw); a restarted worker (the elastic launcher's --max-restarts, or torchrun's) resumes the run
-    from its newest snapshot instead of starting it again."""
+    from its newest snapshot instead of starting it again. `job` (a job torchrun or SLURM started, see _job_name):
+    a worker that finds snapshots of the same job in the run folder resumes too, restarted or not: a replacement
+    node, a node joining an elastic job (torchrun then restarts every node's workers without counting a restart),
+    or the whole job started again with the same command; every rank of the job sees the same folder, so all
+    take the same decision."""
     from danlu.api import train
     from danlu.engine import distributed
+    from danlu.runs import held_run_files
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     folder = kw["resume"] or kw["out"]
-    if restarts and folder and any((Path(folder) / "snapshots").glob("*.pt")):
+    seen = job is not None and folder is not None and (Path(folder) / "logs" / job).is_dir()
+    if (restarts or seen) and folder and any((Path(folder) / "snapshots").glob("*.pt")):
         kw = {**kw, "recipe": None, "out": None, "resume": folder, "force": False}
-    elif restarts and folder and os.environ.get("RANK") == "0":  # failed before its first snapshot: start again,
-        _set_aside(Path(folder), f"restart-{restarts}")          # keeping what the failed attempt wrote
+    elif (restarts or seen) and folder and _my_rank() == 0:  # failed before its first snapshot:
+        # start again, keeping what the failed attempt wrote
+        _set_aside(Path(folder), f"restart-{restarts}" if restarts else f"rejoin-{os.getpid()}")
+    if job is not None and folder is not None and _my_rank() == 0 and not held_run_files(Path(folder)):
+        # this job starts here (before training, so no rank can see a snapshot of it yet); a folder that holds
+        # another run gets no mark: train() refuses it
+        (Path(folder) / "logs" / job).mkdir(parents=True, exist_ok=True)
     result = train(**kw)
     distributed.current().barrier()  # nobody leaves the group while rank 0 still writes the run's last files
     return result

@@ -17,12 +17,26 @@ Who started this process decides the world (`detect`):
 Backend: NCCL on CUDA, where each process takes cuda:LOCAL_RANK; gloo on the CPU. The recipe's `dist.timeout` bounds
 how long a collective waits for a rank that died or hangs: the others then fail too, and the job ends instead of
 hanging (NCCL: with TORCH_NCCL_ASYNC_ERROR_HANDLING, set here unless the user set it).
+
+Who is gone when a collective fails: the error itself does not say (gloo names a socket address, or only that it
+timed out). So each rank writes where it runs (host, node, pid) into the job's key-value store when it joins, and
+beats there every HEARTBEAT seconds from a thread of its own; after a failed collective, every rank that saw the
+failure answers a roll call (`Dist.roll_call`). A rank that neither answers nor beats is lost (its process or node is
+gone); one that beats but does not answer after a timeout is stuck; one that beats and does not answer after a closed
+connection is only blocked behind another failing rank. The store lives with rank 0's node (torchrun's agent on node
+0, rank 0 itself under env:// and SLURM, danlu's launcher for --procs), so a store that is gone too means rank 0's
+node is.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
+import socket
+import threading
+import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -32,6 +46,10 @@ import torch
 from torch import nn
 
 from danlu.errors import DanluError
+
+# seconds between a rank's heartbeats in the job's store (what tells a roll call dead from alive); each costs the
+# store's host one small write and one connection (the probe) per rank
+HEARTBEAT = 1.0
 
 
 @dataclass(frozen=True)
@@ -98,8 +116,11 @@ class Dist:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     grouped: bool = False  # a process group exists (a launcher started us), even at world size 1 (`--gpus 1`)
     bucket_mb: float = 25.0
+    timeout: float = 300.0  # dist.timeout: seconds a collective waits for a missing rank
     _control: Any = field(default=None, repr=False)  # gloo group on the CPU for agreement (no device sync)
     _pending: Any = field(default=None, repr=False)  # (work, flag) of the last any_rank() all-reduce
+    _store: Any = field(default=None, repr=False)  # this job's keys in the launcher's store (roll_call)
+    _heart: Any = field(default=None, repr=False)  # threading.Event that stops the heartbeat thread
 
     @property
     def is_main(self) -> bool:
@@ -170,6 +191,45 @@ class Dist:
         if self.grouped:
             torch.distributed.barrier(group=self._control)
 
+    def roll_call(self, iteration: Optional[int], timed_out: bool) -> Optional[dict[str, dict[int, dict]]]:
+        """After a collective failed on this rank (`timed_out`: it waited dist.timeout; else a peer's connection
+        closed): answer, watch the others for 3 heartbeats, and return {"lost": ..., "stuck": ...}, each
+        {rank: {"host", "node", "pid"}} ({} where a rank never said). Lost: no answer and no heartbeat, or answered
+        and already left (it failed before this rank). Stuck (after a timeout only): beats but does not answer.
+        None when the store is gone too: it lives with rank 0's node, so that node is the one lost.
+
+        The others that saw the same failure answer within the watch (at once after a closed connection, within a
+        step of each other after a timeout: they all waited from the same collective); a rank blocked behind a
+        failing one beats, so it is never named."""
+        if not self.grouped or self._store is None:
+            return {"lost": {}, "stuck": {}}
+        s, others = self._store, [r for r in range(self.world) if r != self.rank]
+        try:
+            s.set(f"here/{self.rank}", str(iteration))
+            left = {r for r in others if s.check([f"left/{r}"])}
+            first = {r: self._beats(r) for r in others}
+            deadline = time.monotonic() + 3 * HEARTBEAT
+            while time.monotonic() < deadline:
+                silent = {r for r in others if r not in left and not s.check([f"here/{r}"])}
+                if not silent:
+                    break
+                time.sleep(0.1)
+            dead = {r for r in silent if self._beats(r) == first[r]}
+            stuck = silent - dead if timed_out else set()
+            call = {"lost": {r: self._who(r) for r in sorted(left | dead)},
+                    "stuck": {r: self._who(r) for r in sorted(stuck)}}
+            s.set(f"left/{self.rank}", "")
+            return call
+        except (RuntimeError, ValueError, OSError):  # torch's store errors (DistStoreError, DistNetworkError) are
+            return None                                # RuntimeErrors: the store's host is gone
+
+    def _beats(self, rank: int) -> Optional[bytes]:
+        return self._store.get(f"beat/{rank}") if self._store.check([f"beat/{rank}"]) else None
+
+    def _who(self, rank: int) -> dict[str, Any]:
+        """Where `rank` said it runs when it joined: host, node (None on one machine), pid; {} if it never said."""
+        return json.loads(self._store.get(f"who/{rank}")) if self._store.check([f"who/{rank}"]) else {}
+
 
 _current: Optional[Dist] = None
 
@@ -191,7 +251,7 @@ def setup(device: torch.device, timeout: float = 300.0, bucket_mb: float = 25.0)
         device = torch.device("cuda", launch.local_rank % max(1, torch.cuda.device_count()))
         torch.cuda.set_device(device)
     if _current is not None and _current.grouped and torch.distributed.is_initialized():
-        _current.bucket_mb = bucket_mb
+        _current.bucket_mb, _current.timeout = bucket_mb, timeout
         return _current  # a second danlu.train() in the same worker reuses the group
     if launch.by == "slurm":  # torch's launchers export these; srun does not
         os.environ.setdefault("MASTER_ADDR", launch.master_addr or "")
@@ -206,9 +266,51 @@ def setup(device: torch.device, timeout: float = 300.0, bucket_mb: float = 25.0)
                                              world_size=launch.world, timeout=wait,
                                              device_id=device if device.type == "cuda" else None)
     control = torch.distributed.new_group(backend="gloo", timeout=wait) if backend == "nccl" else None
+    store, heart = _job_store(launch, control)
     _current = Dist(launch.rank, launch.world, launch.local_rank, device, grouped=True, bucket_mb=bucket_mb,
-                    _control=control)
+                    timeout=timeout, _control=control, _store=store, _heart=heart)
     return _current
+
+
+def _job_store(launch: Launch, control: Any) -> tuple[Any, threading.Event]:
+    """This job's own keys in the store the process group met through (MASTER_ADDR:MASTER_PORT, which every
+    launcher exports before init_process_group returns), with this rank's host, node and pid written under
+    who/RANK, and its heartbeat thread started; returns (the store, the Event that stops the heartbeat). The keys
+    are under a name rank 0 draws for this group, so a restarted job (torchrun keeps the store and may keep its
+    restart count across a change of nodes) never reads an earlier group's answers."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    name = [uuid.uuid4().hex[:12]]  # (1,): rank 0's draw, the same on every rank after the broadcast
+    torch.distributed.broadcast_object_list(name, src=0, group=control)
+    host, port, prefix = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), f"danlu/{name[0]}/"
+    store = PrefixStore(prefix, TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10)))
+    node = os.environ.get("GROUP_RANK") if launch.by == "torchrun" else os.environ.get("SLURM_NODEID")
+    several = int(os.environ.get("GROUP_WORLD_SIZE") or os.environ.get("SLURM_NNODES") or "1") > 1
+    store.set(f"who/{launch.rank}", json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                "node": int(node) if node and several else None}))
+    store.set(f"beat/{launch.rank}", "0")
+    stop = threading.Event()
+    threading.Thread(target=_heartbeat, args=(host, port, prefix, launch.rank, stop), daemon=True,
+                     name="danlu-heartbeat").start()
+    return store, stop
+
+
+def _heartbeat(host: str, port: int, prefix: str, rank: int, stop: threading.Event) -> None:
+    """Every HEARTBEAT seconds, count one more beat under beat/RANK, until `stop` or the store is gone. Its own
+    connection, on its own thread: it beats while the main thread waits in a collective or is stuck in user code.
+    A plain socket probes the store first and the thread ends quietly when it is gone: a TCPStore call on a dead
+    store writes a C++ stack trace to the console."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    try:
+        store = PrefixStore(prefix, TCPStore(host, port, is_master=False, timeout=timedelta(seconds=10)))
+        beats = 0
+        while not stop.wait(HEARTBEAT):
+            socket.create_connection((host, port), timeout=HEARTBEAT).close()
+            beats += 1
+            store.set(f"beat/{rank}", str(beats))
+    except (RuntimeError, ValueError, OSError):  # the store's host is gone: so is the heartbeat
+        return
 
 
 def current() -> Dist:
@@ -219,6 +321,8 @@ def current() -> Dist:
 def teardown() -> None:
     """Leave the process group (at the end of a worker); nothing in a single process."""
     global _current
+    if _current is not None and _current._heart is not None:
+        _current._heart.set()
     if _current is not None and _current.grouped and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _current = None

@@ -13,6 +13,8 @@
   one sync) and drops those steps, counting them; fp16 loss-scaler skips are the precision's business, not this.
 - Out of memory: `find_batch_size` probes the largest power-of-two batch that fits before training;
   `out_of_memory` turns torch.OutOfMemoryError during training into one line naming the batch and a fitting one.
+- A rank or node lost, or stuck past `dist.timeout`: `lost_ranks` is the one line the ranks left behind say (who,
+  where it ran, after which iteration, how the collective failed); danlu.launch adds what happens next.
 """
 from __future__ import annotations
 
@@ -178,6 +180,59 @@ def _first_nonfinite(named: Iterable[tuple[str, torch.Tensor]]) -> tuple[Optiona
     """(name of the first tensor holding NaN/Inf, how many do) in the given order."""
     bad = [n for n, t in named if not bool(torch.isfinite(t).all())]
     return (bad[0] if bad else None), len(bad)
+
+
+# ---------------------------------------------------------------- lost or stuck ranks
+
+
+def lost_ranks(call: Optional[dict[str, dict[int, dict]]], *, rank: int, world: int, iteration: Optional[int],
+               timed_out: bool, timeout: float) -> str:
+    """What rank `rank` of `world` says when a collective failed: who is lost or stuck (`call`, from
+    Dist.roll_call: {"lost": {rank: where}, "stuck": {rank: where}}; None: the job's store is gone with rank 0's
+    node), where they ran, after which iteration, and how (`timed_out`: waited `timeout` s, dist.timeout; else a
+    peer's connection closed).
+
+    >>> lost_ranks({"lost": {1: {"host": "n2", "node": 1, "pid": 7}}, "stuck": {}}, rank=0, world=2, iteration=20,
+    ...            timed_out=False, timeout=300)
+    'lost rank 1 (host n2, node 1, pid 7) after iteration 20: its connection closed (rank 0 of 2 noticed)'
+    """
+    after = f"after iteration {iteration}" if iteration is not None else "before training started"
+    waited = f"no answer for {timeout:g} s (dist.timeout)"
+    if call is None:
+        how = waited if timed_out else "its connection closed"
+        return (f"lost rank 0's node (the job's store, which it kept, is gone too) {after}: {how} (rank {rank} of "
+                f"{world} noticed)")
+    said = []
+    if call["lost"]:
+        how = (f"{waited} and no heartbeat" if timed_out else
+               "their connections closed" if len(call["lost"]) > 1 else "its connection closed")
+        said.append(f"lost {_ranks(call['lost'])} {after}: {how} (rank {rank} of {world} noticed)")
+    if call["stuck"]:
+        said.append(f"{_ranks(call['stuck'])} stuck: alive but {waited} {after} (rank {rank} of {world} gave up "
+                    f"waiting)")
+    if not said:  # everybody answered: nobody is gone, they waited on each other
+        said.append(f"every rank of {world} is alive but a collective {'timed out' if timed_out else 'failed'} on "
+                    f"rank {rank} {after}: the ranks called different collectives")
+    return "; ".join(said)
+
+
+def _ranks(where: dict[int, dict]) -> str:
+    """'rank 1 (host n2, node 1, pid 7)', or per machine 'ranks 8-15 (host n2, node 1)'."""
+    by_host: dict[tuple, list[int]] = {}
+    for r, w in sorted(where.items()):
+        by_host.setdefault((w.get("host"), w.get("node")), []).append(r)
+    said = []
+    for (host, node), ranks in by_host.items():
+        place = ", ".join(p for p in (f"host {host}" if host else "", f"node {node}" if node is not None else "") if p)
+        if len(ranks) == 1:
+            pid = where[ranks[0]].get("pid")
+            place = ", ".join(p for p in (place, f"pid {pid}" if pid else "") if p)
+            said.append(f"rank {ranks[0]}" + (f" ({place})" if place else ""))
+        else:
+            span = f"{ranks[0]}-{ranks[-1]}" if ranks == list(range(ranks[0], ranks[-1] + 1)) else \
+                ",".join(map(str, ranks))
+            said.append(f"ranks {span}" + (f" ({place})" if place else ""))
+    return ", ".join(said)
 
 
 # ---------------------------------------------------------------- out of memory
