@@ -1,4 +1,5 @@
 """The README's Python example: your own nn.Module on your own tensors."""
+import pytest
 import torch
 from torch import nn
 
@@ -43,3 +44,77 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["result"].test_accuracy > 0.9
     assert (tmp_path / "runs" / "mine" / "summary.json").is_file()
+
+
+def _files(folder):
+    """Every file of a run folder with its bytes: what a command that 'changes nothing' must leave as it was."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_of_a_finished_run_changes_nothing_and_training_on_is_asked_for(tmp_path):
+    """`--resume` of a finished run used to print 'done: test accuracy nan', exit 0 and rewrite summary.json with
+    null figures. Now: one line saying it is finished, exit 0, every file as it was; a length that is not longer:
+    exit 2, nothing written; a longer run.max_iter: it trains on."""
+    import json
+
+    from conftest import TINY, run_cli, sets
+
+    out = tmp_path / "run"
+    assert run_cli("train", "--out", str(out), "--device", "cpu", *sets(*TINY, "run.max_iter=4")).returncode == 0
+    before = _files(out)
+    r = run_cli("train", "--resume", str(out))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines() == [r.stdout.strip()] and f"{out} is finished (4 iterations" in r.stdout
+    assert "run.max_iter=N with N above 4" in r.stdout and "nan" not in r.stdout
+    assert _files(out) == before
+    r = run_cli("train", "--resume", str(out), "--set", "run.max_iter=4")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not more than the 4" in r.stderr
+    assert _files(out) == before
+    r = run_cli("train", "--resume", str(out), "--set", "run.max_iter=8", "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["iterations"] == 8 and summary["test_accuracy"] is not None
+    result = danlu.train(resume=out, quiet=True)  # the API: the finished run's result, nothing trained
+    assert (result.iterations, result.test_accuracy) == (8, pytest.approx(summary["test_accuracy"], abs=1e-6))
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
+class _Net(nn.Module):
+    """A user's own module (not in danlu's registry)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_run_of_your_own_module_resumes_through_the_api_and_the_cli_says_so(tmp_path):
+    """The CLI cannot rebuild a module it was never given: it says how to resume in Python (it used to say 'holds
+    weights of another model (missing keys ...)'), and danlu.train(model=..., resume=RUN) continues the run."""
+    import shutil
+
+    from conftest import run_cli
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (300,), generator=g)
+    images = (labels.view(-1, 1, 1, 1) * 80 + torch.randint(0, 40, (300, 3, 16, 16), generator=g)).to(torch.uint8)
+    train, test = (danlu.ImageSet(images[s], labels[s], ["a", "b", "c"]) for s in (slice(0, 256), slice(256, None)))
+    recipe = {"run": {"max_iter": 16, "snapshot_every": 8, "tensorboard": False}, "data": {"batch_size": 32}}
+    torch.manual_seed(0)
+    full = danlu.train(recipe, model=_Net(), train_data=train, test_data=test, out=tmp_path / "full", quiet=True)
+    cut = tmp_path / "cut"  # the same run killed after its snapshot at 8
+    shutil.copytree(tmp_path / "full", cut)
+    for name in ("snapshots/iter_00000016.pt", "snapshots/iter_00000016.pt.sha256", "summary.json"):
+        (cut / name).unlink()
+
+    r = run_cli("train", "--resume", str(cut))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "_Net" in r.stderr
+    assert f"danlu.train(resume='{cut}', model=_Net(), train_data=..., test_data=...)" in r.stderr
+    model = _Net()
+    resumed = danlu.train(resume=cut, model=model, train_data=train, test_data=test, quiet=True)
+    assert resumed.iterations == 16 and resumed.model is model
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k  # as if never interrupted

@@ -103,3 +103,35 @@ def test_nothing_to_classify_is_an_error(lenet_run, tmp_path):
         predict(lenet_run, [tmp_path / "nope.png"])
     with pytest.raises(DanluError, match="no such run folder"):
         predict(tmp_path / "norun", [tmp_path])
+
+
+def test_only_a_text_file_is_no_images_with_the_file_named_and_exit_2(lenet_run, cli, tmp_path):
+    """It used to print '0 images in 0.03 s (32.9 ms per image)'."""
+    (tmp_path / "notes.txt").write_text("not an image\n")
+    r = cli("predict", str(lenet_run), str(tmp_path / "notes.txt"))
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"danlu: error: no images to classify: {tmp_path / 'notes.txt'}: not a readable image")
+
+
+def test_a_file_named_and_inside_a_named_folder_is_classified_once(lenet_run, digits):
+    folder, _, _ = digits
+    r = predict(lenet_run, [folder / "07.png", folder, f"{folder}/../{folder.name}/07.png"])
+    files = [p.file for p in r.predictions]
+    assert len(files) == 30 and files[0] == str(folder / "07.png") and str(folder / "07.png") not in files[1:]
+
+
+def test_label_smoothing_is_named_as_the_reason_probabilities_stop_below_one(lenet_run, digits, cli, tmp_path):
+    """The default recipe trains with optim.label_smoothing 0.1: clearly right digits get 0.77-0.93, and the user is
+    told why (the ceiling 1 - 0.1 + 0.1/10 = 0.91); a run without smoothing gets no note."""
+    folder, _, _ = digits
+    r = cli("predict", str(lenet_run), str(folder / "00.png"))
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "danlu: note: the run trained with optim.label_smoothing=0.1, so its probabilities top out near 0.91 "
+        "(1 - 0.1 + 0.1/10) even for a clear image: compare them with each other, not with 1"]
+    assert len(r.stdout.strip().splitlines()) == 2  # the image and the summary: the note stays off standard output
+    plain = tmp_path / "plain"
+    danlu.train(None, overrides=TINY + ["optim.label_smoothing=0", "run.max_iter=3"], out=plain, device="cpu",
+                quiet=True)
+    assert predict(plain, [folder / "00.png"]).notes == []

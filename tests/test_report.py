@@ -97,3 +97,44 @@ def test_bench_markdown_puts_each_figure_with_its_context():
     assert lines[8:] == ["- skipped: tf32 compile off (procs 1): tf32 needs CUDA",
                          "- MFU against fp32: measured (2048x2048 float32 matmul, best of 3)",
                          "- incomplete: the run stopped before the whole matrix was measured"]
+
+
+def _drawn(ax):
+    """What a panel shows: per line (label, points, marker), and its y scale."""
+    return [(ln.get_label(), len(ln.get_xdata()), ln.get_marker()) for ln in ax.lines], ax.get_yscale()
+
+
+def test_a_short_face_run_shows_its_lone_display_event_and_only_what_it_logged(tmp_path, figures):
+    """30 one-step epochs with display 50: one train event. Its point has a marker (a one-point line without one
+    draws nothing), and the legend lists only what is drawn: the face run's tests have no loss."""
+    m = _write(tmp_path / "metrics.jsonl", [
+        *({"kind": "test", "iter": i, "epoch": float(i), "verification_acc": 0.6 + i / 100} for i in (10, 20)),
+        {"kind": "train", "iter": 30, "epoch": 30.0, "loss": 14.2, "acc": 0.05},
+        {"kind": "test", "iter": 30, "epoch": 30.0, "verification_acc": 0.9}])
+    draw_curves(m, tmp_path / "curves.png")
+    (fig,) = figures
+    loss, acc = fig.axes
+    assert _drawn(loss) == ([("train loss", 1, "o")], "linear")
+    assert _drawn(acc) == ([("train accuracy", 1, "o"), ("test verification accuracy", 3, "o")], "linear")
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["train loss"]
+
+
+def test_a_loss_spanning_decades_gets_a_log_axis_and_long_series_no_markers(tmp_path, figures):
+    train = [{"kind": "train", "iter": i, "epoch": i / 10, "loss": 2.3 / i, "acc": 0.5} for i in range(1, 31)]
+    m = _write(tmp_path / "metrics.jsonl", [*train, {"kind": "test", "iter": 30, "epoch": 3.0, "loss": 1044.0,
+                                                     "acc": 0.1}])
+    draw_curves(m, tmp_path / "curves.png")
+    loss, acc = figures[0].axes
+    assert _drawn(loss) == ([("train loss", 30, "None"), ("test loss", 1, "o")], "log")  # 0.077 .. 1044
+    assert _drawn(acc)[1] == "linear"
+
+
+def test_panels_only_for_what_the_run_logged(tmp_path, figures):
+    m = _write(tmp_path / "metrics.jsonl", [{"kind": "train", "iter": 5, "epoch": 1.0, "loss": 0.7},
+                                            {"kind": "train", "iter": 10, "epoch": 2.0, "loss": float("nan")}])
+    draw_curves(m, tmp_path / "curves.png")
+    (ax,) = figures[0].axes  # no accuracy logged: no accuracy panel; the NaN loss is not drawn
+    assert _drawn(ax) == ([("train loss", 1, "o")], "linear")
+    draw_curves(_write(tmp_path / "empty.jsonl", []), tmp_path / "empty.png")
+    (ax,) = figures[1].axes
+    assert len(ax.lines) == 0 and [t.get_text() for t in ax.texts] == ["no train or test events yet"]

@@ -50,7 +50,9 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
           train_data: Optional[ImageSet] = None, test_data: Optional[ImageSet] = None,
           quiet: bool = False, force: bool = False) -> RunResult:
     """Train from a recipe (shipped name, YAML path, dict or Recipe) and return the result; with `resume`, continue
-    the run in that folder from its newest snapshot (overrides apply on top of the run's recipe). An `out` folder
+    the run in that folder from its newest snapshot (overrides apply on top of the run's recipe); a finished run is
+    returned as it stands, nothing trained or written, unless the overrides make it longer (run.max_iter, run.epochs,
+    run.min_images), and a run of your own `model` / `train_data` resumes only with them given again. An `out` folder
     that holds another run is refused, or with `force` moved aside to `<out>.old-<time>` (never overwritten)."""
     from danlu import runs
     from danlu.engine import faults
@@ -61,9 +63,15 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     from danlu.engine.metrics import RunLog
 
     recipe, state, where = _resolve(recipe, overrides, resume, device)  # where: the snapshot, or the folder's name
+    own = _own_parts(model, train_data)  # what the API was given that no recipe describes (kept in snapshots)
+    if state is not None:
+        _check_own_parts(state, resume, model, train_data)
     # under a launcher (--procs/--gpus, torchrun, SLURM): join the process group; on CUDA, take cuda:LOCAL_RANK
     dist = setup_dist(resolve_device(recipe.devices.device), timeout=recipe.dist.timeout,
                       bucket_mb=recipe.dist.bucket_mb)
+    finished = state is not None and _finished(Path(resume), state)
+    if finished and not overrides:  # at once, without loading the data: nothing will change
+        return _finished_result(Path(resume), recipe, state, model, device, say=not quiet and dist.is_main)
     recipe = _share_global_batch(recipe, dist.world, state)
     train_data, test_data = _data(recipe, train_data, test_data)
     recipe, auto = resolve_precision(recipe, dist.device, dist)  # auto -> a format, saved as that
@@ -71,7 +79,12 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     p = b.parts
     fits = _probe_batch(recipe, b, train_data, dist, quiet) if recipe.run.find_batch_size else None
     if state is not None:
-        run_dir, start = Path(resume), _restore(state, where, recipe, b)
+        run_dir = Path(resume)
+        start = _restore(state, where, recipe, b, own_model=model is not None, run_dir=run_dir)  # checks them too
+        if finished and not _lengthens(overrides):  # overrides that do not ask for more training: nothing changes
+            return _finished_result(run_dir, recipe, state, b.model, device, say=not quiet and dist.is_main)
+        if start >= b.max_iter:  # nothing to train: write nothing either
+            raise DanluError(_nothing_to_train(run_dir, start, b.max_iter))
     else:
         start, run_dir = 0, runs.new_run_dir(out, where, force) if dist.is_main else None
         run_dir = Path(dist.broadcast_object(str(run_dir) if run_dir else None))  # the folder rank 0 named
@@ -95,7 +108,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     try:
         with p.guard.signals():  # SIGTERM / SIGINT: finish the step, snapshot, raise faults.Stopped
             stats = train_loop(p, build_plan(recipe, b.per_epoch, b.max_iter), log,
-                               p.guard.after(_snapshotter(recipe, b, run_dir), b.max_iter, run_dir),
+                               p.guard.after(_snapshotter(recipe, b, run_dir, own), b.max_iter, run_dir),
                                on_test=_on_test(recipe, b, run_dir, curves), start=start,
                                loop_state=state.get("loop") if state else None)
         last = stats.last_test
@@ -112,6 +125,7 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     _report_decode_skips(run_dir, train_data, p)
     summary = _summary(recipe, b, stats, train_data, run_dir, fits)
     summary.update(after)
+    summary.update(own)
     if auto is not None:
         summary["precision_auto"] = auto
     if dist.is_main:
@@ -147,6 +161,91 @@ def _resolve(recipe: RecipeLike, overrides: Optional[list[str]], resume: Union[s
         resolved = build_recipe({**resolved.to_dict(), "devices": {**resolved.devices.model_dump(), "device": device}},
                                 source={"devices.device": f"--device {device}"})
     return resolved, state, where
+
+
+_LENGTH_KEYS = ("run.max_iter", "run.epochs", "run.min_images")  # the overrides that can make a run longer
+
+
+def _own_parts(model: Optional[nn.Module], train_data: Optional[ImageSet]) -> dict[str, Any]:
+    """What a run was given through the API that its recipe cannot rebuild: {'own_model': 'mymodule.MyNet'} for an
+    nn.Module, {'own_data': True} for ImageSets (kept in snapshots and summary.json)."""
+    own: dict[str, Any] = {}
+    if model is not None:
+        own["own_model"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    if train_data is not None:
+        own["own_data"] = True
+    return own
+
+
+def _check_own_parts(state: dict[str, Any], resume: Union[str, Path], model: Optional[nn.Module],
+                     train_data: Optional[ImageSet]) -> None:
+    """A run that trained the user's own module or tensors resumes only where they are given again (the CLI cannot
+    rebuild them): otherwise one line saying how to resume it in Python."""
+    cls = state.get("own_model")
+    lacks = {"model": bool(cls) and model is None, "data": bool(state.get("own_data")) and train_data is None}
+    if not any(lacks.values()):
+        return
+    what = " and ".join(w for w, k in ((f"your own nn.Module ({cls})", "model"),
+                                       ("your own tensors (ImageSet)", "data")) if lacks[k])
+    args = ", ".join(a for a, k in ((f"model={str(cls).rsplit('.', 1)[-1]}()", "model"),
+                                    ("train_data=..., test_data=...", "data")) if lacks[k])
+    raise DanluError(f"--resume {resume}: the run trained {what}, given to danlu.train in Python, which the command "
+                     f"line cannot rebuild; expected a resume through the API: danlu.train(resume={str(resume)!r}, "
+                     f"{args})")
+
+
+def _finished(run_dir: Path, state: dict[str, Any]) -> bool:
+    """Whether the run ended at this snapshot and wrote its result: summary.json counts the snapshot's iterations
+    (its last snapshot is taken where the run ends: the last iteration, a target reached or an early stop)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and summary.get("iterations") == int(state["iteration"])
+
+
+def _lengthens(overrides: Optional[list[str]]) -> bool:
+    """Whether the overrides set the run's length (run.max_iter, run.epochs, run.min_images): a finished run trains
+    on only when asked to."""
+    return any(o.partition("=")[0].strip() in _LENGTH_KEYS for o in overrides or [])
+
+
+def _finished_result(run_dir: Path, recipe: Recipe, state: dict[str, Any], model: Optional[nn.Module],
+                     device: Optional[str], say: bool) -> RunResult:
+    """--resume of a finished run: its result as it stands (summary.json, the last test event, the final weights),
+    one line saying so, and nothing written."""
+    from danlu.engine import checkpoint
+    from danlu.engine.metrics import as_clock
+    from danlu.report import read_metrics
+    from danlu.tasks.base import task_for
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    tests = [e for e in read_metrics(run_dir / "metrics.jsonl") if e.get("kind") == "test"]
+    last, headline = tests[-1] if tests else {}, task_for(recipe, model).headline
+    if model is not None:  # the user's own module (or the one just built): the run's last snapshot into it
+        checkpoint.load_model_state(model, state["model"], f"--resume {run_dir}")
+    else:
+        model = load_run(run_dir, device=device).model
+    done = int(summary["iterations"])
+    if say:
+        figure = f", test {headline} {last[headline]:.4f}" if isinstance(last.get(headline), float) else ""
+        print(f"danlu: {run_dir} is finished ({done} iterations{figure}, {as_clock(summary.get('train_seconds', 0))} "
+              f"of training, {summary.get('finished', 'at an unknown time')}); nothing changed. To train on: danlu "
+              f"train --resume {run_dir} --set run.max_iter=N with N above {done}", flush=True)
+    acc = last.get(headline)
+    return RunResult(run_dir, float("nan") if acc is None else acc, last.get("loss", float("nan")), done,
+                     float(summary.get("train_seconds", 0.0)), float(summary.get("images_per_second", 0.0)), model,
+                     summary)
+
+
+def _nothing_to_train(run_dir: Path, done: int, max_iter: int) -> str:
+    """Why a resume that would train no step stops (before anything is written), and what to ask for instead."""
+    if (run_dir / "summary.json").is_file():
+        return (f"--resume {run_dir}: the run length asked for ({max_iter} iterations) is not more than the {done} "
+                f"it has done; expected --set run.max_iter=N with N above {done} to train on (nothing was changed)")
+    return (f"--resume {run_dir}: its newest snapshot is at iteration {done}, the run's last ({max_iter}), but it has "
+            f"no summary.json (it stopped while writing its result); expected --set run.max_iter=N with N above "
+            f"{done} to train on, or danlu eval {run_dir} for the snapshot's figures (nothing was changed)")
 
 
 def _data(recipe: Recipe, train_data: Optional[ImageSet], test_data: Optional[ImageSet]) -> tuple[ImageSet, ImageSet]:
@@ -190,13 +289,22 @@ def _probe_batch(recipe: Recipe, b, train_data: ImageSet, dist, quiet: bool) -> 
                                    say=lambda m: None if quiet or not dist.is_main else print(m, flush=True))
 
 
-def _restore(state: dict[str, Any], where: str, recipe: Recipe, b) -> int:
+def _restore(state: dict[str, Any], where: str, recipe: Recipe, b, own_model: bool = False,
+             run_dir: Optional[Path] = None) -> int:
     """Load a snapshot into the run's parts (model, optimizer, loss scaler, augmentation and global RNGs); returns
-    the iteration to continue from."""
+    the iteration to continue from. `own_model`: the module was given to train() (not built from the recipe)."""
     from danlu.engine import checkpoint
 
     p = b.parts
-    checkpoint.load_model_state(b.model, state["model"], where)
+    try:
+        checkpoint.load_model_state(b.model, state["model"], where)
+    except DanluError as e:
+        if own_model:
+            raise
+        # snapshots from before own_model was recorded: the weights may be of a module given to danlu.train
+        raise DanluError(f"{e}; if the run trained your own nn.Module (danlu.train(model=...)), the command line "
+                         f"cannot rebuild it: resume it in Python with danlu.train(model=MyNet(), "
+                         f"resume={str(run_dir)!r}, ...)") from None
     saved = state["recipe"]["optim"]["name"]
     if saved != recipe.optim.name:
         raise DanluError(f"{where}: holds {saved} optimizer state; optim.name={recipe.optim.name} cannot continue it "
@@ -217,8 +325,9 @@ def _restore(state: dict[str, Any], where: str, recipe: Recipe, b) -> int:
     return int(state["iteration"])
 
 
-def _snapshotter(recipe: Recipe, b, run_dir: Path):
-    """snapshot(it, loop_state): rank 0 writes the run's state at iteration `it` (atomic, the last K kept)."""
+def _snapshotter(recipe: Recipe, b, run_dir: Path, own: dict[str, Any]):
+    """snapshot(it, loop_state): rank 0 writes the run's state at iteration `it` (atomic, the last K kept); `own`:
+    the parts given through the API (_own_parts), so a resume knows to ask for them."""
     from danlu.engine import checkpoint
 
     p, resolved = b.parts, recipe.to_dict()
@@ -231,7 +340,7 @@ def _snapshotter(recipe: Recipe, b, run_dir: Path):
                  "precision": p.precision.state_dict(), "rng": checkpoint.rng_state(), "iteration": it,
                  "epoch": epoch, "index": index, "loop": loop_state, "recipe": resolved,
                  "global_batch": p.train_loader.global_batch, "world": p.dist.world,  # iteration counts global batches
-                 "guard": p.guard.state_dict()}
+                 "guard": p.guard.state_dict(), **own}
         if p.generator is not None:
             state["augment_rng"] = p.generator.get_state()
         if p.ema is not None:
@@ -404,6 +513,38 @@ def evaluate(run_dir: Union[str, Path], *, data: Optional[str] = None, overrides
         except (OSError, DanluError) as e:  # a read-only run folder: the figures are still shown
             warnings.warn(f"{run.run_dir}: cannot write {stem}.json ({e})")
     return out
+
+
+def sample(name: str, out: Union[str, Path], *, index: int = 0, split: str = "test") -> dict[str, Any]:
+    """One image of a named set as a PNG file (`danlu data sample mnist5k -o digit.png`), e.g. something to try
+    `danlu predict` on: by default the first of the test split, which a run of that set never trained on. Returns
+    {'file', 'name', 'split', 'index', 'images' (in the split), 'label', 'class', 'shape' (C, H, W)}."""
+    import io
+
+    from PIL import Image
+
+    from danlu.data.datasets import DATASETS, load_dataset
+    from danlu.errors import nearest
+    from danlu.io import write_bytes
+
+    named = [d for d in DATASETS if d not in ("folder", "list", "store", "wds")]  # the rest need data.root
+    if name not in named:
+        raise DanluError(f"data sample {name}: not a named set; expected one of {', '.join(named)}"
+                         f"{nearest(name, named)}")
+    if split not in ("train", "test"):
+        raise DanluError(f"--split {split}: expected train or test")
+    images = dict(zip(("train", "test"), load_dataset(name)))[split]
+    if not 0 <= index < len(images):
+        raise DanluError(f"--index {index}: {name}'s {split} split has {len(images)} images; expected 0 to "
+                         f"{len(images) - 1}")
+    pixels = images.images[index]  # (C, H, W) uint8
+    hwc = pixels[0].numpy() if pixels.shape[0] == 1 else pixels.permute(1, 2, 0).numpy()  # (H, W) or (H, W, 3)
+    buf = io.BytesIO()
+    Image.fromarray(hwc).save(buf, format="PNG")
+    write_bytes(Path(out), buf.getvalue())
+    label = int(images.labels[index])
+    return {"file": str(out), "name": name, "split": split, "index": index, "images": len(images), "label": label,
+            "class": images.classes[label], "shape": list(pixels.shape)}
 
 
 def _truncate_metrics(path: Path, iteration: int) -> None:

@@ -289,7 +289,9 @@ class RunCfg(_Section):
         "the run's length in iterations (global batches), or run.epochs"))
     epochs: Optional[float] = Field(None, gt=0, description=(
         "the run's length in epochs (fractions allowed), or run.max_iter"))
-    test_interval: Optional[int] = Field(None, gt=0, description="default: once an epoch")
+    test_interval: Optional[int] = Field(None, gt=0, description=(
+        "iterations between test events; default: whole epochs, at most about 10 test events a run (20 epochs: "
+        "every 2)"))
     test_iter: Optional[int] = Field(None, gt=0, description="test batches per evaluation; default: the whole test set")
     display: int = Field(50, gt=0, description="iterations between train lines and metrics.jsonl train events")
     snapshot_every: int = Field(500, ge=0, description="0: only at the end")

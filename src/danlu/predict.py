@@ -42,6 +42,7 @@ class PredictResult:
     predictions: list[Prediction] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (file, why it was not classified)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # how to read the figures (e.g. label smoothing's ceiling)
 
     @property
     def ms_per_image(self) -> float:
@@ -51,11 +52,12 @@ class PredictResult:
         return {"run_dir": self.run_dir, "device": self.device, "ms_per_image": round(self.ms_per_image, 3),
                 "images": [{"file": p.file, "ms": round(p.ms, 3),
                             "top": [{"class": c, "prob": prob} for c, prob in p.top]} for p in self.predictions],
-                "errors": [{"file": f, "error": e} for f, e in self.errors]}
+                "errors": [{"file": f, "error": e} for f, e in self.errors], "notes": self.notes}
 
 
 def find_images(inputs: list[Union[str, Path]]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Files to classify: named files as given, folders searched (recursively, sorted) for image suffixes.
+    """Files to classify: named files as given, folders searched (recursively, sorted) for image suffixes; a file
+    reached twice (named and inside a named folder, or through two folders) is classified once, where first met.
     Returns (files, errors) where errors name inputs that do not exist or folders without images."""
     files: list[Path] = []
     errors: list[tuple[str, str]] = []
@@ -70,7 +72,9 @@ def find_images(inputs: list[Union[str, Path]]) -> tuple[list[Path], list[tuple[
             files.append(p)
         else:
             errors.append((str(p), "no such file or folder"))
-    return files, errors
+    seen: set[Path] = set()
+    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]  # first occurrence kept
+    return unique, errors
 
 
 def read_image(path: Path, shape: tuple[int, int, int], resize: str = "crop") -> torch.Tensor:
@@ -96,7 +100,7 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
     run = load_run(run_dir, device=device or "auto")
     files, errors = find_images(inputs)
     if not files:
-        raise DanluError(f"no images to classify: {'; '.join(f'{f}: {e}' for f, e in errors) or 'no inputs'}")
+        raise DanluError(_nothing_classified(errors))
     k = min(top, len(run.classes))
     batch_size = batch_size or run.recipe.data.test_batch_size or 4 * run.recipe.data.batch_size
     result = PredictResult(str(run.run_dir), device_name(run.device), errors=errors)
@@ -122,7 +126,29 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
         for name, ms, v, j in zip(names, decode_ms, values.tolist(), index.tolist()):
             result.predictions.append(Prediction(name, [(run.classes[c], p) for c, p in zip(j, v)], ms + share))
     result.seconds = time.perf_counter() - start
+    if not result.predictions:  # e.g. only a text file named: say so, not "0 images in 0.03 s"
+        raise DanluError(_nothing_classified(result.errors))
+    smoothing = run.recipe.optim.label_smoothing
+    if smoothing:
+        result.notes.append(smoothing_note(smoothing, len(run.classes)))
     return result
+
+
+def _nothing_classified(errors: list[tuple[str, str]]) -> str:
+    """One line: no image was classified, the inputs skipped and why (the first 4), and what was expected."""
+    skipped = "; ".join(f"{f}: {e}" for f, e in errors[:4]) + (f" (+{len(errors) - 4} more)" if len(errors) > 4
+                                                               else "")
+    return (f"no images to classify: {skipped or 'no inputs'}; expected image files "
+            f"({', '.join(sorted(IMAGE_SUFFIXES))}) or folders of them")
+
+
+def smoothing_note(smoothing: float, classes: int) -> str:
+    """Why a run trained with label smoothing is never sure: its targets were 1 - s + s/K for the true class (and
+    s/K for each other), so that is about where its probabilities stop even for a clear image."""
+    ceiling = 1 - smoothing + smoothing / classes
+    return (f"the run trained with optim.label_smoothing={smoothing:g}, so its probabilities top out near "
+            f"{ceiling:.2f} (1 - {smoothing:g} + {smoothing:g}/{classes}) even for a clear image: compare them with "
+            f"each other, not with 1")
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,9 +22,15 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+FEW_POINTS = 20  # a series with at most this many points is drawn with a marker at each (a lone point is visible)
+DECADES = 100  # a panel whose positive values span this factor or more gets a log axis
+
+
 def draw_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
-    """Two panels, four curves: train/test loss and train/test accuracy against epochs (like the Keras article's
-    figure); written atomically so a viewer never sees half a PNG."""
+    """Train/test loss and train/test accuracy against epochs, one panel each (like the Keras article's figure),
+    each panel only where it has something to show; written atomically so a viewer never sees half a PNG. Series of
+    few points have markers (a run with one display event still shows it), and a panel whose values span two
+    decades (a test loss of 1,000 beside a train loss of 0.5) has a log axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,28 +39,46 @@ def draw_curves(metrics_path: Path, out_png: Path, title: str = "") -> None:
     records = read_metrics(metrics_path)
     train = [r for r in records if r["kind"] == "train"]
     test = [r for r in records if r["kind"] == "test"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     verification = any("verification_acc" in r for r in test)  # face runs: test = held-out identities' pairs
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy")):
-        ax.plot([r["epoch"] for r in train], [r[key] for r in train], label=f"train {label}", color="tab:blue")
+    panels = []  # (name, y label, [(series label, epochs, values, style)]): only series with a value to draw
+    for key, label in (("loss", "loss"), ("acc", "accuracy")):
         # a face run's test is verification on held-out people: an accuracy (right panel), never a loss
         tkey, tlabel = ("verification_acc", "verification accuracy") if verification and key == "acc" else (key, label)
-        shown = [r for r in test if r.get(tkey) is not None]
-        if shown:
-            ax.plot([r["epoch"] for r in shown], [r[tkey] for r in shown], "o-", label=f"test {tlabel}",
-                    color="tab:orange", markersize=3)
+        series = [(f"train {label}", *_points(train, key), "tab:blue"),
+                  (f"test {tlabel}", *_points(test, tkey), "tab:orange")]
+        series = [s for s in series if s[1]]
+        if series:
+            panels.append((key, label, series))
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.5 * max(1, len(panels)), 4.2), squeeze=False)
+    for ax, (key, label, series) in zip(axes[0], panels):
+        for name, xs, ys, color in series:
+            few = len(xs) <= FEW_POINTS or name.startswith("test")
+            ax.plot(xs, ys, "o-" if few else "-", label=name, color=color, markersize=3 if len(xs) > 1 else 5)
+        values = [y for _, _, ys, _ in series for y in ys]
+        if min(values) > 0 and max(values) / min(values) >= DECADES:
+            ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()
-    if test and verification:
-        ax_acc.set_title(f"verification accuracy {test[-1]['verification_acc']:.4f} at iteration {test[-1]['iter']}")
-    elif test:
-        ax_acc.set_title(f"test accuracy {test[-1]['acc']:.4f} at iteration {test[-1]['iter']}")
-    ax_loss.set_title(title or "loss")
+        if key == "loss":
+            ax.set_title(title or "loss")
+        elif test and verification and test[-1].get("verification_acc") is not None:
+            ax.set_title(f"verification accuracy {test[-1]['verification_acc']:.4f} at iteration {test[-1]['iter']}")
+        elif test and test[-1].get("acc") is not None:
+            ax.set_title(f"test accuracy {test[-1]['acc']:.4f} at iteration {test[-1]['iter']}")
+    if not panels:
+        axes[0][0].axis("off")
+        axes[0][0].text(0.5, 0.5, "no train or test events yet", ha="center", va="center")
     fig.tight_layout()
     atomic_write(Path(out_png), lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+def _points(records: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) of the records that hold a finite `key` (a NaN loss or a missing figure is not drawn)."""
+    kept = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [e for e, _ in kept], [v for _, v in kept]
 
 
 def draw_confusion(report: dict[str, Any], out_png: Path, title: str = "") -> None:

@@ -52,3 +52,32 @@ def test_bench_and_train_take_the_same_steps(tmp_path, data, loader):
     assert len(benched) == len(trained) == 3
     assert trained == pytest.approx(benched, abs=1e-6, rel=0)  # metrics.jsonl keeps 6 decimals
     assert benched[0] != benched[1] != benched[2]  # the steps changed the weights
+
+
+@pytest.mark.parametrize("per_epoch, max_iter, every", [
+    (1, 30, 3),  # 80 faces at batch 64: 30 one-step epochs, tested every 3 steps (not after every step)
+    (62, 1240, 124),  # lenet_mnist5k: 20 epochs of 62 steps, tested every 2 epochs
+    (62, 620, 62),  # up to 10 epochs: once an epoch, as before
+    (62, 1241, 186),  # a last partial epoch counts: 21 epochs, every 3
+    (62, 10, 62),  # shorter than an epoch: only the test at the end
+])
+def test_left_to_danlu_a_run_tests_at_most_about_ten_times_a_whole_number_of_epochs_apart(per_epoch, max_iter, every):
+    from danlu.engine.build import build_plan
+
+    plan = build_plan(danlu.load_recipe(None), per_epoch, max_iter)
+    assert plan.test_interval == every
+    assert len([it for it in range(1, max_iter + 1) if it % every == 0 or it == max_iter]) <= 11  # the loop's rule
+    exact = build_plan(danlu.load_recipe(None, ["run.test_interval=1"]), per_epoch, max_iter)
+    assert exact.test_interval == 1  # asked for: kept exactly
+
+
+def test_a_short_run_on_a_small_set_spends_its_steps_training(tmp_path):
+    """The real CLI, 30 epochs of 2 steps: 10 test events (it used to be 30, one an epoch)."""
+    from conftest import TINY, run_cli, sets
+
+    out = tmp_path / "run"
+    r = run_cli("train", "--out", str(out), "--device", "cpu", "--quiet",
+                *sets(*TINY, "data.train_size=64", "run.epochs=30", "run.display=20"))
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e["iter"] for e in events if e["kind"] == "test"] == list(range(6, 61, 6))

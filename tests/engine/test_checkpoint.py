@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from conftest import TINY, run_cli, sets
 from danlu.engine import checkpoint
-from danlu.io import atomic_write
 from danlu.errors import DanluError
 
 # augmentation on (its generator must resume too), dropout-free LeNet, 3 epochs of 16 iterations
@@ -127,3 +126,25 @@ def test_rng_state_round_trips():
     a = (random.random(), np.random.rand(), torch.rand(1).item())
     checkpoint.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_resume_of_the_wrong_folder_says_which_folder_to_pass(tmp_path):
+    """`--resume runs/hym/snapshots` used to say 'no snapshot in runs/hym/snapshots/snapshots', and `--resume runs`
+    'no snapshot in runs/snapshots': now the run folder to pass, or the runs found inside, newest first."""
+    runs = tmp_path / "runs"
+    for name in ("hym", "mnist"):
+        state = {k: torch.zeros(1) for k in checkpoint.RESUME_KEYS}
+        checkpoint.save_snapshot(runs / name / "snapshots", state, 4, keep=3)
+    os.utime(runs / "hym", (0, 0))  # the older of the two
+    with pytest.raises(DanluError) as e:
+        checkpoint.load_latest(runs / "hym" / "snapshots")
+    assert str(e.value) == (f"--resume {runs / 'hym' / 'snapshots'}: the run's snapshots/ folder; expected the run "
+                            f"folder: --resume {runs / 'hym'}")
+    with pytest.raises(DanluError) as e:
+        checkpoint.load_latest(runs)
+    assert str(e.value) == (f"--resume {runs}: not a run folder but a folder of 2 run(s); expected one of them: "
+                            f"--resume {runs / 'mnist'}, {runs / 'hym'}")
+    with pytest.raises(DanluError, match=rf"a snapshot file; expected its run folder: --resume {runs / 'hym'} "):
+        checkpoint.load_latest(runs / "hym" / "snapshots" / "iter_00000004.pt")
+    state, path = checkpoint.load_latest(runs / "hym")  # the run folder itself
+    assert path.name == "iter_00000004.pt"

@@ -61,7 +61,7 @@ def test_runlog_writes_rounded_events_appends_and_prints_lines(tmp_path, capsys)
                "time": 1.5})
     log.close()
     lines = capsys.readouterr().out.splitlines()
-    assert lines == ["[train] iter     10/100  epoch 0.25  lr 0.01  loss 2.1235  acc 0.3333  1235 img/s",
+    assert lines == ["[train] iter     10/100  epoch 0.25  lr 0.01  loss 2.1235  acc 0.3333  1235 img/s  eta 0:09",
                      "[test]  iter     10/100  loss 1.9000  acc 0.5000"]
     log = RunLog(tmp_path, total=100, start=10, tensorboard=False, quiet=True)  # a resumed run appends
     log.event({"kind": "test", "iter": 20, "loss": 1.5, "acc": 0.75})
@@ -134,3 +134,22 @@ def test_test_lines_keep_their_label_in_a_terminal():
     finally:
         bar.stop()
     assert "[test]  iter      5/10  loss 0.5000  acc 0.9000" in console.export_text()
+
+
+def test_train_lines_without_a_terminal_say_the_time_left_at_the_runs_own_pace(tmp_path, capsys):
+    """Printed lines (no terminal, no progress bar) end with the time left: the run's seconds so far per iteration
+    done in this process, times the iterations left; a resumed run counts from its snapshot."""
+    from danlu.engine.metrics import as_clock
+
+    assert [as_clock(s) for s in (0, 9, 59.6, 253, 3600, 3723)] == ["0:00", "0:09", "1:00", "4:13", "1:00:00",
+                                                                     "1:02:03"]
+    train = {"kind": "train", "epoch": 1.0, "lr": 0.1, "loss": 1.0, "acc": 0.5, "images_per_second": 10.0}
+    log = RunLog(tmp_path, total=1000, start=0, tensorboard=False)
+    log.event({**train, "iter": 100, "time": 50.0})  # 0.5 s an iteration, 900 left: 450 s
+    log.event({**train, "iter": 1000, "time": 500.0})  # the end: nothing left to wait for
+    log.close()
+    log = RunLog(tmp_path, total=1000, start=400, tensorboard=False)  # resumed at 400: its own pace since then
+    log.event({**train, "iter": 500, "time": 20.0})  # 0.2 s an iteration, 500 left: 100 s
+    log.close()
+    first, last, resumed = capsys.readouterr().out.splitlines()
+    assert first.endswith("10 img/s  eta 7:30") and last.endswith("10 img/s") and resumed.endswith("eta 1:40")

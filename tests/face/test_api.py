@@ -97,3 +97,28 @@ def test_the_fingerprint_follows_the_weights_and_the_preprocessing(face_run, tmp
     (copy / "face.json").write_text(json.dumps(info))
     with pytest.raises(DanluError, match="preprocessing gives 3x48x48; the model takes 3x32x32"):
         load_face_run(copy, device="cpu")
+
+
+def test_face_verify_says_it_replaced_the_runs_threshold_from_what_and_how_to_keep_it(face_run, tmp_path, capsys):
+    """`danlu face verify` makes the threshold best on the pairs the run's (face.json); the console used to show
+    only 'threshold 0.3980'. Now it names the old one and where it came from, and --keep-threshold."""
+    import shutil
+
+    from danlu.cli import main
+
+    run_dir, raw = shutil.copytree(face_run[0], tmp_path / "run"), face_run[1]
+    pairs(raw, tmp_path / "pairs.txt", n=6, folds=2)
+    old = json.loads((run_dir / "face.json").read_text())
+    args = ["face", "verify", str(run_dir), "--pairs", str(tmp_path / "pairs.txt"), "--root", str(raw), "--device",
+            "cpu", "--json", str(tmp_path / "v.json")]
+    assert main(args) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    new = json.loads((run_dir / "face.json").read_text())
+    assert new["threshold_from"].startswith("face verify ")
+    assert (f"threshold {new['threshold']:.4f} on these pairs, now the run's in {run_dir / 'face.json'} (was "
+            f"{old['threshold']:.4f} from {old['threshold_from']}; --keep-threshold leaves the run's as it is)") in line
+    kept = (run_dir / "face.json").read_bytes()
+    assert main(args + ["--keep-threshold"]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert f"on these pairs; the run's stays {new['threshold']:.4f}; report" in line
+    assert (run_dir / "face.json").read_bytes() == kept

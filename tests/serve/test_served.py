@@ -65,3 +65,43 @@ def test_the_page_classifies_an_uploaded_image_in_a_real_browser(served, make_pn
         finally:
             browser.close()
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 1000
+
+
+def test_ctrl_c_stops_the_server_with_one_line_giving_requests_in_flight_a_short_grace(tiny_run):
+    """Ctrl-C used to take over 2 s (uvicorn waited 5 s for a request in flight, e.g. a half-sent upload) and said
+    nothing. Now requests in flight get SHUTDOWN_GRACE_S (under a second), the server says it stopped in one line
+    (counting them), and the process ends with exit code 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from danlu.serve.app import SHUTDOWN_GRACE_S
+
+    assert SHUTDOWN_GRACE_S < 1
+    proc = subprocess.Popen([sys.executable, "-m", "danlu", "serve", str(tiny_run), "--port", "0", "--device", "cpu"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    watchdog = threading.Timer(120, proc.kill)  # a hung server fails the test instead of hanging it
+    watchdog.start()
+    try:
+        url = next((w for line in proc.stdout if " http://" in line for w in line.split()
+                    if w.startswith("http://")), None)
+        assert url is not None, "danlu serve did not say where it listens"
+        host, port = urlsplit(url).hostname, urlsplit(url).port
+        with socket.create_connection((host, port), timeout=30) as upload:  # an upload that stops half-way
+            upload.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B"
+                           b"\r\nContent-Length: 1000\r\n\r\n--B\r\nContent-Disposition: form-data; name=\"file\"; "
+                           b"filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n\x89PNG")
+            for _ in range(2):  # two round trips later the server has read the upload's headers: it is in flight
+                assert httpx.get(f"{url}/healthz").status_code == 200
+            proc.send_signal(signal.SIGINT)
+            rest = proc.stdout.read()  # until the process closes its output: it has ended
+        assert proc.wait() == 0
+    finally:
+        watchdog.cancel()
+        proc.kill()
+        proc.wait()
+    assert rest.splitlines() == [f"danlu serve: stopped (Ctrl-C); 1 request(s) in flight had {SHUTDOWN_GRACE_S:g} s "
+                                 f"to finish"], rest

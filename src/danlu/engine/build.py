@@ -126,25 +126,32 @@ def resolve_precision(recipe: Recipe, device: torch.device,
     return build_recipe(tree), f"precision auto -> {name}: {why}"
 
 
+TEST_EVENTS = 10  # at most about this many evaluations in a run whose run.test_interval is left to danlu
+
+
 def build_plan(recipe: Recipe, per_epoch: int, max_iter: int) -> Plan:
-    """When the loop logs, tests and snapshots, from the recipe's `run` section."""
+    """When the loop logs, tests and snapshots, from the recipe's `run` section. run.test_interval, where the recipe
+    sets it, is kept exactly; left out it is a whole number of epochs, at least one and as many as keep the run to
+    about TEST_EVENTS evaluations (plus the one at the end): 20 epochs test every 2, 30 epochs of one step each every
+    3 steps, so a short run on a small set spends its time training, not evaluating."""
     r, o = recipe.run, recipe.optim
-    return Plan(max_iter=max_iter, test_interval=r.test_interval or per_epoch, display=r.display,
+    epochs = -(-max_iter // per_epoch)  # ceil: a last partial epoch counts
+    every = r.test_interval or per_epoch * -(-epochs // TEST_EVENTS)
+    return Plan(max_iter=max_iter, test_interval=every, display=r.display,
                 snapshot_every=r.snapshot_every, test_iter=r.test_iter, clip_grad_norm=o.clip_grad_norm,
                 label_smoothing=o.label_smoothing, accumulate=o.accumulate,
                 target=(r.target.metric, r.target.value) if r.target is not None else None)
 
 
 def load_data(recipe: Recipe) -> tuple[ImageSet, ImageSet]:
-    """(train, test) of the recipe's `data` section."""
+    """(train, test) of the recipe's `data` section: its keys, and the keys of its format's own (data.model_extra)."""
     from danlu.data.datasets import load_dataset
 
     d = recipe.data
     return load_dataset(d.name, root=d.root, size=d.size, channels=d.channels, num_classes=d.num_classes,
                         train_size=d.train_size, test_size=d.test_size, val_fraction=d.val_fraction,
                         split_seed=d.split_seed, resize=d.resize, train_list=d.train_list, val_list=d.val_list,
-                        split=d.split, **({"label_key": d.label_key, "streams": d.streams, "decode": d.decode,
-                                           "workers": d.workers, "timeout": d.timeout} if d.name == "wds" else {}))
+                        split=d.split, **(d.model_extra or {}))
 
 
 def input_shape(recipe: Recipe, data_shape: tuple[int, ...]) -> tuple[int, int, int]:

@@ -145,12 +145,14 @@ def load_latest(run_dir: Path, map_location: Any = "cpu", require: Iterable[str]
                 ) -> tuple[dict[str, Any], Path]:
     """The newest snapshot of a run that verifies and loads; a broken newer one is skipped with a warning."""
     run_dir = Path(run_dir)
+    if run_dir.is_file() and run_dir.parent.name == "snapshots":  # a snapshot named instead of its run
+        raise DanluError(f"--resume {run_dir}: a snapshot file; expected its run folder: --resume "
+                         f"{run_dir.parent.parent} (the newest snapshot that loads is taken)")
     if not run_dir.is_dir():
         raise DanluError(f"--resume {run_dir}: no such run folder")
     found = snapshots(run_dir / "snapshots")
     if not found:
-        raise DanluError(f"--resume {run_dir}: no snapshot in {run_dir / 'snapshots'}; expected iter_*.pt from a "
-                         f"danlu run")
+        raise DanluError(f"--resume {run_dir}: {_not_a_run(run_dir)}")
     problems = []
     for path in reversed(found):
         try:
@@ -163,6 +165,19 @@ def load_latest(run_dir: Path, map_location: Any = "cpu", require: Iterable[str]
                           f"{path.name}")
         return state, path
     raise DanluError(f"--resume {run_dir}: no snapshot loads; newest: {problems[0]}")
+
+
+def _not_a_run(folder: Path) -> str:
+    """Why `folder` is not a run to resume, and what to pass instead: the run folder above a snapshots/ folder, the
+    run folders inside a folder of runs (newest first), or what a run folder holds."""
+    if folder.name == "snapshots" and snapshots(folder):
+        return f"the run's snapshots/ folder; expected the run folder: --resume {folder.parent}"
+    runs = sorted((d for d in folder.iterdir() if d.is_dir() and snapshots(d / "snapshots")),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    if runs:
+        return (f"not a run folder but a folder of {len(runs)} run(s); expected one of them: --resume "
+                f"{few(str(d) for d in runs)}")
+    return f"no snapshot in {folder / 'snapshots'}; expected a danlu run folder (one holding snapshots/iter_*.pt)"
 
 
 def weight_differences(model: torch.nn.Module, weights: dict[str, Any]

@@ -137,7 +137,8 @@ class RunLog:
                 if k not in ("kind", "iter", "time") and isinstance(v, (int, float)):
                     self._tb.add_scalar(f"{record['kind']}/{k}", v, record["iter"])
         if self._bar or not self.quiet:
-            line = self.test_line(record, self.total) if record["kind"] == "test" else _train_line(record, self.total)
+            line = (self.test_line(record, self.total) if record["kind"] == "test"
+                    else _train_line(record, self.total, self.start))
             if self._bar:
                 self._bar.show(record, line)
             else:
@@ -166,9 +167,27 @@ def _test_line(r: dict[str, Any], total: int) -> str:
     return f"[test]  iter {r['iter']:>6}/{total}  {figures}"
 
 
-def _train_line(r: dict[str, Any], total: int) -> str:
+def _train_line(r: dict[str, Any], total: int, start: int = 0) -> str:
+    """A train event as one line; `start`: the iteration this process began at (a resumed run's snapshot)."""
     return (f"[train] iter {r['iter']:>6}/{total}  epoch {r['epoch']:.2f}  lr {r['lr']:.3g}  loss {r['loss']:.4f}  "
-            f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s{_gpu(r)}")
+            f"acc {r['acc']:.4f}  {r['images_per_second']:.0f} img/s{_gpu(r)}{_eta(r, total, start)}")
+
+
+def _eta(r: dict[str, Any], total: int, start: int) -> str:
+    """'  eta 4:13': the time left at the run's own pace so far, the seconds since this process's loop began
+    (`time`: training, evaluation and logging alike) per iteration since `start`; '' at the end or without a time.
+    What the progress bar shows in a terminal, for logs and pipes."""
+    done, left = r["iter"] - start, total - r["iter"]
+    if r.get("time") is None or done <= 0 or left <= 0:
+        return ""
+    return f"  eta {as_clock(r['time'] / done * left)}"
+
+
+def as_clock(seconds: float) -> str:
+    """Seconds as a clock reading: 9 -> '0:09', 253 -> '4:13', 3723 -> '1:02:03'."""
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
 
 
 def _gpu(r: dict[str, Any]) -> str:

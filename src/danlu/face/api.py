@@ -167,7 +167,8 @@ def verify(run_dir: Union[str, Path], pairs_file: Union[str, Path], root: Union[
            device: Optional[str] = None, save_threshold: bool = True) -> dict[str, Any]:
     """`danlu face verify RUN --pairs PAIRS.txt --root DIR`: LFW's 10-fold protocol, ROC, TAR at FAR 1e-2 / 1e-3.
     Writes the report (default RUN/verify.json) and the ROC (default beside it, *_roc.png); with `save_threshold`
-    the threshold best on all pairs becomes the run's (face.json)."""
+    the threshold best on all pairs becomes the run's (face.json). The report says what the run's threshold was
+    (`run_threshold_before`, `run_threshold_before_from`) and whether this one replaced it (`threshold_saved`)."""
     from danlu.face.verify import draw_roc, read_pairs
     from danlu.tasks.verification import scores
 
@@ -189,7 +190,10 @@ def verify(run_dir: Union[str, Path], pairs_file: Union[str, Path], root: Union[
                                        f"+- {result['accuracy_std']:.4f}")
     report = {**result, "run": str(run.run_dir), "pairs_file": str(pairs_file), "root": str(root),
               "images": len(unique), "centre_squares": sum(i["reason"] is not None for i in infos),
-              "preprocess": run.options.to_dict(), "roc_png": str(roc_png), "json": str(json_out)}
+              "preprocess": run.options.to_dict(), "roc_png": str(roc_png), "json": str(json_out),
+              "run_threshold_before": run.info.get("threshold"),
+              "run_threshold_before_from": run.info.get("threshold_from"), "threshold_saved": save_threshold,
+              "face_json": str(run.run_dir / "face.json")}
     write_json(json_out, report)
     if save_threshold:
         _save_threshold(run, result["threshold"], f"face verify {pairs_file} ({len(listed)} pairs)")

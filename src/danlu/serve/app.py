@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import logging
 import re
+import signal
 import socket
+import threading
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -45,6 +48,9 @@ from danlu.serve.faces import FaceService, face_service
 STATIC = Path(__file__).parent / "static"
 MAX_PIXELS = 40_000_000  # 40 megapixels (e.g. 7300 x 5500): a larger upload is refused before it is decoded
 MAX_IMAGES = 64  # image files in one request
+# Ctrl-C / SIGTERM: requests still running get this long to finish, then are cancelled. uvicorn waits for them for
+# ever by default (it was 5 s here): a browser's half-sent upload held the stop that long.
+SHUTDOWN_GRACE_S = 0.5
 
 
 class Refused(Exception):
@@ -400,7 +406,9 @@ def is_loopback(host: str) -> bool:
 def serve(run: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bool = False,
           say=print, **app_kw: Any) -> None:
     """Load the run, bind host:port (127.0.0.1: this machine only unless `host` says otherwise; port 0: any free
-    one) and serve until interrupted. Errors (run, port taken, bad host) are DanluError before anything is served."""
+    one) and serve until interrupted. Errors (run, port taken, bad host) are DanluError before anything is served.
+    Ctrl-C / SIGTERM: requests in flight get SHUTDOWN_GRACE_S to finish, then `say` gets one line (the stop, and how
+    many were in flight) and serve returns."""
     import uvicorn
 
     if not 0 <= port <= 65535:
@@ -418,7 +426,10 @@ def serve(run: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bo
         say(f"danlu serve: warning: listening on {host}, reachable from other machines; there is no "
             f"authentication")
     config = uvicorn.Config(app, host=host, port=bound, log_level="info" if access_log else "warning",
-                            access_log=access_log, timeout_graceful_shutdown=5)
+                            access_log=access_log, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    stop: dict[str, Any] = {"signal": None, "in_flight": 0}
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    level = uvicorn_log.level
 
     class _Server(uvicorn.Server):
         async def startup(self, sockets=None) -> None:
@@ -426,7 +437,41 @@ def serve(run: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bo
             if not self.should_exit:
                 say(f"danlu serve: {where}  (page {where}/, API docs {where}/docs; Ctrl-C stops)")
 
-    _Server(config).run(sockets=[sock])
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            stop["signal"] = stop["signal"] or sig
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None) -> None:
+            stop["in_flight"] = len(self.server_state.tasks)  # requests still running when the stop came
+            # those still running after the grace are cancelled: the stop line counts them, not a traceback each
+            uvicorn_log.setLevel(logging.CRITICAL)
+            await super().shutdown(sockets)
+
+    # uvicorn stops on SIGINT / SIGTERM, then raises the signal again for the handler it found: SIGINT's raises
+    # KeyboardInterrupt; SIGTERM's default would kill the process before the stop line, so it raises _Stopped here
+    main = threading.current_thread() is threading.main_thread()
+    term = signal.signal(signal.SIGTERM, _raise_stopped) if main else None
+    try:
+        _Server(config).run(sockets=[sock])
+    except (KeyboardInterrupt, _Stopped) as e:
+        stop["signal"] = stop["signal"] or (signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM)
+    finally:
+        uvicorn_log.setLevel(level)
+        if main:
+            signal.signal(signal.SIGTERM, term)
+    if stop["signal"] is not None:
+        why = "Ctrl-C" if stop["signal"] == signal.SIGINT else signal.Signals(stop["signal"]).name
+        n = stop["in_flight"]
+        say(f"danlu serve: stopped ({why})" + (f"; {n} request(s) in flight had {SHUTDOWN_GRACE_S:g} s to finish"
+                                               if n else ""))
+
+
+class _Stopped(Exception):
+    """SIGTERM, raised again by uvicorn once it has stopped (see serve)."""
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise _Stopped()
 
 
 def _bind(host: str, port: int) -> socket.socket:
