@@ -58,13 +58,18 @@ def reference() -> str:
         out += _table(name, sub)
         if name == "run":
             out += _table("run.target", TargetCfg)
-    out += [f"### Top level", "", "| key | default | meaning |", "| --- | --- | --- |"]
-    out += [_row(name, f) for name, f in top] + ["", END]
-    return "\n".join(out) + "\n"
+    out += ["### Top level", "", "| key | default | meaning |", "| --- | --- | --- |"]
+    out += [_row(name, f) for name, f in top] + [""]
+    from danlu.data.datasets import FORMATS
+
+    for fmt in FORMATS.values():  # a format's own keys, beside `data`'s: data.<key> with data.name set to it
+        if fmt.options is not None:
+            out += _table("data", fmt.options, title=f"### `data` with `name: {fmt.name}`")
+    return "\n".join(out + [END]) + "\n"
 
 
-def _table(prefix: str, model: type[BaseModel]) -> list[str]:
-    lines = [f"### `{prefix}`", ""]
+def _table(prefix: str, model: type[BaseModel], title: str = "") -> list[str]:
+    lines = [title or f"### `{prefix}`", ""]
     if model.__doc__ and not model.__doc__.startswith(("Usage docs", "!!! abstract")):
         lines += [" ".join(model.__doc__.split()), ""]
     lines += ["| key | default | meaning |", "| --- | --- | --- |"]

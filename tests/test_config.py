@@ -123,5 +123,21 @@ def test_the_recipe_reference_in_the_docs_is_generated_from_the_config():
                 assert f.description, f"{prefix}{name} has no description"
                 yield f"{prefix}{name}"
 
-    for key in [*keys(Recipe, ""), *keys(TargetCfg, "run.target.")]:
+    from danlu.data.datasets import FORMATS
+
+    own = [k for f in FORMATS.values() if f.options for k in keys(f.options, "data.")]  # wds's label_key, ...
+    for key in [*keys(Recipe, ""), *keys(TargetCfg, "run.target."), *own]:
         assert f"| `{key}` |" in page, key
+
+
+def test_runs_saved_before_formats_kept_their_own_keys_still_load():
+    """A 0.1.0 run's recipe.yaml (and its snapshots) held the shard keys in every data section: they load where they
+    hold what such a run saved, and a shard key with another value beside another format is refused."""
+    old = {"data": {"name": "mnist5k", "label_key": "cls", "streams": 8, "decode": "auto", "workers": None,
+                    "timeout": 600.0}}
+    r = load_recipe(old)
+    assert r.data.name == "mnist5k" and not r.data.model_extra and "streams" not in r.to_dict()["data"]
+    with pytest.raises(DanluError, match="unknown key 'data.streams'"):
+        load_recipe({"data": {"name": "mnist5k", "streams": 4}})
+    shards = load_recipe({"data": {"name": "wds", "root": "x", "streams": 4, "timeout": 600.0}})
+    assert (shards.data.model_extra["streams"], shards.data.model_extra["timeout"]) == (4, 600.0)

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from danlu.data.datasets import FORMATS, data_format, format_options
 from danlu.engine.devices import check_device
 from danlu.engine.precision import PRECISIONS
 from danlu.engine.speed import COMPILE_MODES
@@ -114,9 +115,19 @@ class ModelCfg(_Section):
         return self
 
 
+# the wds keys every resolved recipe held before they became the wds format's own (danlu 0.1.0 runs), at the values
+# a run of another format saved: such runs and their snapshots still load
+_OLD_SHARD_DEFAULTS = {"label_key": ("cls",), "streams": (8,), "decode": ("auto",), "workers": (None,),
+                       "timeout": (600.0, 240.0)}
+
+
 class DataCfg(_Section):
+    """The data: the keys every format reads below, and the keys of data.name's own format beside them (wds:
+    label_key, streams, decode, workers, timeout; validated where the format is defined: danlu.data.datasets)."""
+    model_config = ConfigDict(extra="allow", validate_assignment=True, allow_inf_nan=False)
+
     name: str = Field("mnist5k", description=(
-        "mnist | fashion-mnist | cifar10 | cifar100 | mnist5k | synthetic | folder | list | store | wds"))
+        "the data's format: a registered one (danlu.data.datasets.FORMATS: " + " | ".join(FORMATS) + ")"))
     root: Optional[str] = Field(None, description=(
         "folder: class subfolders; list: what paths are relative to; store: its folder; wds: a folder of .tar shards,"
         " a brace pattern (shards/train-{000000..000127}.tar) or a URL (https://, s3://, gs://, pipe:)"))
@@ -152,33 +163,30 @@ class DataCfg(_Section):
         "explicit per-channel mean/std in scaled units (overrides normalize)"))
     std: Optional[list[float]] = Field(None, description=(
         "explicit per-channel std in scaled units, with data.mean (overrides normalize)"))
-    label_key: str = Field("cls", description=(
-        "wds (WebDataset tar shards, data/wds/) the label's file in a sample: cls, txt, another extension, or "
-        "json:FIELD"))
-    streams: int = Field(8, ge=1, description="the epoch's order is K streams; the number of processes must divide it")
-    decode: Literal["auto", "cpu", "cuda"] = Field("auto", description=(
-        "auto: nvJPEG on a CUDA device, else Pillow threads"))
-    workers: Optional[int] = Field(None, ge=1, description=(
-        "decoders per process (default: every core): wds training batches decoded on the CPU in that many worker "
-        "processes (a divisor of the process's streams), else threads"))
-    timeout: float = Field(240.0, gt=0, description=(
-        "wds: seconds a loader may go without a batch (a decode process that hangs, a shard read that stalls) before "
-        "the run stops, naming the shard and the batch. Generous: an epoch's first batch waits for data.streams "
-        "shards read two at a time (8 of 256 MiB over a 10 MB/s link: about 2 minutes); below dist.timeout (300), so "
-        "with several processes the rank whose data hangs says so before the others' collective gives up"))
-
-    @field_validator("label_key")
+    @model_validator(mode="before")
     @classmethod
-    def _label_key(cls, v: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*|json:[^\s.]+(\.[^\s.]+)*", v):
-            raise ValueError("expected a sample's file extension (cls, txt) or json:FIELD")
+    def _old_runs(cls, v: Any) -> Any:
+        """Runs and snapshots from before formats kept their own keys saved the shard keys in every recipe: dropped
+        where the format is another one and they hold the defaults they were saved with."""
+        if isinstance(v, dict) and v.get("name", "mnist5k") != "wds":
+            v = {k: x for k, x in v.items() if not (k in _OLD_SHARD_DEFAULTS and x in _OLD_SHARD_DEFAULTS[k])}
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        data_format(v)  # one line naming the formats where the name is not one
         return v
 
     @model_validator(mode="after")
-    def _wds_split(self) -> "DataCfg":
-        if self.name == "wds" and self.split == "identities":
-            raise ValueError("data.split=identities: data.name=wds streams its shards and cannot hold back "
-                             "identities; expected data.split=images")
+    def _format_options(self) -> "DataCfg":
+        """The keys of data.name's own format (wds: label_key, streams, ...), validated by the options model the
+        format is defined with (danlu.data.datasets), kept beside the fields with their defaults filled in."""
+        self.__pydantic_extra__ = format_options(self.name, dict(self.model_extra or {}),
+                                                 tuple(type(self).model_fields))
+        if self.split == "identities" and data_format(self.name).identities == "none":
+            raise ValueError(f"data.split=identities: data.name={self.name} streams its shards and cannot hold back "
+                             f"identities; expected data.split=images")
         return self
 
 
@@ -504,7 +512,9 @@ def _describe(errors: list[dict[str, Any]], source: dict[str, str], origin: str)
     if err["type"] == "extra_forbidden":  # the last part is the user's own key, even one that looks like a tag
         loc = _key(err["loc"][:-1]) + err["loc"][-1:]
     key = ".".join(str(p) for p in loc) or "recipe"
-    where = source.get(key) or next((v for k, v in source.items() if k.startswith(key + ".")), origin)
+    named = [k for k in source if f"'{k}'" in err["msg"] or f"{k}=" in err["msg"]]  # a key the message names
+    where = source.get(max(named, key=len)) if named else \
+        source.get(key) or next((v for k, v in source.items() if k.startswith(key + ".")), origin)
     if err["type"] == "extra_forbidden":
         valid = _expected_keys(loc)
         return (f"{where}: unknown key '{key}'{nearest(str(loc[-1]), valid)}; "
@@ -517,6 +527,8 @@ def _describe(errors: list[dict[str, Any]], source: dict[str, str], origin: str)
     for a, b in (("Input should be greater", "expected a value greater"),
                  ("Input should be less", "expected a value less"), ("Input should be", "expected")):
         msg = msg.replace(a, b)
+    if where.startswith("--set ") and msg.startswith(where[6:] + ": "):  # `--set k=v: k=v: ...`: said once
+        msg = msg[len(where) - 4:]
     if key in source or isinstance(value, dict):  # the place already shows the key (and the value)
         return f"{where}: {msg}"
     return f"{where}: {key}={value!r}: {msg}"

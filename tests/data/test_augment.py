@@ -195,3 +195,38 @@ def test_cuda_input_with_cpu_generator():
     aug = Augment(shift=0.1, flip=True, crop=2, mean=[0.5] * 3, std=[0.25] * 3)
     y = aug(x.cuda(), gen(3))  # draws on the generator's device, then moved to the input's
     assert y.device.type == "cuda" and torch.equal(y.cpu(), aug(x, gen(3)))
+
+
+def test_an_augmentation_is_its_recipe_field_and_its_code(monkeypatch):
+    """Every `augment` key reaches data.augment.Augment as the argument of the same name (engine/build.py copies
+    none by hand): a new one needs its field in config.AugmentCfg and its code in Augment, nothing else. Shown with
+    a dummy one added to both in place."""
+    import inspect
+
+    from pydantic import Field, create_model
+
+    from danlu import config
+    from danlu.config import AugmentCfg, load_recipe
+    from danlu.data import augment
+    from danlu.engine.build import build_augment
+
+    assert set(AugmentCfg.model_fields) <= set(inspect.signature(augment.Augment).parameters)
+    seen = {}
+    base = augment.Augment.__init__
+
+    def init(self, *, invert: float = 0.0, **kw):  # the dummy augmentation's code
+        seen["invert"] = invert
+        base(self, **kw)
+
+    dummy = create_model("AugmentCfg", __base__=AugmentCfg, invert=(float, Field(0.0, ge=0, le=1)))  # its field
+    monkeypatch.setattr(augment.Augment, "__init__", init)
+    monkeypatch.setitem(config.Recipe.model_fields, "augment", config.Recipe.model_fields["augment"])
+    monkeypatch.setattr(config.Recipe.model_fields["augment"], "annotation", dummy)
+    config.Recipe.model_rebuild(force=True)
+    try:
+        recipe = load_recipe("lenet_mnist5k", ["augment.invert=0.5"])
+        build_augment(recipe)
+    finally:
+        monkeypatch.undo()
+        config.Recipe.model_rebuild(force=True)
+    assert seen == {"invert": 0.5}

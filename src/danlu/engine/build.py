@@ -314,9 +314,7 @@ def build_augment(recipe: Recipe, train: Optional[ImageSet] = None):
     if size is not None and isinstance(mean, torch.Tensor) and mean.dim() == 3 and tuple(mean.shape[-2:]) != size:
         mean = torch.nn.functional.interpolate(mean[None], size=size, mode="bilinear", antialias=True,
                                                align_corners=False)[0]  # a per-pixel mean at the model's size
-    return Augment(shift=a.shift, flip=a.flip, crop=a.crop, mean=mean, std=std, scale=d.scale, size=size,
-                   resized_crop=a.resized_crop, ratio=a.ratio, rotate=a.rotate, zoom=a.zoom, translate=a.translate,
-                   brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, gamma=a.gamma, ramp=a.ramp,
-                   p_light=a.p_light, grayscale=a.grayscale, blur=a.blur, blur_p=a.blur_p, erase=a.erase,
-                   trivial=a.trivial, mixup=a.mixup, cutmix=a.cutmix, mix_p=a.mix_p,
+    # every `augment` key is the Augment argument of the same name: a new augmentation is its recipe field and its
+    # code in data/augment.py, nothing here
+    return Augment(**dict(a), mean=mean, std=std, scale=d.scale, size=size,
                    num_classes=None if train is None else len(train.classes))
