@@ -130,3 +130,28 @@ def test_prepare_for_a_run_refuses_other_cut_options(dlib_run, tmp_path, capsys)
     assert "--size 64" in err and "--for" in err and not (tmp_path / "store").exists()
     assert main(["face", "prepare", str(raw), "-o", str(tmp_path / "s2"), "--for", str(tmp_path)]) == 2
     assert "no face.json" in capsys.readouterr().err
+
+
+def test_serve_and_the_gallery_take_the_imported_run(dlib_run, tmp_path):
+    """`danlu serve` embeds and verifies with the imported run's own cut and threshold; enroll and identify find the
+    one person enrolled."""
+    skimage_data = pytest.importorskip("skimage.data")
+    pytest.importorskip("fastapi")
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from danlu.face import enroll, identify
+    from danlu.serve import create_app
+
+    buf = io.BytesIO()
+    Image.fromarray(skimage_data.astronaut()).save(buf, format="JPEG")
+    with TestClient(create_app(dlib_run, device="cpu")) as c:
+        e = c.post("/v1/faces/embed", files={"file": ("a.jpg", buf.getvalue(), "image/jpeg")}).json()
+        v = c.post("/v1/faces/verify", files=[("a", ("a.jpg", buf.getvalue(), "image/jpeg")),
+                                              ("b", ("b.jpg", buf.getvalue(), "image/jpeg"))]).json()
+    assert len(e["images"][0]["embedding"]) == 128 and v["same"] and v["threshold"] == pytest.approx(0.9128)
+    raw = _people(tmp_path / "people", n=2, per=2)
+    assert enroll(dlib_run, raw, tmp_path / "g.sqlite", device="cpu")["added"] == 4
+    (hit,) = identify(dlib_run, [raw / "p1" / "0.png"], tmp_path / "g.sqlite", device="cpu")
+    assert hit["identity"] in ("p0", "p1") and hit["similarity"] > 0.99  # the same photo, tilted: one person
