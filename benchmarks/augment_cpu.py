@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where a float32 batch's time goes on the CPU: the figures behind docs/BENCHMARKS.md "Data pipeline".
+"""Where a float32 batch's time goes on the CPU: the figures behind docs/evidence/benchmarks.md "Data pipeline".
 
     .venv/bin/python benchmarks/augment_cpu.py [--batch 64] [--size 224] [--repeats 10]
 

@@ -6,7 +6,7 @@ and the held-out people's verification (the area under their ROC decides whether
 
 RUN a face run (trained with or without model.whiten; its own whitening is set aside), STORE the face store it was
 trained on, PAIRS and ROOT the pairs file and image folder of the people never seen (danlu face pairs / verify).
-docs/RESULTS.md's whitening table comes from this script.
+docs/evidence/faces.md's whitening table comes from this script.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """A model of data-parallel scaling (DDP, ring all-reduce) for ResNet-50 at 224 px and the face model
-(Inception-ResNet-V1 at 160 px): the tables in docs/SCALING.md come from this script.
+(Inception-ResNet-V1 at 160 px): the tables in docs/evidence/scaling.md come from this script.
 
     python benchmarks/scaling_model.py            # markdown tables on stdout
 

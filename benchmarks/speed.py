@@ -3,7 +3,7 @@
 
     .venv/bin/python benchmarks/speed.py [--steps 60] [--json OUT] [--markdown OUT.md]
 
-Prints one Markdown table (the eager fp32/bf16 rows of docs/BENCHMARKS.md's CPU table, there measured with the
+Prints one Markdown table (the eager fp32/bf16 rows of docs/evidence/benchmarks.md's CPU table, there measured with the
 `danlu bench` commands it names) and, per model, whether danlu / plain loop meets the
 target of 0.97 in fp32. bf16 is reported as it is: on a CPU without bf16 units it is slower than fp32. The figures
 are only as good as the machine is quiet: the table's head gives the load average before and after.

@@ -1,5 +1,5 @@
 """The time-to-accuracy recipes (mnist_fast, cifar10_fast): valid, their own model runs, and the target stops them.
-Their figures on the real sets are in docs/BENCHMARKS.md (benchmarks/time_to_accuracy.py), not timed here."""
+Their figures on the real sets are in docs/evidence/benchmarks.md (benchmarks/time_to_accuracy.py), not timed here."""
 import torch
 
 import danlu

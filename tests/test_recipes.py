@@ -14,7 +14,7 @@ FAST = ["run.display=1", "run.tensorboard=false", "run.snapshot_every=0"]
 
 # recipe -> the stand-in data of its smoke run: the real sets need downloads or are large, and small images keep the
 # runs fast on a CPU. Every smoke run trains the recipe's own model at the recipe's precision: it checks that the
-# model, optimizer, schedule, augmentation and precision run together, not what they reach (docs/RESULTS.md has the
+# model, optimizer, schedule, augmentation and precision run together, not what they reach (docs/evidence/results.md has the
 # full runs).
 _SYNTH = ["data.name=synthetic", "data.channels=3", "data.test_size=16"]
 SMOKE = {

@@ -192,7 +192,7 @@ def _short(commit: str) -> str:
 
 
 def bench_markdown(result: dict[str, Any], command: Optional[str] = None) -> str:
-    """One Markdown table of the rows, headed by the date, device, versions and commit (for docs/BENCHMARKS.md)."""
+    """One Markdown table of the rows, headed by the date, device, versions and commit (for docs/evidence/benchmarks.md)."""
     env = result["env"]
     load = env.get("load_average_start"), env.get("load_average_end")
     head = [f"{env['date'][:10]}, {env['device']}" + (f", driver {env['driver']}" if env.get("driver") else "")

@@ -120,7 +120,7 @@ def _crop_flip_normalize_cpu(x: Tensor, p: dict[str, Tensor], pad: int, scale: f
     divided while it is in the cache, on this one thread. The same values as the batched ops (the same float32
     operations in the same order). Batched, each op is a pass over a 38 MiB float batch (224 px, 64 images) that
     wakes the intra-op threads, which then spin beside a shard loader's decode processes (about 3x this thread's
-    time on 2 cores, an ad-hoc measurement; the shard rows of docs/BENCHMARKS.md show the whole effect).
+    time on 2 cores, an ad-hoc measurement; the shard rows of docs/evidence/benchmarks.md show the whole effect).
     x uint8 (B, C, H, W) -> float32 (B, C, H, W)."""
     B, C, H, W = x.shape
     fmt = torch.contiguous_format if memory_format == torch.preserve_format else memory_format

@@ -27,7 +27,7 @@ Freed memory is kept for reuse (`reuse_freed_memory`, once per process: `danlu` 
 glibc gives each block of 32 MiB or more (a 64 x 3 x 224 x 224 float32 batch is 38.5 MiB) its own mapping and
 returns it to the system when freed, so the next batch's tensor page-faults its memory in again (10,240 faults for
 a 40 MiB batch); on a 2-core CPU that cost a MobileFaceNet run a fifth of its speed and capped the store pipeline at
-half of what it reaches now (docs/BENCHMARKS.md). Not where the process already runs another allocator
+half of what it reaches now (docs/evidence/benchmarks.md). Not where the process already runs another allocator
 (jemalloc, tcmalloc, mimalloc through LD_PRELOAD) or glibc's MALLOC_* variables are set.
 
 `DeviceMonitor` says what the device is doing (GPU utilisation, memory, the share of step time spent waiting for

@@ -356,7 +356,7 @@ def equalize_policy(paths: list, sample: int = 200, seed: int = 0) -> tuple[str,
     images is at least SIDE_LIGHT (lighting that changes between photos of one person: Tan-Triggs removes it), else
     ('none', m): evenly lit photos keep the shading and tones that Tan-Triggs would take away with the light.
     Measured with a trained face_arcface_light: Extended Yale B (m 0.81) 0.803 with tantriggs against 0.755 with
-    hist; ORL (m 0.10) 0.886 with none against 0.846 with tantriggs and 0.832 with hist (docs/RESULTS.md)."""
+    hist; ORL (m 0.10) 0.886 with none against 0.846 with tantriggs and 0.832 with hist (docs/evidence/faces.md)."""
     import random
 
     picked = paths if len(paths) <= sample else random.Random(seed).sample(list(paths), sample)

@@ -85,7 +85,7 @@ def within_class_whitening(emb: torch.Tensor, labels: torch.Tensor, shrink: floa
     """(mean, matrix) whitening unit embeddings (N, D) of labelled people against their within-class covariance W:
     matrix = (W + shrink * mean eigenvalue * I)^(-1/2), mean = the embeddings' mean. `shrink` keeps the directions that
     a few people cannot measure from being blown up (the light recipe's 1.0 was steadier than 0.3 on AT&T/ORL,
-    docs/RESULTS.md). In float64; at least two images of some person are needed."""
+    docs/evidence/faces.md). In float64; at least two images of some person are needed."""
     e, y = emb.double().cpu(), labels.cpu()
     groups = [e[y == c] for c in torch.unique(y)]
     centred = torch.cat([g - g.mean(0) for g in groups if len(g) > 1])
