@@ -43,7 +43,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
 from datetime import datetime
@@ -52,6 +51,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from serve_load import start_server, stop_server  # benchmarks/serve_load.py: a `danlu serve` on a free port
 
 MIX = (("classify", 0.45), ("embed", 0.35), ("bad", 0.20))
 RSS_GROWTH_LIMIT, P99_DRIFT_LIMIT = 0.05, 1.5
@@ -74,38 +75,6 @@ def train_tiny_face_run(out: Path) -> Path:
     finally:
         torch.set_num_threads(threads)
     return out
-
-
-def start_server(run: Path) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "danlu", "serve", str(run), "--port", "0", "--device", "cpu"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    watchdog = threading.Timer(120, proc.kill)
-    watchdog.start()
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if " http://" in line:
-            watchdog.cancel()
-            url = next(w for w in line.split() if w.startswith("http://"))
-            threading.Thread(target=_drain, args=(proc, lines), daemon=True).start()  # keep its output
-            return proc, url
-    watchdog.cancel()
-    raise SystemExit(f"danlu serve did not start:\n{''.join(lines)}")
-
-
-def _drain(proc: subprocess.Popen, lines: list[str]) -> None:
-    for line in proc.stdout:
-        lines.append(line)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def rss_mb(pid: int) -> float:
@@ -389,7 +358,7 @@ def main() -> int:
             print(f"trained a tiny face run in {time.perf_counter() - t:.1f} s: {run}", flush=True)
         env = environment(a, run)
         face = (run / "face.json").is_file()
-        proc, url = start_server(run)
+        proc, url = start_server(run, [])
         try:
             print(f"# {env['date']}  {env['cpu']} ({env['cores']} cores)  torch {env['versions']['torch']}  "
                   f"danlu serve {url} (pid {proc.pid}), {a.clients} clients, "

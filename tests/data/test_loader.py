@@ -70,8 +70,8 @@ def test_prefetched_raises_data_timeout_when_its_producer_hangs_and_leaves_it_be
 
     released = threading.Event()
 
-    def stuck(q, stop):
-        q.put(1)
+    def stuck(put, stop):
+        put(1)
         released.wait(60)  # hangs (until the test ends)
 
     items = prefetched(stuck, 2, "stuck", timeout=0.2)
@@ -84,8 +84,8 @@ def test_prefetched_raises_data_timeout_when_its_producer_hangs_and_leaves_it_be
     finally:
         released.set()
 
-    def three(q, stop):
+    def three(put, stop):
         for item in (1, 2, 3, END):
-            q.put(item)
+            put(item)
 
     assert list(prefetched(three, 1, "three")) == [1, 2, 3]

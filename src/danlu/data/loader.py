@@ -133,8 +133,9 @@ END = object()  # what a prefetch producer queues last
 
 
 def prefetched(produce, depth: int, name: str, timeout: Optional[float] = None) -> Iterator:
-    """Items that `produce(put_queue, stop_event)` queues from a daemon thread, at most `depth` ahead, until it
-    queues END; an exception it queues is raised here. Leaving early stops the producer and unblocks it from a
+    """Items that `produce(put, stop_event)` queues from a daemon thread, at most `depth` ahead, until it queues
+    END; an exception it queues is raised here. `put(item)` waits for room and returns False, the item dropped,
+    once the consumer has left (the producer then returns). Leaving early stops the producer and unblocks it from a
     full queue (the StreamLoader's and the wds ShardLoader's prefetch both run through here). `timeout`: seconds to
     wait for each item; past it DataTimeout is raised here, and a producer that does not stop within `timeout` of
     being asked (stuck for good) is left to itself, a daemon thread, rather than joined forever."""
@@ -144,7 +145,16 @@ def prefetched(produce, depth: int, name: str, timeout: Optional[float] = None) 
 
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    worker = threading.Thread(target=produce, args=(q, stop), daemon=True, name=name)
+    def put(item) -> bool:  # noqa: ANN001
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    worker = threading.Thread(target=produce, args=(put, stop), daemon=True, name=name)
     worker.start()
     hung = False
     try:
@@ -203,7 +213,7 @@ class StreamLoader(_Sharded):
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches `start`, `start + 1`, ... of `epoch` for this rank."""
-        for x, y, ready in prefetched(lambda q, stop: self._produce(epoch, start, q, stop), self.prefetch,
+        for x, y, ready in prefetched(lambda put, stop: self._produce(epoch, start, put), self.prefetch,
                                       "danlu-prefetch"):
             if ready is not None:  # the copy ran on a side stream: order it before this stream's use
                 stream = torch.cuda.current_stream(self.device)
@@ -212,18 +222,7 @@ class StreamLoader(_Sharded):
                 y.record_stream(stream)
             yield x, y
 
-    def _produce(self, epoch: int, start: int, q, stop) -> None:
-        import queue
-
-        def put(item) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _produce(self, epoch: int, start: int, put) -> None:
         try:
             order = epoch_order(len(self.labels), self.seed, epoch, self.shuffle)
             cuda = self.device.type == "cuda"

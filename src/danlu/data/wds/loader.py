@@ -226,7 +226,7 @@ class ShardLoader:
         decoder = _Threads(self.workers, "danlu-wds-decode")
         hung, i = False, start  # i: the batch waited for
         try:
-            with closing(prefetched(lambda q, stop: self._produce(epoch, start, q, stop, decoder), self.prefetch,
+            with closing(prefetched(lambda put, stop: self._produce(epoch, start, put, stop, decoder), self.prefetch,
                                     "danlu-wds", self.timeout)) as items:
                 while True:
                     try:
@@ -281,16 +281,7 @@ class ShardLoader:
 
     # -- the producer thread: read shards ahead, queue each batch's decoding
 
-    def _produce(self, epoch: int, start: int, q: queue.Queue, stop: threading.Event, decoder: _Threads) -> None:
-        def put(item) -> bool:  # noqa: ANN001
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def _produce(self, epoch: int, start: int, put, stop: threading.Event, decoder: _Threads) -> None:  # noqa: ANN001
         try:
             ahead = self.streams // self.world + 2 if self.drop_last else 2  # shards read ahead of the batch's own
             with closing(self._picked(epoch, start, self.positions, ahead)) as batches:

@@ -147,12 +147,7 @@ def _feature_values(image: np.ndarray, shape: np.ndarray, initial: np.ndarray, a
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> ShapePredictor:
-    name = Path(path).name
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DanluError(f"{path}: cannot read the shape predictor file ({e.strerror or e})") from None
-    r = Reader(data, name)
+    r = Reader.open(path, "shape predictor file")
     # dlib's serialize(shape_predictor): version 1, initial_shape (matrix<float,0,1>), forests (vector of cascades,
     # each a vector of regression_tree: splits (idx1, idx2, thresh) then leaf_values (vector of matrix<float,0,1>)),
     # anchor_idx (vector of vector<unsigned long>), deltas (vector of vector<dlib::vector<float,2>>)
@@ -168,7 +163,7 @@ def _load(path: str) -> ShapePredictor:
     anchors = r.vector(lambda: r.vector(r.int))
     deltas = r.vector(lambda: r.vector(lambda: (r.float(), r.float())))
     r.end()
-    return _assemble(name, initial, forests, anchors, deltas)
+    return _assemble(r.name, initial, forests, anchors, deltas)
 
 
 def _assemble(name: str, initial: np.ndarray, forests: list, anchors: list, deltas: list) -> ShapePredictor:

@@ -49,7 +49,7 @@ from torch import nn
 
 from danlu.errors import DanluError
 from danlu.face.dlib.files import model_file
-from danlu.face.dlib.network import DlibLayer, layer_details  # dlib's con / affine (bn_con) / relu details readers
+from danlu.face.dlib.network import DlibLayer, layer_details, skip_layer_state  # dlib's con / affine (bn_con) / relu details readers
 from danlu.face.dlib.serialize import Reader
 
 MODEL_FILE = "mmod_human_face_detector.dat"
@@ -159,12 +159,8 @@ class MMODDetector:
 
 @functools.lru_cache(maxsize=4)
 def _load(path: str) -> MMODDetector:
-    name = Path(path).name
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise DanluError(f"{path}: cannot read the MMOD detector file ({e.strerror or e})") from None
-    return read_mmod(data, name)
+    r = Reader.open(path, "MMOD detector file")
+    return read_mmod(r.data, r.name)
 
 
 def read_mmod(data: bytes, name: str = MODEL_FILE) -> MMODDetector:
@@ -200,14 +196,7 @@ def read_mmod(data: bytes, name: str = MODEL_FILE) -> MMODDetector:
             raise r.error(f"layer {found!r}", "a convolution (con_), affine_ / bn_con2 or relu_ layer "
                           "(dnn_mmod_face_detection_ex.cpp's network)")
         layers.append(layer_details(r, kind, layers))
-        r.bool(), r.bool(), r.bool()  # setup called, gradient stale, output and gradient disabled
-        r.tensor(), r.tensor()  # x_grad, cached_output
-        if i == 0:  # the bottom add_layer, over the input layer
-            r.tensor()  # grad_final
-            if version >= 3:
-                r.int()  # sample expansion factor
-        elif version >= 2:
-            r.tensor()  # params_grad
+        skip_layer_state(r, version, bottom=i == 0)
     r.end()
     net = _torch_net(layers, name)
     last = net[-1]

@@ -125,16 +125,22 @@ def read_dlib_network(data: bytes, name: str = DAT_NAME,
         layer = layer_details(r, entry[0], layers)
         _check_config(r, layer, entry, at)
         layers.append(layer)
-        r.bool(), r.bool(), r.bool()  # setup called, gradient stale, output and gradient disabled
-        r.tensor(), r.tensor()  # x_grad, cached_output
-        if bottom:
-            r.tensor()  # grad_final
-            if version >= 3:
-                r.int()  # sample expansion factor
-        elif version >= 2:
-            r.tensor()  # params_grad
+        skip_layer_state(r, version, bottom)
     r.end()
     return DlibNetwork(layers, mean, size, margin, threshold)
+
+
+def skip_layer_state(r: Reader, version: int, bottom: bool) -> None:
+    """Reads past what dlib's add_layer serializes after a layer's details (core.h): flags and training state that
+    inference does not need. `bottom`: the add_layer right over the input layer, which has its own trailer."""
+    r.bool(), r.bool(), r.bool()  # setup called, gradient stale, output and gradient disabled
+    r.tensor(), r.tensor()  # x_grad, cached_output
+    if bottom:
+        r.tensor()  # grad_final
+        if version >= 3:
+            r.int()  # sample expansion factor
+    elif version >= 2:
+        r.tensor()  # params_grad
 
 
 def _loss_metric(r: Reader) -> tuple[float, float]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Optional, TypeVar, Union
 
 import numpy as np
@@ -54,6 +55,16 @@ class Reader:
 
     def __init__(self, data: Union[bytes, bytearray, memoryview], name: str = "<bytes>", pos: int = 0):
         self.data, self.name, self.pos = bytes(data), name, pos
+
+    @classmethod
+    def open(cls, path: Union[str, Path], what: str) -> "Reader":
+        """A Reader over a file's bytes, named by its file name; one DanluError line (naming `what`, e.g. "shape
+        predictor file") where it cannot be read."""
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise DanluError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+        return cls(data, Path(path).name)
 
     # -- errors and raw bytes -------------------------------------------------------------------------------------
 
