@@ -118,3 +118,43 @@ def test_a_run_of_your_own_module_resumes_through_the_api_and_the_cli_says_so(tm
     assert resumed.iterations == 16 and resumed.model is model
     for k, v in full.model.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k  # as if never interrupted
+
+
+def test_keep_start_undoes_training_that_made_the_test_set_worse_and_keeps_training_that_helped(tmp_path):
+    """model.keep_start (fine-tuning from model.init): the starting weights are tested at the end as the trained
+    ones were; where training made the test figure worse (here: weight decay that zeroes every weight), the run's
+    weights, last test event and summary are the start's, also after a resume; where training helped, they stay."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import TINY
+
+    def train(out, *extra):
+        return danlu.train(None, overrides=[*TINY, *extra], out=out, device="cpu", quiet=True)
+
+    def weights(run):
+        return load_file(str(run / "model.safetensors"))
+
+    adam = ["optim.name=adam", "optim.lr=0.001", "run.max_iter=40"]
+    good = train(tmp_path / "good", *adam)
+    assert good.test_accuracy > 0.5
+    ruin = ["model.keep_start=true", f"model.init={good.run_dir}", "optim.name=sgd", "optim.lr=0.1",
+            "optim.weight_decay=10", "optim.momentum=0", "schedule.policy=fixed"]
+    bad = train(tmp_path / "bad", *ruin, "run.max_iter=2", "run.snapshot_every=1")
+    resumed = danlu.train(resume=tmp_path / "bad", overrides=["run.max_iter=4"], quiet=True)  # the start read again
+    for r in (bad, resumed):
+        kept = r.summary["keep_start"]
+        assert kept["kept_start"] and kept["metric"] == "acc" and kept["trained"] < 0.2  # zeroed: one class for all
+        assert kept["start"] == pytest.approx(good.test_accuracy, abs=1e-6) == r.test_accuracy
+        assert all(torch.equal(w, weights(good.run_dir)[k]) for k, w in weights(r.run_dir).items())
+    last = [json.loads(line) for line in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["kind"] == "test" and last["acc"] == pytest.approx(good.test_accuracy, abs=1e-6)
+
+    weak = train(tmp_path / "weak", *adam, "run.max_iter=1")
+    better = train(tmp_path / "better", "model.keep_start=true", f"model.init={weak.run_dir}", *adam)
+    assert better.summary["keep_start"] == {"metric": "acc", "start": pytest.approx(weak.test_accuracy, abs=1e-6),
+                                            "trained": pytest.approx(better.test_accuracy, abs=1e-6),
+                                            "kept_start": False}
+    assert better.test_accuracy > weak.test_accuracy
+    assert not torch.equal(weights(better.run_dir)["fc2.weight"], weights(weak.run_dir)["fc2.weight"])

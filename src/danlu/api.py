@@ -107,12 +107,14 @@ def train(recipe: RecipeLike = None, *, overrides: Optional[list[str]] = None, o
     curves = _CurveDrawer(run_dir, enabled=dist.is_main)
     try:
         with p.guard.signals():  # SIGTERM / SIGINT: finish the step, snapshot, raise faults.Stopped
-            stats = train_loop(p, build_plan(recipe, b.per_epoch, b.max_iter), log,
+            plan = build_plan(recipe, b.per_epoch, b.max_iter)
+            stats = train_loop(p, plan, log,
                                p.guard.after(_snapshotter(recipe, b, run_dir, own), b.max_iter, run_dir),
                                on_test=_on_test(recipe, b, run_dir, curves), start=start,
                                loop_state=state.get("loop") if state else None)
         last = stats.last_test
-        after = b.task.after_training(b.model, train_data, p, stats, quiet or not dist.is_main)  # e.g. whitening
+        after = _keep_start(recipe, b, plan, stats, quiet or not dist.is_main)
+        after.update(b.task.after_training(b.model, train_data, p, stats, quiet or not dist.is_main))  # whitening
         if stats.last_test is not last:  # the task changed the run's figures: they are its last test event
             log.event({"kind": "test", "iter": stats.iterations, "epoch": stats.iterations / b.per_epoch,
                        **stats.last_test})
@@ -348,6 +350,35 @@ def _snapshotter(recipe: Recipe, b, run_dir: Path, own: dict[str, Any]):
         checkpoint.save_snapshot(run_dir / "snapshots", state, it, recipe.run.keep_snapshots)
 
     return snapshot
+
+
+def _keep_start(recipe: Recipe, b, plan, stats, quiet: bool) -> dict[str, Any]:
+    """model.keep_start: test the starting weights (model.init / model.pretrained) on the test set as the trained ones
+    were, and where training did not improve the monitored figure, put them back: the run's weights and its last test
+    event are then the start's. Every rank does the same (the figures are all-reduced)."""
+    from danlu.engine.loop import test_figures
+
+    if b.start is None or not stats.last_test:
+        return {}
+    metric = b.parts.best.metric
+    trained = {k: v.detach().clone() for k, v in b.model.state_dict().items()}
+    b.model.load_state_dict(b.start)
+    start = test_figures(b.parts, b.parts.model, plan)
+    before, after = start.get(metric), stats.last_test.get(metric)
+    if before is None or after is None:
+        b.model.load_state_dict(trained)
+        return {}
+    improved = after < before if metric.endswith("loss") else after > before
+    if improved:
+        b.model.load_state_dict(trained)
+    else:
+        stats.last_test = start
+    where = f"model.init={recipe.model.init}" if recipe.model.init else f"model.pretrained={recipe.model.pretrained}"
+    if not quiet:
+        verdict = "the trained weights stay" if improved else "not improved: the run keeps the starting weights"
+        print(f"danlu: model.keep_start: {metric} {before:.4f} with the starting weights ({where}), {after:.4f} "
+              f"trained; {verdict}", flush=True)
+    return {"keep_start": {"metric": metric, "start": before, "trained": after, "kept_start": not improved}}
 
 
 def _on_test(recipe: Recipe, b, run_dir: Path, curves) -> Any:

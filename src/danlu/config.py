@@ -68,6 +68,10 @@ class ModelCfg(_Section):
         " downloaded once (hash-checked) into $TORCH_HOME/hub/checkpoints; the classifier for the data's classes is "
         "fresh. inception_resnet_v1: facenet:vggface2 (what true means) or facenet:casia-webface, FaceNet's models as"
         " facenet-pytorch releases them (data: scale 1, mean 127.5, std 128, size 160; danlu.models.pretrained)"))
+    keep_start: bool = Field(False, description=(
+        "with model.init or model.pretrained: after training, test the starting weights as the trained ones were and "
+        "keep them where training did not improve run.monitor (fine-tuning that leaves the held-out test set worse "
+        "off is undone; summary.json keep_start has both figures)"))
     freeze: Optional[Union[Literal["backbone"], list[str]]] = Field(None, description=(
         "train only part of the model: `backbone` (all but the classifier: a face model's `head`, else the last "
         "Linear producing the classes) or a list of parameter-name prefixes ([conv1, layer1]) that stay frozen"))
@@ -289,7 +293,7 @@ class TargetCfg(_Section):
         return v
 
 
-TARGET_METRICS = ("acc", "top5", "loss", "verification_acc")
+TARGET_METRICS = ("acc", "top5", "loss", "verification_acc", "verification_auc")
 
 
 class RunCfg(_Section):

@@ -53,6 +53,7 @@ class Build:
     base_lr: float  # optim.lr scaled for the global batch
     task: Task  # what is learned: its loss, test metric, console line, summary fields (danlu.tasks)
     init: Optional[dict[str, Any]] = None  # what model.init loaded (danlu.models.weights.init_from), if it ran
+    start: Optional[dict[str, torch.Tensor]] = None  # model.keep_start: the starting weights, to compare at the end
 
 
 def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device, dist: Optional[Dist] = None, *,
@@ -74,13 +75,16 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     if model is None:
         model = build_model(recipe, shape, len(train.classes), task)
     report = None
-    if init and recipe.model.init:
+    load = init or recipe.model.keep_start  # a resumed run's snapshot replaces them, but keep_start compares with them
+    if load and recipe.model.init:
         from danlu.models.weights import init_from
 
         report = init_from(model, recipe.model.init)
-    if init and recipe.model.pretrained:
+    if load and recipe.model.pretrained:
         report = _load_pretrained(recipe, model, shape, len(train.classes), dist)
     model = speed.layout(model.to(device, precision.param_dtype))
+    start = ({k: v.detach().clone() for k, v in model.state_dict().items()}
+             if recipe.model.keep_start and (recipe.model.init or recipe.model.pretrained) else None)
     head = _head(recipe, model, len(train.classes))
     frozen = freeze(model, recipe.model.freeze, head) if recipe.model.freeze else []
     train_loader, test_loader = build_loaders(recipe, train, test, device, dist, loader, task.whole_test_set)
@@ -107,7 +111,7 @@ def build(recipe: Recipe, train: ImageSet, test: ImageSet, device: torch.device,
     parts = Parts(step_model, optimizer, criterion, augment, generator, train_loader, test_loader,
                   precision, dist, schedule, evaluate=task.evaluator(test), ema=ema,
                   best=Best(monitored(recipe, task), recipe.run.early_stop))
-    return Build(parts, model, speed, per_epoch, max_iter, base_lr, task, report)
+    return Build(parts, model, speed, per_epoch, max_iter, base_lr, task, report if init else None, start)
 
 
 def resolve_precision(recipe: Recipe, device: torch.device,

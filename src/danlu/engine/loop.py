@@ -123,7 +123,7 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                                "skipped_steps": p.precision.skipped_steps, **device})
             if it % plan.test_interval == 0 or it == plan.max_iter:
                 with clock.paused():
-                    last_test = _test(p, model, plan)  # the weights, and their average (ema_acc, ...) beside
+                    last_test = test_figures(p, model, plan)  # the weights, and their average (ema_acc, ...) beside
                     log.event({"kind": "test", "iter": it, "epoch": it / per_epoch, **last_test,
                                "time": clock.elapsed()})
                     p.best.update(it, last_test)
@@ -146,7 +146,7 @@ def train_loop(p: Parts, plan: Plan, log: RunLog, snapshot: Callable[[int, dict[
                      early_stopped=p.best.exhausted and it < plan.max_iter)
 
 
-def _test(p: Parts, model: torch.nn.Module, plan: Plan) -> dict[str, Any]:
+def test_figures(p: Parts, model: torch.nn.Module, plan: Plan) -> dict[str, Any]:
     """The test figures of the weights and, with optim.ema, of their average beside them (ema_acc, ema_loss, ...);
     the model is back in training mode after."""
     test = p.evaluate(model, p.test_loader, p.augment, p.precision, p.dist, plan.test_iter, plan.label_smoothing)
