@@ -150,6 +150,7 @@ def test_keep_start_undoes_training_that_made_the_test_set_worse_and_keeps_train
         assert all(torch.equal(w, weights(good.run_dir)[k]) for k, w in weights(r.run_dir).items())
     last = [json.loads(line) for line in (tmp_path / "bad" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["kind"] == "test" and last["acc"] == pytest.approx(good.test_accuracy, abs=1e-6)
+    assert last["starting_weights"] is True
 
     weak = train(tmp_path / "weak", *adam, "run.max_iter=1")
     better = train(tmp_path / "better", "model.keep_start=true", f"model.init={weak.run_dir}", *adam)

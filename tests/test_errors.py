@@ -47,3 +47,17 @@ def test_face_detection_without_opencv_names_the_face_extra(monkeypatch, tmp_pat
     assert main(["face", "prepare", str(tmp_path / "raw"), "-o", str(tmp_path / "store"), "--quiet",
                  "--crop", "face", "--equalize", "none"]) == 2
     assert capsys.readouterr().err.strip().endswith("pip install 'danlu[face]'")
+
+
+def test_wds_shards_without_webdataset_name_the_wds_extra(monkeypatch, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    monkeypatch.setitem(sys.modules, "webdataset", None)
+    for label in ("ants", "bees"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "photos" / label / "1.png")
+    assert main(["prepare", str(tmp_path / "photos"), "-o", str(tmp_path / "shards"), "--format", "wds"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("pip install 'danlu[wds]'") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "shards").exists()

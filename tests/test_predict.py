@@ -128,10 +128,14 @@ def test_label_smoothing_is_named_as_the_reason_probabilities_stop_below_one(len
     r = cli("predict", str(lenet_run), str(folder / "00.png"))
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [
-        "danlu: note: the run trained with optim.label_smoothing=0.1, so its probabilities top out near 0.91 "
-        "(1 - 0.1 + 0.1/10) even for a clear image: compare them with each other, not with 1"]
+        "danlu: note: the run trained with optim.label_smoothing=0.1, which aims the true class at 0.91 "
+        "(1 - 0.1 + 0.1/10): a probability near that is as sure as it gets; compare them with each other, not with 1"]
     assert len(r.stdout.strip().splitlines()) == 2  # the image and the summary: the note stays off standard output
     plain = tmp_path / "plain"
     danlu.train(None, overrides=TINY + ["optim.label_smoothing=0", "run.max_iter=3"], out=plain, device="cpu",
                 quiet=True)
     assert predict(plain, [folder / "00.png"]).notes == []
+    from danlu.predict import smoothing_note
+
+    assert smoothing_note(0.1, 2, [0.62, 0.95]) is not None  # the target 0.95: nothing shown goes past it
+    assert smoothing_note(0.1, 2, [0.62, 1.0]) is None  # a run sure past its target: the note would contradict it

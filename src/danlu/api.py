@@ -372,7 +372,7 @@ def _keep_start(recipe: Recipe, b, plan, stats, quiet: bool) -> dict[str, Any]:
     if improved:
         b.model.load_state_dict(trained)
     else:
-        stats.last_test = start
+        stats.last_test = {**start, "starting_weights": True}
     where = f"model.init={recipe.model.init}" if recipe.model.init else f"model.pretrained={recipe.model.pretrained}"
     if not quiet:
         verdict = "the trained weights stay" if improved else "not improved: the run keeps the starting weights"

@@ -128,9 +128,10 @@ def predict(run_dir: Union[str, Path], inputs: list[Union[str, Path]], *, top: i
     result.seconds = time.perf_counter() - start
     if not result.predictions:  # e.g. only a text file named: say so, not "0 images in 0.03 s"
         raise DanluError(_nothing_classified(result.errors))
-    smoothing = run.recipe.optim.label_smoothing
-    if smoothing:
-        result.notes.append(smoothing_note(smoothing, len(run.classes)))
+    note = smoothing_note(run.recipe.optim.label_smoothing, len(run.classes),
+                          [p.top[0][1] for p in result.predictions])
+    if note:
+        result.notes.append(note)
     return result
 
 
@@ -142,13 +143,16 @@ def _nothing_classified(errors: list[tuple[str, str]]) -> str:
             f"({', '.join(sorted(IMAGE_SUFFIXES))}) or folders of them")
 
 
-def smoothing_note(smoothing: float, classes: int) -> str:
-    """Why a run trained with label smoothing is never sure: its targets were 1 - s + s/K for the true class (and
-    s/K for each other), so that is about where its probabilities stop even for a clear image."""
-    ceiling = 1 - smoothing + smoothing / classes
-    return (f"the run trained with optim.label_smoothing={smoothing:g}, so its probabilities top out near "
-            f"{ceiling:.2f} (1 - {smoothing:g} + {smoothing:g}/{classes}) even for a clear image: compare them with "
-            f"each other, not with 1")
+def smoothing_note(smoothing: float, classes: int, tops: list[float]) -> Optional[str]:
+    """Why a run trained with label smoothing is rarely sure: its target for the true class was 1 - s + s/K (and s/K
+    for each other), so its probabilities mostly stop about there even for a clear image. Said only where it explains
+    the figures shown: none of the images' top probabilities (`tops`) is well above that target."""
+    target = 1 - smoothing + smoothing / classes
+    if not smoothing or not tops or max(tops) > target + 0.02:
+        return None
+    return (f"the run trained with optim.label_smoothing={smoothing:g}, which aims the true class at {target:.2f} "
+            f"(1 - {smoothing:g} + {smoothing:g}/{classes}): a probability near that is as sure as it gets; compare "
+            f"them with each other, not with 1")
 
 
 @torch.no_grad()

@@ -65,3 +65,16 @@ def test_bad_pairs_lines_are_named(tmp_path, line, match):
     with pytest.raises(DanluError, match=match) as e:
         read_pairs(tmp_path / "p.txt", root)
     assert "line 13" in str(e.value)
+
+
+def test_a_pairs_file_shorter_than_its_first_line_says_is_refused(tmp_path):
+    """`2 3` promises 2 folds of 3 same + 3 different pairs: a file cut after one fold used to score as '1 folds,
+    accuracy 0.5 +- 0' with a threshold of 0; now it is one line naming the file and both counts."""
+    root = _folder(tmp_path / "faces", {"ann": 3, "bob": 2})
+    fold = "ann 1 2\n" * 3 + "ann 1 bob 1\n" * 3
+    (tmp_path / "p.txt").write_text("2 3\n" + fold)
+    with pytest.raises(DanluError, match=r"p.txt: 6 pairs, but line 1 says 2 folds of 3 same \+ 3 different pairs; "
+                                         r"expected 12 pairs"):
+        read_pairs(tmp_path / "p.txt", root)
+    (tmp_path / "p.txt").write_text("2 3\n" + fold * 2)
+    assert len(read_pairs(tmp_path / "p.txt", root)[0]) == 12

@@ -139,6 +139,8 @@ class RunLog:
         if self._bar or not self.quiet:
             line = (self.test_line(record, self.total) if record["kind"] == "test"
                     else _train_line(record, self.total, self.start))
+            if record.get("starting_weights"):  # model.keep_start put the starting weights back
+                line += "  (the starting weights, kept: model.keep_start)"
             if self._bar:
                 self._bar.show(record, line)
             else:

@@ -138,6 +138,9 @@ def read_pairs(path: Union[str, Path], root: Union[str, Path]) -> tuple[list[tup
         else:
             raise DanluError(f"{path} line {no}: {len(parts)} fields; expected 'name i j' (same person) or "
                              f"'name1 i name2 j'")
+    if fold_size is not None and len(pairs) != folds * fold_size:  # a cut or padded file: its folds would be wrong
+        raise DanluError(f"{path}: {len(pairs)} pairs, but line 1 says {folds} folds of {fold_size // 2} same + "
+                         f"{fold_size // 2} different pairs; expected {folds * fold_size} pairs")
     if len(pairs) < folds:
         raise DanluError(f"{path}: {len(pairs)} pairs; expected at least {folds}")
     return pairs, fold_index(len(pairs), folds, fold_size)

@@ -89,6 +89,9 @@ def prepare_shards(src: Union[str, Path], out: Union[str, Path], *, size: Option
                    workers: Optional[int] = None, quiet: bool = False) -> dict[str, Any]:
     """Write `src` (a class-folder tree, or list files with `train_list`) as WebDataset shards at `out`; returns the
     index (also written as out/index.json), plus `images_per_second` of this call."""
+    from danlu.errors import require
+
+    require("webdataset", "wds", "danlu prepare --format wds")  # one line naming `pip install 'danlu[wds]'`
     from webdataset import ShardWriter
 
     from danlu.data.decode import default_workers
