@@ -31,6 +31,22 @@ def test_importing_danlu_starts_nothing():
     assert out.strip() == "False"
 
 
+def test_training_a_classifier_loads_no_face_module_no_opencv_no_sqlite(tmp_path):
+    """Faces are a task and an application beside the engine: a classifier run (LeNet on the shipped digits,
+    trained, tested and written out) never imports danlu.face, OpenCV or the gallery's SQLite."""
+    import subprocess
+    import sys
+
+    code = ("import sys, danlu\n"
+            f"danlu.train('lenet_mnist5k', overrides=['run.max_iter=3', 'run.test_interval=3'], out={str(tmp_path / 'run')!r},"
+            " device='cpu', quiet=True)\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.startswith('danlu.face') or m in ('cv2', 'sqlite3'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
+    assert done.stdout.strip() == "", f"a classifier run imported: {done.stdout.strip()}"
+
+
 def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     import re
     from pathlib import Path
