@@ -150,6 +150,8 @@ def test_serve_and_the_gallery_take_the_imported_run(dlib_run, tmp_path):
         e = c.post("/v1/faces/embed", files={"file": ("a.jpg", buf.getvalue(), "image/jpeg")}).json()
         v = c.post("/v1/faces/verify", files=[("a", ("a.jpg", buf.getvalue(), "image/jpeg")),
                                               ("b", ("b.jpg", buf.getvalue(), "image/jpeg"))]).json()
+        k = c.post("/v1/classify", files={"file": ("a.jpg", buf.getvalue(), "image/jpeg")})
+    assert k.status_code == 409 and "no classes" in k.json()["error"] and "/v1/faces/embed" in k.json()["error"]
     assert len(e["images"][0]["embedding"]) == 128 and v["same"] and v["threshold"] == pytest.approx(0.9128)
     raw = _people(tmp_path / "people", n=2, per=2)
     assert enroll(dlib_run, raw, tmp_path / "g.sqlite", device="cpu")["added"] == 4

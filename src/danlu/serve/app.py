@@ -257,6 +257,10 @@ def _add_page_and_classify(app: FastAPI, loaded: Any, faces: Optional[FaceServic
               openapi_extra=_upload_schema({"file": "image file(s); repeat the field for several"}))
     async def classify(request: Request, top: int = Query(5, ge=1, le=1000, description="classes per image")) -> dict:
         t0 = time.perf_counter()
+        if not loaded.classes:  # an imported face network: embeddings, no identity head
+            raise Refused(409, f"this run has no classes to classify into ({loaded.recipe.model.name} from "
+                               f"{loaded.run_dir} embeds faces); use /v1/faces/embed, /v1/faces/verify or "
+                               f"/v1/faces/identify")
         uploads = up.files(await up.form(request, ("file",)), "file")
         # (N, C, H, W) uint8; a face run classifies identities from face crops, cut as its training faces were
         x, decode_ms = await (up.face_crops(uploads) if face_model else up.decode(uploads))

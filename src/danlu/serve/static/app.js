@@ -137,10 +137,15 @@ async function start() {
   try {
     const m = await call("/v1/model");
     const acc = m.recipe.test_accuracy == null ? "" : `, test accuracy ${(100 * m.recipe.test_accuracy).toFixed(1)}%`;
-    $("model").textContent = `${m.model}: ${m.classes.length} classes, ${m.input_shape.join("×")} input, ` +
+    const what = m.classes.length ? `${m.classes.length} classes` : "face embeddings";
+    $("model").textContent = `${m.model}: ${what}, ${m.input_shape.join("×")} input, ` +
       `${m.device}, ${m.precision}${acc}`;
     if (m.face) {
       $("tabs").hidden = false;
+      if (!m.classes.length) {  // an imported face network: nothing to classify into, faces only
+        document.querySelector('#tabs button[data-view="classify"]').hidden = true;
+        show("faces");
+      }
       for (const b of document.querySelectorAll("#tabs button")) b.addEventListener("click", () => show(b.dataset.view));
       dropZone("a", (f) => { pair.a = f; verify(); });
       dropZone("b", (f) => { pair.b = f; verify(); });
