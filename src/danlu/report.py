@@ -117,13 +117,14 @@ def draw_confusion(report: dict[str, Any], out_png: Path, title: str = "") -> No
 
 
 def worst_lines(report: dict[str, Any]) -> list[str]:
-    """The worst classes, one line each: '  cat  0.6100 of 100 images, most often taken for dog (23)'."""
+    """The worst classes, one line each: '  cat  0.6100 of 100 images, most often taken for dog (23 of them)'
+    (class names may be digits: the count says what it counts)."""
     by_name = {r["class"]: r for r in report["per_class"]}
     width = max((len(n) for n in report["worst"]), default=0)
     lines = []
     for name in report["worst"]:
         r = by_name[name]
-        taken = f", most often taken for {r['confused_with']} ({r['confused']})" if r["confused_with"] else ""
+        taken = f", most often taken for {r['confused_with']} ({r['confused']} of them)" if r["confused_with"] else ""
         lines.append(f"  {name:<{width}}  {r['accuracy']:.4f} of {r['images']} images{taken}")
     return lines
 

@@ -62,7 +62,7 @@ def test_the_report_ranks_the_worst_classes_and_names_their_confusions():
     dog = r["per_class"][1]
     assert (dog["accuracy"], dog["confused_with"], dog["confused"]) == (0.2, "cat", 4)
     assert r["per_class"][0]["confused_with"] is None  # nothing taken for another class
-    assert worst_lines(r)[0] == "  dog  0.2000 of 5 images, most often taken for cat (4)"
+    assert worst_lines(r)[0] == "  dog  0.2000 of 5 images, most often taken for cat (4 of them)"
     assert class_report({"verification_acc": 0.9}, ["a"]) is None  # face verification: no classes to report
 
 
