@@ -148,3 +148,11 @@ def test_resume_of_the_wrong_folder_says_which_folder_to_pass(tmp_path):
         checkpoint.load_latest(runs / "hym" / "snapshots" / "iter_00000004.pt")
     state, path = checkpoint.load_latest(runs / "hym")  # the run folder itself
     assert path.name == "iter_00000004.pt"
+    imported = tmp_path / "dlib"  # a run folder written by an import (danlu face import dlib): no training to resume
+    imported.mkdir()
+    (imported / "summary.json").write_text('{"imported": {"network": "dlib_face_recognition_resnet_model_v1"}}')
+    with pytest.raises(DanluError) as e:
+        checkpoint.load_latest(imported)
+    assert str(e.value) == (f"--resume {imported}: an imported network (dlib_face_recognition_resnet_model_v1), never "
+                            f"trained here: nothing to resume; to train from it, start a new run with --set "
+                            f"model.init={imported}")

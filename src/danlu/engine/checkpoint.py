@@ -9,6 +9,7 @@ too), written before the snapshot is renamed into place: a snapshot under its fi
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -177,7 +178,21 @@ def _not_a_run(folder: Path) -> str:
     if runs:
         return (f"not a run folder but a folder of {len(runs)} run(s); expected one of them: --resume "
                 f"{few(str(d) for d in runs)}")
+    imported = _imported(folder)
+    if imported:
+        return (f"an imported network ({imported}), never trained here: nothing to resume; to train from it, start a "
+                f"new run with --set model.init={folder}")
     return f"no snapshot in {folder / 'snapshots'}; expected a danlu run folder (one holding snapshots/iter_*.pt)"
+
+
+def _imported(folder: Path) -> str:
+    """The network a run folder was imported from (summary.json's `imported`, written by an import such as
+    `danlu face import`), or '' for any other folder."""
+    try:
+        imported = json.loads((folder / "summary.json").read_text()).get("imported")
+    except (OSError, ValueError, AttributeError):
+        return ""
+    return str(imported.get("network", "")) if isinstance(imported, dict) else ""
 
 
 def weight_differences(model: torch.nn.Module, weights: dict[str, Any]
