@@ -424,7 +424,8 @@ def serve(run: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bo
     r = app.state.run
     face = ", faces" + (" + gallery" if app.state.faces.has_gallery else "") if app.state.faces is not None else ""
     batching = f"max batch {app_kw.get('max_batch', 64)}, wait {app_kw.get('max_wait_ms', 5.0):g} ms"
-    say(f"danlu serve: {r.recipe.model.name} from {r.run_dir} ({len(r.classes)} classes{face}) on {r.device}, "
+    what = f"{len(r.classes)} classes{face}" if r.classes else f"face embeddings{face.removeprefix(', faces')}"
+    say(f"danlu serve: {r.recipe.model.name} from {r.run_dir} ({what}) on {r.device}, "
         f"{app.state.precision}; {batching}")
     if not is_loopback(host):
         say(f"danlu serve: warning: listening on {host}, reachable from other machines; there is no "

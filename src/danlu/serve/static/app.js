@@ -150,7 +150,7 @@ async function start() {
       dropZone("a", (f) => { pair.a = f; verify(); });
       dropZone("b", (f) => { pair.b = f; verify(); });
       dropZone("identify", identify);
-      if (!m.faces.gallery) $("identity").textContent = "no gallery: start danlu serve with --gallery G.sqlite";
+      if (!m.faces.gallery) $("identify-time").textContent = "no gallery: start danlu serve with --gallery G.sqlite";
     }
   } catch (e) {
     $("model").textContent = `cannot read the model: ${e.message}`;
