@@ -38,8 +38,8 @@ def test_training_a_classifier_loads_no_face_module_no_opencv_no_sqlite(tmp_path
     import sys
 
     code = ("import sys, danlu\n"
-            f"danlu.train('lenet_mnist5k', overrides=['run.max_iter=3', 'run.test_interval=3'], out={str(tmp_path / 'run')!r},"
-            " device='cpu', quiet=True)\n"
+            "danlu.train('lenet_mnist5k', overrides=['run.max_iter=3', 'run.test_interval=3'],"
+            f" out={str(tmp_path / 'run')!r}, device='cpu', quiet=True)\n"
             "print(' '.join(sorted(m for m in sys.modules if m.startswith('danlu.face') or m in ('cv2', 'sqlite3'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

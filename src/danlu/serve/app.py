@@ -422,9 +422,12 @@ def serve(run: Any, *, host: str = "127.0.0.1", port: int = 8000, access_log: bo
     bound = sock.getsockname()[1]
     where = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
     r = app.state.run
-    face = ", faces" + (" + gallery" if app.state.faces.has_gallery else "") if app.state.faces is not None else ""
+    gallery = " + gallery" if app.state.faces is not None and app.state.faces.has_gallery else ""
     batching = f"max batch {app_kw.get('max_batch', 64)}, wait {app_kw.get('max_wait_ms', 5.0):g} ms"
-    what = f"{len(r.classes)} classes{face}" if r.classes else f"face embeddings{face.removeprefix(', faces')}"
+    if not r.classes:  # an imported face network: embeddings only
+        what = f"face embeddings{gallery}"
+    else:
+        what = f"{len(r.classes)} classes" + (f", faces{gallery}" if app.state.faces is not None else "")
     say(f"danlu serve: {r.recipe.model.name} from {r.run_dir} ({what}) on {r.device}, "
         f"{app.state.precision}; {batching}")
     if not is_loopback(host):
