@@ -352,6 +352,11 @@ def _snapshotter(recipe: Recipe, b, run_dir: Path, own: dict[str, Any]):
     return snapshot
 
 
+# model.keep_start keeps the trained weights only where the monitored figure improved by more than this: a smaller
+# difference can flip with the CPU's float rounding, and the run's weights must not depend on the machine
+KEEP_MIN_GAIN = 1e-3
+
+
 def _keep_start(recipe: Recipe, b, plan, stats, quiet: bool) -> dict[str, Any]:
     """model.keep_start: test the starting weights (model.init / model.pretrained) on the test set as the trained ones
     were, and where training did not improve the monitored figure, put them back: the run's weights and its last test
@@ -368,7 +373,8 @@ def _keep_start(recipe: Recipe, b, plan, stats, quiet: bool) -> dict[str, Any]:
     if before is None or after is None:
         b.model.load_state_dict(trained)
         return {}
-    improved = after < before if metric.endswith("loss") else after > before
+    # a gain within KEEP_MIN_GAIN is rounding noise (another CPU's kernels may reverse it): the start stays
+    improved = (before - after if metric.endswith("loss") else after - before) > KEEP_MIN_GAIN
     if improved:
         b.model.load_state_dict(trained)
     else:

@@ -70,7 +70,7 @@ class ModelCfg(_Section):
         " facenet-pytorch releases them (data: scale 1, mean 127.5, std 128, size 160; danlu.models.pretrained)"))
     keep_start: bool = Field(False, description=(
         "with model.init or model.pretrained: after training, test the starting weights as the trained ones were and "
-        "keep them where training did not improve run.monitor (fine-tuning that leaves the held-out test set worse "
+        "keep them where training did not improve run.monitor by more than 0.001 (fine-tuning that leaves the held-out test set worse "
         "off is undone; summary.json keep_start has both figures)"))
     freeze: Optional[Union[Literal["backbone"], list[str]]] = Field(None, description=(
         "train only part of the model: `backbone` (all but the classifier: a face model's `head`, else the last "
